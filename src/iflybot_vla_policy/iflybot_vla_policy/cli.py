@@ -1,0 +1,62 @@
+"""The `iflybot` command: one entry point with subcommands.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their subcommand runs (or its --help is asked for), so
+``iflybot --help`` stays fast and does not import torch or rclpy.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (name, module, one-line help). Keep sorted by workflow: check, simulate, data, train, run, eval.
+COMMANDS: list[tuple[str, str, str]] = [
+    ('doctor', 'iflybot_vla_policy.doctor',
+     'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='iflybot',
+        description='iFlyBot-VLA on ROS 2: simulate, record, convert, train, serve and evaluate '
+                    'a vision-language-action policy for the Franka FR3.',
+        epilog="Run 'iflybot COMMAND --help' for the options of a command.")
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, _module, help_text in COMMANDS:
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _command_parser(name: str, module_name: str, help_text: str) -> argparse.ArgumentParser:
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f'iflybot {name}', description=help_text,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] in ('-h', '--help'):
+        top.print_help()
+        return 0 if argv else 2
+    for name, module_name, help_text in COMMANDS:
+        if argv[0] == name:
+            args = _command_parser(name, module_name, help_text).parse_args(argv[1:])
+            try:
+                return int(args._run(args) or 0)
+            except KeyboardInterrupt:
+                print(f'iflybot {name}: interrupted', file=sys.stderr)
+                return 130
+    top.error(f"unknown command '{argv[0]}' (choose from: "
+              f"{', '.join(n for n, _, _ in COMMANDS)})")
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
