@@ -4,7 +4,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="${IFLYBOT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 SECONDS=0
 T0=$SECONDS
@@ -34,7 +34,7 @@ ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || missing+=(libgl1)
 ldconfig -p 2>/dev/null | grep -q 'libOSMesa' || missing+=(libosmesa6)
 if ((${#missing[@]})); then
   line="apt-get install -y --no-install-recommends ${missing[*]}"
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  if [[ $(id -u) == 0 && -z "${IFLYBOT_NO_APT:-}" ]] && command -v apt-get >/dev/null; then
     step "installing system packages: ${missing[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive $line -qq) >/dev/null || \
       die "apt-get failed; run by hand: sudo $line"
@@ -57,8 +57,9 @@ if [[ "$(cat "$VENV/.requirements-hash" 2>/dev/null)" != "$REQ_HASH" ]]; then
          "$VENV/bin/python" -m pip install -r "$ROOT/requirements.txt" &&
          "$VENV/bin/python" -m pip install --no-deps -r "$ROOT/requirements-nodeps.txt"; } \
        >"$LOG" 2>&1; then
-    if grep -qiE 'NewConnectionError|Temporary failure in name resolution|ConnectTimeout|Network is unreachable|Max retries exceeded' "$LOG"; then
-      die "cannot reach the Python package index (see $LOG). Check your network or proxy \
+    if grep -qiE 'NewConnectionError|name resolution|ConnectTimeout|unreachable|Max retries|No matching distribution' "$LOG" &&
+       ! where="$("$VENV/bin/python" "$ROOT/scripts/check_index.py")"; then
+      die "cannot reach the Python package index: $where. Check the network or proxy \
 (pip config list shows the index in use), then re-run make setup"
     fi
     tail -n 15 "$LOG" >&2

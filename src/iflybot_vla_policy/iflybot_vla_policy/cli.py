@@ -1,6 +1,7 @@
 """The `iflybot` command: one entry point with subcommands.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``.
 Modules are imported only when their subcommand runs (or its --help is asked for), so
 ``iflybot --help`` stays fast and does not import torch or rclpy.
 """

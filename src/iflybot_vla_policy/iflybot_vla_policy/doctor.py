@@ -19,7 +19,8 @@ class Check:
     required: bool = True
 
 
-def _run_python(code: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[bool, str]:
+def _run_python(code: str, env: dict[str, str] | None = None,
+                timeout: float = 60.0) -> tuple[bool, str]:
     """Run a snippet in a fresh interpreter so that a crash (e.g. a GL driver) cannot kill us."""
     try:
         proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
