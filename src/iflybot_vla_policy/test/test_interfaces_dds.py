@@ -53,10 +53,9 @@ def peer_process():
 
 def test_action_chunk_and_start_episode_cross_processes(peer_process, ros_context, wait) -> None:
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
     from iflybot_vla_msgs.msg import ActionChunk
     from iflybot_vla_msgs.srv import StartEpisode
+    from rclpy.executors import SingleThreadedExecutor
 
     node = rclpy.create_node('tester', context=ros_context)
     executor = SingleThreadedExecutor(context=ros_context)

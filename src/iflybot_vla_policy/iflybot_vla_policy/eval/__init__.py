@@ -1,1 +1,1 @@
-"""eval"""
+"""Closed-loop evaluation: rollouts on held-out seeds, metrics, reports (JSON, markdown, plots)."""
