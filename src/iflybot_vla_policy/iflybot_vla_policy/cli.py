@@ -16,6 +16,8 @@ from collections.abc import Sequence
 COMMANDS: list[tuple[str, str, str]] = [
     ('doctor', 'iflybot_vla_policy.doctor',
      'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
+    ('bench', 'iflybot_vla_policy.bench_cmd',
+     'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
 ]
 
 

@@ -1,0 +1,155 @@
+"""Evaluation reports: per-task aggregates, report.json, report.md, plots and rollout videos."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iflybot_vla_policy.eval.metrics import percentile, wilson_interval
+
+
+@dataclass
+class EpisodeResult:
+    """What one closed-loop rollout measured."""
+
+    task: str
+    seed: int
+    instruction: str
+    success: bool
+    duration_s: float                   # simulated seconds until success or timeout
+    time_to_success_s: float | None
+    inference_ms: list[float] = field(default_factory=list)
+    control_jitter_p99_ms: float = math.nan
+    rms_jerk: float = math.nan          # rad/s^3 of the measured arm joints
+    limit_violations: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    video: str | None = None
+
+
+def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Per-task aggregates with Wilson 95% intervals; keys are task names plus 'overall'."""
+    tasks = sorted({e.task for e in episodes})
+    summary: dict[str, Any] = {}
+    for name in [*tasks, 'overall']:
+        group = [e for e in episodes if name == 'overall' or e.task == name]
+        if not group:
+            continue
+        wins = sum(e.success for e in group)
+        low, high = wilson_interval(wins, len(group))
+        latencies = [ms for e in group for ms in e.inference_ms]
+        times = [e.time_to_success_s for e in group if e.time_to_success_s is not None]
+        violations: dict[str, int] = {}
+        for e in group:
+            for key, count in e.limit_violations.items():
+                violations[key] = violations.get(key, 0) + count
+        summary[name] = {
+            'episodes': len(group), 'successes': wins, 'success_rate': wins / len(group),
+            'success_ci95': [low, high],
+            'time_to_success_s_mean': float(np.mean(times)) if times else math.nan,
+            'inference_latency_ms_p50': percentile(latencies, 50),
+            'inference_latency_ms_p99': percentile(latencies, 99),
+            'control_jitter_p99_ms': _nanmax([e.control_jitter_p99_ms for e in group]),
+            'rms_jerk_mean': _nanmean([e.rms_jerk for e in group]),
+            'limit_violations': violations,
+        }
+    return summary
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.max(finite)) if finite else math.nan
+
+
+def _fmt(value: float, digits: int = 1, scale: float = 1.0) -> str:
+    return 'n/a' if value is None or math.isnan(value) else f'{value * scale:.{digits}f}'
+
+
+def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
+                 meta: dict[str, Any]) -> dict[str, Any]:
+    """Write report.json and report.md (and a success plot); returns the JSON document."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(episodes)
+    doc = {'meta': meta, 'tasks': {k: v for k, v in summary.items() if k != 'overall'},
+           'overall': summary.get('overall', {}), 'episodes': [asdict(e) for e in episodes]}
+    (out_dir / 'report.json').write_text(json.dumps(doc, indent=2, default=_json_default) + '\n')
+    lines = ['# Closed-loop evaluation', '']
+    lines += [f'- {k}: {v}' for k, v in meta.items()]
+    lines += ['', '| task | success | 95% CI | time to success (s) | latency p50/p99 (ms) | '
+              'jitter p99 (ms) | RMS jerk (rad/s³) | limit violations |',
+              '|---|---|---|---|---|---|---|---|']
+    for name, row in summary.items():
+        low, high = row['success_ci95']
+        violations = sum(row['limit_violations'].values())
+        lines.append(
+            f"| {name} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) | "
+            f'{low:.0%}–{high:.0%} | {_fmt(row["time_to_success_s_mean"])} | '
+            f'{_fmt(row["inference_latency_ms_p50"])} / {_fmt(row["inference_latency_ms_p99"])}'
+            f' | {_fmt(row["control_jitter_p99_ms"], 2)} | {_fmt(row["rms_jerk_mean"], 2)} | '
+            f'{violations} |')
+    lines += ['', '## Episodes', '', '| task | seed | success | duration (s) | instruction |',
+              '|---|---|---|---|---|']
+    lines += [f'| {e.task} | {e.seed} | {"yes" if e.success else "no"} | '
+              f'{e.duration_s:.1f} | {e.instruction} |' for e in episodes]
+    if (out_dir / 'success.png').exists() or _plot_success(out_dir / 'success.png', summary):
+        lines += ['', '![success per task](success.png)']
+    (out_dir / 'report.md').write_text('\n'.join(lines) + '\n')
+    return doc
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f'not JSON serialisable: {type(value).__name__}')
+
+
+def _plot_success(path: Path, summary: dict[str, Any]) -> bool:
+    """Bar chart of success rate per task with the Wilson interval as error bars."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    names = [n for n in summary if n != 'overall']
+    if not names:
+        return False
+    rates = np.array([summary[n]['success_rate'] for n in names])
+    ci = np.array([summary[n]['success_ci95'] for n in names])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
+    ax.bar(names, rates, yerr=[rates - ci[:, 0], ci[:, 1] - rates], capsize=4, color='#4c72b0')
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel('success rate')
+    ax.set_title('closed-loop success (Wilson 95% CI)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
+    """Encode (H, W, 3) uint8 RGB frames as an H.264 MP4 with PyAV."""
+    import av
+
+    if not frames:
+        raise ValueError(f'no frames for {path}')
+    height, width = frames[0].shape[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode='w') as container:
+        stream = container.add_stream('libx264', rate=int(round(fps)))
+        stream.width, stream.height = width - width % 2, height - height % 2
+        stream.pix_fmt = 'yuv420p'
+        for frame in frames:
+            image = np.ascontiguousarray(frame[:stream.height, :stream.width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
