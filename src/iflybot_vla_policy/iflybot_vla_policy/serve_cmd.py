@@ -1,0 +1,74 @@
+"""`iflybot serve`: run the policy on this machine for remote clients (openpi's protocol)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+API_KEY_ENV = 'IFLYBOT_API_KEY'
+READY_PREFIX = 'iflybot serve: listening on '   # parsed by serving.process.ServerProcess
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--checkpoint', metavar='DIR', help='trained checkpoint directory')
+    source.add_argument('--preset', metavar='NAME',
+                        help="model preset with random weights, for testing (e.g. 'tiny')")
+    parser.add_argument('--seed', type=int, default=0, help='weight seed for --preset')
+    parser.add_argument('--host', default='127.0.0.1',
+                        help="address to bind; '0.0.0.0' exposes the server to the network "
+                             '(use an API key then)')
+    parser.add_argument('--port', type=int, default=8000, help='TCP port; 0 picks a free one')
+    parser.add_argument('--api-key', default=os.environ.get(API_KEY_ENV) or None,
+                        help='require "Authorization: Api-Key <key>" from clients (default: '
+                             f'${API_KEY_ENV}; prefer the variable, command lines are visible '
+                             'to other users)')
+    parser.add_argument('--max-message-mb', type=float, default=32.0,
+                        help='largest request accepted, in MiB')
+    parser.add_argument('--max-batch', type=int, default=8,
+                        help='most concurrent requests run as one batch (1: no batching)')
+    parser.add_argument('--log-level', default='info',
+                        choices=('debug', 'info', 'warning', 'error'))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    logging.getLogger('websockets').setLevel(logging.WARNING)
+    from iflybot_vla_policy.policy import Policy
+    from iflybot_vla_policy.serving.server import PolicyServer, ServerConfig, run_server
+
+    try:
+        config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                              max_message_bytes=int(args.max_message_mb * 2**20),
+                              max_batch=args.max_batch)
+    except ValueError as exc:
+        print(f'iflybot serve: {exc}', file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host) and args.api_key is None:
+        logging.warning('serving on %s without an API key: anyone on the network can drive '
+                        'this policy (set --api-key or $%s)', args.host, API_KEY_ENV)
+    if args.checkpoint:
+        policy = Policy.from_checkpoint(args.checkpoint)
+    else:
+        policy = Policy.from_config(args.preset, seed=args.seed)
+
+    def ready(server: PolicyServer) -> None:
+        print(f'{READY_PREFIX}{server.uri}', flush=True)
+
+    try:
+        return run_server(policy, config, on_ready=ready)
+    except OSError as exc:   # typically: the port is taken
+        print(f'iflybot serve: cannot listen on {args.host}:{args.port}: {exc}', file=sys.stderr)
+        return 1

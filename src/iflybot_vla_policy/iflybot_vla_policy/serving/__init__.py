@@ -1,0 +1,1 @@
+"""Remote inference: openpi-compatible wire format, websocket policy server, server process."""
