@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str, str]] = [
      'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
     ('bench', 'iflybot_vla_policy.bench_cmd',
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
+    ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
 ]
 
 
