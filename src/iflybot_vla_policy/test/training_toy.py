@@ -67,3 +67,34 @@ def _main(out: str, steps: int) -> None:
 
 if __name__ == '__main__':
     _main(sys.argv[1], int(sys.argv[2]))
+
+
+def write_toy_dataset(root: Path, episodes: int = 3, frames: int = 24, size: int = 64,
+                      fps: int = 10, seed: int = 0) -> Path:
+    """A real LeRobot v3.0 dataset (through the project's writer) of a square sliding across
+    both cameras while the 'arm' moves smoothly; actions are the next state."""
+    import numpy as np
+
+    from iflybot_vla_policy.data.lerobot_format import EpisodeData
+    from iflybot_vla_policy.data.lerobot_writer import WriterConfig, write_dataset
+
+    rng = np.random.default_rng(seed)
+    eps = []
+    for e in range(episodes):
+        t = np.linspace(0, 1, frames, dtype=np.float32)
+        phase = rng.uniform(0, 2 * np.pi, 8).astype(np.float32)
+        state = 0.3 * np.sin(2 * np.pi * t[:, None] + phase[None])        # (T, 8)
+        state[:, 7] = np.where(t < 0.5, 0.08, 0.02)                      # gripper width
+        action = np.concatenate([state[1:], state[-1:]])                 # next state
+        images = {}
+        for cam in ('scene_camera', 'wrist_camera'):
+            img = np.full((frames, size, size, 3), 40, dtype=np.uint8)
+            x0 = rng.integers(0, size // 2)
+            for k in range(frames):
+                x = int(x0 + k * (size // 2) / frames)
+                img[k, size // 3:size // 3 + 12, x:x + 12] = (220, 60 + 40 * e, 30)
+            images[cam] = img
+        eps.append(EpisodeData(state=state.astype(np.float32), action=action.astype(np.float32),
+                               images=images, instruction=f'move the {"red blue green".split()[e % 3]} block',
+                               task_name='pick_place', episode_id=f'toy{e}', seed=e))
+    return write_dataset(root, eps, WriterConfig(fps=fps))

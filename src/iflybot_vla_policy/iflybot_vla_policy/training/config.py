@@ -99,6 +99,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys of the preset
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
+    lam: dict[str, Any] = field(default_factory=dict)   # lam: LAMConfig fields (model/lam.py)
+    fast: dict[str, Any] = field(default_factory=dict)  # fast: FastConfig fields (model/fast.py)
     lam_dir: str = ''               # vla: output_dir of the lam stage (its final/ is used)
     fast_dir: str = ''              # vla: output_dir of the fast stage
 

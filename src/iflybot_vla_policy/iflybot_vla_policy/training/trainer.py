@@ -416,8 +416,9 @@ class Trainer:
             if sorted(losses) != names:
                 raise ValueError(f'loss names changed between steps: {names} -> '
                                  f'{sorted(losses)}')
-            values = torch.stack([losses[n].detach().float().reshape(()) for n in names])
-            values = acc.reduce(values.to(acc.device), reduction='mean').cpu()
+            values = torch.stack([torch.as_tensor(losses[n]).detach().float().reshape(())
+                                  .to(acc.device) for n in names])
+            values = acc.reduce(values, reduction='mean').cpu()
             if self.is_main:
                 row = {'step': float(self.progress.step), 'lr': lr,
                        'grad_norm': float(grad_norm), 'time_s': self.progress.elapsed_s}
