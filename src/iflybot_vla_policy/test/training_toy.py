@@ -94,7 +94,8 @@ def write_toy_dataset(root: Path, episodes: int = 3, frames: int = 24, size: int
                 x = int(x0 + k * (size // 2) / frames)
                 img[k, size // 3:size // 3 + 12, x:x + 12] = (220, 60 + 40 * e, 30)
             images[cam] = img
+        colour = ('red', 'blue', 'green')[e % 3]
         eps.append(EpisodeData(state=state.astype(np.float32), action=action.astype(np.float32),
-                               images=images, instruction=f'move the {"red blue green".split()[e % 3]} block',
+                               images=images, instruction=f'move the {colour} block',
                                task_name='pick_place', episode_id=f'toy{e}', seed=e))
     return write_dataset(root, eps, WriterConfig(fps=fps))
