@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('bench', 'iflybot_vla_policy.bench_cmd',
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
     ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
+    ('up', 'iflybot_vla_policy.up_cmd', 'start a node graph (sim, record) without ros2 launch'),
 ]
 
 
