@@ -149,7 +149,7 @@ class RemotePolicy:
         try:
             conn = connect(self.uri, additional_headers=self._headers, compression=None,
                            open_timeout=self.connect_timeout, close_timeout=1.0,
-                           max_size=None)
+                           max_size=None, legacy=True)
             metadata = codec.unpack(conn.recv(timeout=self.connect_timeout))
             if not isinstance(metadata, dict):
                 raise codec.DecodeError(f'metadata is {type(metadata).__name__}, not a map')

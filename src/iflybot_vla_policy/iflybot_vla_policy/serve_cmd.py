@@ -21,10 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to bind; '0.0.0.0' exposes the server to the network "
                              '(use an API key then)')
     parser.add_argument('--port', type=int, default=8000, help='TCP port; 0 picks a free one')
-    parser.add_argument('--api-key', default=os.environ.get(API_KEY_ENV) or None,
-                        help='require "Authorization: Api-Key <key>" from clients (default: '
-                             f'${API_KEY_ENV}; prefer the variable, command lines are visible '
-                             'to other users)')
+    # default None, resolved in run(): --help must never print a key taken from the environment
+    parser.add_argument('--api-key', default=None,
+                        help='require "Authorization: Api-Key <key>" from clients; if not given, '
+                             f'${API_KEY_ENV} is used (prefer it: command lines are visible to '
+                             'other users)')
     parser.add_argument('--max-message-mb', type=float, default=32.0,
                         help='largest request accepted, in MiB')
     parser.add_argument('--max-batch', type=int, default=8,
@@ -46,17 +47,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     logging.getLogger('websockets').setLevel(logging.WARNING)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     from iflybot_vla_policy.policy import Policy
     from iflybot_vla_policy.serving.server import PolicyServer, ServerConfig, run_server
 
     try:
-        config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+        config = ServerConfig(host=args.host, port=args.port, api_key=api_key,
                               max_message_bytes=int(args.max_message_mb * 2**20),
                               max_batch=args.max_batch)
     except ValueError as exc:
         print(f'iflybot serve: {exc}', file=sys.stderr)
         return 2
-    if not _is_loopback(args.host) and args.api_key is None:
+    if not _is_loopback(args.host) and api_key is None:
         logging.warning('serving on %s without an API key: anyone on the network can drive '
                         'this policy (set --api-key or $%s)', args.host, API_KEY_ENV)
     if args.checkpoint:

@@ -68,6 +68,15 @@ class InferenceBatcher:
         self._busy = False
         self._closing = False
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the worker (not counting the batch being run)."""
+        return 0 if self._queue is None else self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
     def start(self) -> None:
         """Start the worker task; call from inside the running event loop."""
         self._queue = asyncio.Queue()

@@ -83,6 +83,7 @@ class PolicyServer:
         self._expected_auth = (f'Api-Key {config.api_key}'.encode()
                                if config.api_key is not None else None)
         self._server: Server | None = None
+        self._port: int | None = None
         self._closing = False
         self.clients = 0
         self.errors = 0
@@ -94,9 +95,9 @@ class PolicyServer:
     @property
     def port(self) -> int:
         """The bound port (the OS's choice when configured with port 0)."""
-        if self._server is None:
+        if self._port is None:
             raise RuntimeError('server not started')
-        return self._server.sockets[0].getsockname()[1]
+        return self._port
 
     @property
     def uri(self) -> str:
@@ -111,6 +112,7 @@ class PolicyServer:
             compression=None,          # images do not deflate; openpi-client disables it too
             max_queue=4,               # frames buffered per client; bounds memory with max_size
         )
+        self._port = self._server.sockets[0].getsockname()[1]
         logger.info('serving %s on %s (api key %s)', PROTOCOL, self.uri,
                     'required' if self._expected_auth else 'not required')
 
@@ -139,6 +141,7 @@ class PolicyServer:
     def health(self) -> dict[str, Any]:
         stats = self._batcher.stats
         return {'status': 'shutting_down' if self._closing else 'ok', 'clients': self.clients,
+                'busy': self._batcher.busy, 'queued': self._batcher.queued,
                 'requests': stats.requests, 'batches': stats.batches,
                 'largest_batch': stats.largest_batch, 'errors': self.errors}
 
