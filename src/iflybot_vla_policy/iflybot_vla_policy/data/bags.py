@@ -220,6 +220,8 @@ def read_messages(path: Path | str, topics: set[str] | None = None) -> Iterator[
     try:
         with Reader(path) as reader:
             connections = [c for c in reader.connections if topics is None or c.topic in topics]
+            if not connections:   # rosbags reads every topic when given an empty list
+                return
             for conn, timestamp, data in reader.messages(connections=connections):
                 yield BagMessage(conn.topic, conn.msgtype, timestamp, bytes(data))
     except BagError:
