@@ -20,6 +20,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
     ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
     ('up', 'iflybot_vla_policy.up_cmd', 'start a node graph (sim, record) without ros2 launch'),
+    ('bag2dataset', 'iflybot_vla_policy.bag2dataset_cmd', 'bags -> LeRobot v3.0 dataset'),
+    ('bag-repair', 'iflybot_vla_policy.bag_repair_cmd', 'recover bags cut off by a crash'),
 ]
 
 
