@@ -61,10 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         logging.warning('serving on %s without an API key: anyone on the network can drive '
                         'this policy (set --api-key or $%s)', args.host, API_KEY_ENV)
-    if args.checkpoint:
-        policy = Policy.from_checkpoint(args.checkpoint)
-    else:
-        policy = Policy.from_config(args.preset, seed=args.seed)
+    try:
+        if args.checkpoint:
+            policy = Policy.from_checkpoint(args.checkpoint)
+        else:
+            policy = Policy.from_config(args.preset, seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:   # bad directory, unknown preset
+        print(f'iflybot serve: cannot load the policy: {exc}', file=sys.stderr)
+        return 2
 
     def ready(server: PolicyServer) -> None:
         print(f'{READY_PREFIX}{server.uri}', flush=True)
