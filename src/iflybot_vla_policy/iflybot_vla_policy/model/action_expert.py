@@ -1,0 +1,208 @@
+"""Action expert: a DiT trained with flow matching that cross-attends the VLM's per-layer KV.
+
+Tokens = [state, noisy action chunk] (plus learned positions), bidirectional self-attention;
+adaLN-Zero modulation from the flow timestep (and, on the tiny preset, a flat vision readout).
+Block i cross-attends the cached keys/values of VLM layer i, projected when the head widths
+differ, grouped-query through SDPA `enable_gqa`, with padding and FAST-token positions masked
+out; with `direct_vision` it also attends the image tokens straight from the vision tower, a path
+that does not depend on the LM having learned cross-modal fusion.
+
+Flow matching as in pi0: x_t = t * noise + (1 - t) * actions, target velocity noise - actions,
+t ~ t_min + (1 - t_min) * Beta(1.5, 1); sampling integrates from t = 1 to 0 in N Euler steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iflybot_vla_policy.config import VLAConfig
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ExpertContext:
+    """Per-block keys/values the expert attends, computed once per chunk."""
+
+    keys: list[torch.Tensor]     # per block (B, kv_heads, S', head_dim_expert)
+    values: list[torch.Tensor]
+    mask: torch.Tensor           # (B, 1, 1, S') bool: True = attend
+    summary: torch.Tensor | None  # (B, width) projected vision readout
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DiT): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = (t.float() * 1000)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, kv_heads: int, vlm_head_dim: int,
+                 feature_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = width // heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.q_cross = nn.Linear(width, width)
+        self.cross_out = nn.Linear(width, width)
+        kv_in, kv_out = kv_heads * vlm_head_dim, kv_heads * self.head_dim
+        # project the VLM's keys/values only when the head widths differ
+        self.k_proj = nn.Linear(kv_in, kv_out) if vlm_head_dim != self.head_dim else None
+        self.v_proj = nn.Linear(kv_in, kv_out) if vlm_head_dim != self.head_dim else None
+        if feature_dim:
+            self.feat_norm = nn.LayerNorm(feature_dim)
+            self.k_feat = nn.Linear(feature_dim, kv_out)
+            self.v_feat = nn.Linear(feature_dim, kv_out)
+        else:
+            self.feat_norm = self.k_feat = self.v_feat = None
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate='tanh'),
+                                 nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, S, n * hd) -> (B, n, S, hd)."""
+        return x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
+
+    def context(self, k: torch.Tensor, v: torch.Tensor,
+                features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VLM k, v (B, kvh, S, hd_vlm) [+ features (B, N, F)] -> (B, kvh, S [+ N], hd)."""
+        if self.k_proj is not None:
+            b, h, s, d = k.shape
+            k = self._heads(self.k_proj(k.transpose(1, 2).reshape(b, s, h * d)), h)
+            v = self._heads(self.v_proj(v.transpose(1, 2).reshape(b, s, h * d)), h)
+        if self.k_feat is not None and features is not None:
+            f = self.feat_norm(features)
+            k = torch.cat([k, self._heads(self.k_feat(f), self.kv_heads)], dim=2)
+            v = torch.cat([v, self._heads(self.v_feat(f), self.kv_heads)], dim=2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        mods = self.ada(cond).chunk(9, dim=-1)
+        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
+        h = _modulate(self.norm1(x), sh1, sc1)
+        q, kk, vv = (self._heads(t, self.heads) for t in self.qkv(h).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, kk, vv)                 # bidirectional
+        x = x + g1[:, None] * self.attn_out(a.transpose(1, 2).flatten(2))
+        h = _modulate(self.norm2(x), sh2, sc2)
+        q = self._heads(self.q_cross(h), self.heads)
+        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.heads != self.kv_heads)
+        x = x + g2[:, None] * self.cross_out(a.transpose(1, 2).flatten(2))
+        h = _modulate(self.norm3(x), sh3, sc3)
+        return x + g3[:, None] * self.mlp(h)
+
+
+class ActionExpert(nn.Module):
+    """One DiT block per VLM layer; predicts the flow velocity of the whole chunk."""
+
+    def __init__(self, cfg: VLAConfig, n_layers: int, kv_heads: int, vlm_head_dim: int,
+                 feature_dim: int = 0) -> None:
+        super().__init__()
+        e, a = cfg.expert, cfg.action
+        self.cfg = cfg
+        w = e.width
+        self.state_in = nn.Linear(a.state_dim, w)
+        self.action_in = nn.Linear(a.action_dim, w)
+        self.pos = nn.Parameter(torch.randn(1 + a.horizon, w) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        feat = feature_dim if e.direct_vision else 0
+        self.summary_cond = nn.Linear(feat, w) if feat else None
+        self.summary_state = nn.Linear(feat, w) if feat else None
+        self.blocks = nn.ModuleList(DiTBlock(w, e.heads, kv_heads, vlm_head_dim, feat,
+                                             e.mlp_ratio) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        nn.init.zeros_(self.final_ada[-1].weight)
+        nn.init.zeros_(self.final_ada[-1].bias)
+        self.out = nn.Linear(w, a.action_dim)
+
+    def context(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None = None,
+                summary: torch.Tensor | None = None) -> ExpertContext:
+        """kv per VLM layer (B, kvh, S, hd), mask (B, S) bool -> per-block attention inputs."""
+        if len(kv) != len(self.blocks):
+            raise ValueError(f'expert has {len(self.blocks)} blocks but got KV of {len(kv)} '
+                             'VLM layers')
+        use_feat = features is not None and self.blocks[0].k_feat is not None
+        keys, values = [], []
+        for block, (k, v) in zip(self.blocks, kv, strict=True):
+            kk, vv = block.context(k, v, features if use_feat else None)
+            keys.append(kk)
+            values.append(vv)
+        if use_feat:
+            mask = torch.cat([mask, mask.new_ones(features.shape[:2])], dim=1)
+        summ = None
+        if self.summary_cond is not None and summary is not None:
+            summ = summary
+        return ExpertContext(keys, values, mask[:, None, None, :].bool(), summ)
+
+    def forward(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                ctx: ExpertContext) -> torch.Tensor:
+        """state (B, Ds), x_t (B, H, Da), t (B,) -> velocity (B, H, Da)."""
+        w = self.pos.shape[-1]
+        dtype = self.pos.dtype
+        cond = self.time_mlp(timestep_embedding(t, w).to(dtype))
+        s_tok = self.state_in(state.to(dtype))
+        if ctx.summary is not None:
+            summ = ctx.summary.to(dtype)
+            cond = cond + self.summary_cond(summ)
+            s_tok = s_tok + self.summary_state(summ)
+        x = torch.cat([s_tok[:, None], self.action_in(x_t.to(dtype))], dim=1) + self.pos
+        for block, k, v in zip(self.blocks, ctx.keys, ctx.values, strict=True):
+            x = block(x, cond, k, v, ctx.mask)
+        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        return self.out(_modulate(self.final_norm(x[:, 1:]), shift, scale))
+
+
+def sample_flow_time(batch: int, cfg: VLAConfig, device: torch.device | str = 'cpu',
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """pi0-style timestep sampling emphasising noisy t: (B,) in [t_min, 1]."""
+    f = cfg.flow
+    # torch's Beta sampler takes no generator; with one given and b == 1 (pi0's Beta(1.5, 1))
+    # sample exactly by the inverse CDF u^(1/a), otherwise use the global RNG.
+    if generator is not None and f.beta_beta == 1.0:
+        u = torch.rand(batch, generator=generator, device=device)
+        beta = u ** (1.0 / f.beta_alpha)  # Beta(a, 1) by inverse CDF
+    else:
+        beta = torch.distributions.Beta(f.beta_alpha, f.beta_beta).sample((batch,)).to(device)
+    return f.t_min + (1 - f.t_min) * beta
+
+
+def flow_targets(actions: torch.Tensor, noise: torch.Tensor,
+                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear path: x_t (B, H, D) and the velocity target noise - actions."""
+    tt = t[:, None, None].to(actions.dtype)
+    return tt * noise + (1 - tt) * actions, noise - actions
+
+
+def euler_sample(expert: ActionExpert, state: torch.Tensor, noise: torch.Tensor,
+                 ctx_fn, steps: int) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps.
+
+    ctx_fn(step) -> ExpertContext lets a caller reuse one cached context (the normal path) or
+    rebuild it every step (the equality check against recomputing the prefix).
+    """
+    x = noise
+    dt = -1.0 / steps
+    for i in range(steps):
+        t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device, dtype=torch.float32)
+        v = expert(state, x, t, ctx_fn(i))
+        x = x + dt * v.to(x.dtype)
+    return x

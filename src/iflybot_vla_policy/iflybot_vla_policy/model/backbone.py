@@ -1,0 +1,417 @@
+"""The VLM backbone: one interface, three implementations.
+
+Interface (`Backbone`):
+- `forward_train(images, text_ids, text_mask, suffix_ids, suffix_mask)`: one causal pass over
+  [image tokens, instruction, suffix tokens (latent + FAST, or a VQA answer)] returning the
+  logits that predict each suffix token and the per-layer KV (with gradients) for the expert.
+- `encode_prefix(images, text_ids, text_mask) -> PrefixCache`: images + instruction once; the
+  per-layer KV cache, its key mask and the logits for the next token.
+- `append_tokens(prefix, ids)` / `generate_latents(prefix, n, ...)`: extend the cache.
+
+Implementations: `TinyBackbone` (a transformers Qwen2 decoder built from config, fed by our conv
+vision tower), `Qwen25VLBackbone` (the paper's Qwen2.5-VL) and `SmolVLMBackbone`
+(Idefics3/SmolVLM). Each is built from config (random init) or loaded from a local directory with
+`local_files_only=True`: nothing is ever fetched from the hub.
+
+Positions are explicit everywhere (`cumsum(mask) - 1` over real tokens; 3-D mRoPE for image
+tokens in Qwen2.5-VL), so padding inside the prefix changes nothing for the real tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iflybot_vla_policy.config import VLAConfig
+from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
+from iflybot_vla_policy.model.vision import ConvVisionTower
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, kv_heads, S, head_dim) each
+
+
+@dataclass
+class PrefixCache:
+    """What the expert and latent generation need from one encoded prefix."""
+
+    kv: KV                       # per layer, after rotary encoding
+    mask: torch.Tensor           # (B, S) bool: keys the expert may attend (real, non-FAST)
+    next_pos: torch.Tensor       # (B,) position of the next token to append
+    next_logits: torch.Tensor    # (B, V) logits for the next token
+    features: torch.Tensor | None  # (B, N_img, D) image tokens (direct expert path)
+    summary: torch.Tensor | None   # (B, D) flat vision readout (direct expert path)
+    cache: object | None = None  # transformers DynamicCache, extended by append_tokens
+
+
+@dataclass
+class TrainOutput:
+    logits: torch.Tensor         # (B, L, V): logits[:, j] predicts suffix token j
+    kv: KV                       # per layer over [prefix, suffix]
+    mask: torch.Tensor           # (B, S + L) bool real tokens
+    prefix_len: int
+    features: torch.Tensor | None
+    summary: torch.Tensor | None
+
+
+@dataclass
+class _Inputs:
+    embeds: torch.Tensor         # (B, S, D)
+    mask: torch.Tensor           # (B, S) long
+    positions: torch.Tensor      # (A, B, S): A = 1 (1-D RoPE) or 3 (mRoPE)
+    features: torch.Tensor | None
+    summary: torch.Tensor | None
+
+
+def _positions_1d(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) mask -> (1, B, S) positions counting real tokens only."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[None]
+
+
+class Backbone(nn.Module):
+    """Common logic over a transformers decoder: subclasses provide `_prefix` and the modules."""
+
+    decoder: nn.Module           # accepts inputs_embeds, attention_mask, position_ids, cache
+    lm_head: nn.Linear
+    tokenizer: TextTokenizer
+
+    def __init__(self, cfg: VLAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    # -- geometry the expert needs
+    @property
+    def n_layers(self) -> int:
+        return self.decoder.config.num_hidden_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.decoder.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.decoder.config
+        return getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.decoder.config.hidden_size
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of `features`/`summary` for the expert's direct path (the LM width here)."""
+        return self.hidden
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(ids)
+
+    def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
+                text_mask: torch.Tensor) -> _Inputs:
+        raise NotImplementedError
+
+    def _pos_arg(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[0] if positions.shape[0] == 1 else positions
+
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             cache: object | None = None):
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=self._pos_arg(positions), past_key_values=cache,
+                            use_cache=True)
+
+    @staticmethod
+    def _kv(cache) -> KV:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @staticmethod
+    def _last_real(mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B,) index of the last real token."""
+        idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        return torch.where(mask.bool(), idx, -1).amax(-1)
+
+    def forward_train(self, images: torch.Tensor, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor, suffix_ids: torch.Tensor,
+                      suffix_mask: torch.Tensor) -> TrainOutput:
+        """Teacher-forced pass; suffix_ids (B, L) are vocabulary ids (pads anything valid)."""
+        p = self._prefix(images, text_ids, text_mask)
+        s = p.embeds.shape[1]
+        n_suffix = suffix_ids.shape[1]
+        next_pos = p.positions.amax(dim=(0, 2)) + 1                               # (B,)
+        suffix_pos = next_pos[:, None] + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = torch.cat([p.positions, suffix_pos[None].expand(p.positions.shape[0], -1,
+                                                                    -1)], dim=-1)
+        embeds = torch.cat([p.embeds, self.embed(suffix_ids)], dim=1)
+        mask = torch.cat([p.mask, suffix_mask.long()], dim=1)
+        out = self._run(embeds, mask, positions)
+        hidden = out.last_hidden_state
+        # suffix token 0 is predicted from the last real prefix token, token j from suffix j-1
+        first = self._last_real(p.mask)                                           # (B,)
+        rows = torch.cat([first[:, None], s + torch.arange(n_suffix - 1, device=first.device)
+                          .expand(len(first), -1)], dim=1)                        # (B, L)
+        picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        return TrainOutput(logits=self.lm_head(picked), kv=self._kv(out.past_key_values),
+                           mask=mask.bool(), prefix_len=s, features=p.features,
+                           summary=p.summary)
+
+    def encode_prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor) -> PrefixCache:
+        p = self._prefix(images, text_ids, text_mask)
+        out = self._run(p.embeds, p.mask, p.positions)
+        hidden = out.last_hidden_state
+        last = self._last_real(p.mask)
+        logits = self.lm_head(hidden[torch.arange(len(last)), last])
+        return PrefixCache(kv=self._kv(out.past_key_values), mask=p.mask.bool(),
+                           next_pos=p.positions.amax(dim=(0, 2)) + 1, next_logits=logits,
+                           features=p.features, summary=p.summary, cache=out.past_key_values)
+
+    def append_tokens(self, prefix: PrefixCache, ids: torch.Tensor) -> PrefixCache:
+        """Feed ids (B, k) after the cached prefix; the cache is extended in place."""
+        k = ids.shape[1]
+        positions = prefix.next_pos[:, None] + torch.arange(k, device=ids.device)   # (B, k)
+        axes = 3 if isinstance(self, Qwen25VLBackbone) else 1
+        mask = torch.cat([prefix.mask.long(), torch.ones_like(ids)], dim=1)
+        out = self._run(self.embed(ids), mask, positions[None].expand(axes, -1, -1),
+                        prefix.cache)
+        return PrefixCache(kv=self._kv(out.past_key_values), mask=mask.bool(),
+                           next_pos=prefix.next_pos + k,
+                           next_logits=self.lm_head(out.last_hidden_state[:, -1]),
+                           features=prefix.features, summary=prefix.summary,
+                           cache=out.past_key_values)
+
+    def generate_latents(self, prefix: PrefixCache, n: int) -> tuple[torch.Tensor, PrefixCache]:
+        """Greedy decoding restricted to the latent codes; returns codes (B, n) and the cache
+        extended by all n latent tokens (their KV is what the expert attends at inference)."""
+        offset, size = self.cfg.latent_offset, self.cfg.tokens.latent_codebook
+        codes = []
+        for _ in range(n):
+            code = prefix.next_logits[:, offset:offset + size].argmax(-1)           # (B,)
+            codes.append(code)
+            prefix = self.append_tokens(prefix, (code + offset)[:, None])
+        if not codes:
+            return torch.zeros(prefix.mask.shape[0], 0, dtype=torch.long), prefix
+        return torch.stack(codes, dim=1), prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny: Qwen2 decoder from config + conv vision tower
+
+
+class TinyBackbone(Backbone):
+    """Qwen2 decoder LM built from config; image tokens come from `ConvVisionTower`."""
+
+    def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
+        super().__init__(cfg)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        b = cfg.backbone
+        self.tokenizer = tokenizer or TextTokenizer.train(
+            b.text_vocab, cfg.tokens.latent_codebook, cfg.tokens.fast_vocab)
+        lm_cfg = Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=b.hidden, num_hidden_layers=b.layers,
+            num_attention_heads=b.heads, num_key_value_heads=b.kv_heads, head_dim=b.head_dim,
+            intermediate_size=b.intermediate, max_position_embeddings=2048,
+            rope_parameters={'rope_type': 'default', 'rope_theta': b.rope_theta},
+            tie_word_embeddings=b.tie_embeddings, pad_token_id=self.tokenizer.pad_id)
+        lm_cfg._attn_implementation = 'sdpa'
+        lm = Qwen2ForCausalLM(lm_cfg)
+        self.decoder, self.lm_head = lm.model, lm.lm_head
+        self.vision = ConvVisionTower(b.vision, cfg.image_size, len(cfg.cameras), b.hidden,
+                                      b.text_vocab)
+        self.image_scale = math.sqrt(1.0)
+
+    def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
+                text_mask: torch.Tensor) -> _Inputs:
+        tokens, summary = self.vision(images, text_ids, text_mask)   # (B, N, D), (B, D)
+        embeds = torch.cat([tokens.to(self.lm_head.weight.dtype), self.embed(text_ids)], dim=1)
+        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.long,
+                                     device=text_mask.device), text_mask.long()], dim=1)
+        return _Inputs(embeds, mask, _positions_1d(mask), tokens, summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers VLM families
+
+
+def _pretrained_tokenizer(cfg: VLAConfig, path: Path) -> TextTokenizer:
+    file = path / 'tokenizer.json'
+    return TextTokenizer.load(file, cfg.backbone.text_vocab, cfg.tokens.latent_codebook,
+                              cfg.tokens.fast_vocab)
+
+
+def _template_tokenizer(cfg: VLAConfig) -> TextTokenizer:
+    """Random-init VLMs (tests, shape checks) still need a text tokenizer: ours, in their range."""
+    return TextTokenizer.train(min(cfg.backbone.text_vocab, 1024), cfg.tokens.latent_codebook,
+                               cfg.tokens.fast_vocab)
+
+
+class Qwen25VLBackbone(Backbone):
+    """Qwen2.5-VL (the paper's VLM). Images are patchified by hand (the processor needs
+    torchvision) and get 3-D mRoPE positions; the text model runs on our embeddings."""
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP statistics, as the processor
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
+        super().__init__(cfg)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        b = cfg.backbone
+        if b.path:
+            path = Path(b.path)
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path, local_files_only=True, torch_dtype=torch.float32, attn_implementation='sdpa')
+            self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
+            model.resize_token_embeddings(cfg.vocab_size)
+        else:
+            top = b.text_vocab - 1  # placeholder ids at the top of the text range (unused ids)
+            mrope = [b.head_dim // 8, b.head_dim * 3 // 16, b.head_dim * 3 // 16]
+            mcfg = Qwen2_5_VLConfig(
+                text_config=dict(
+                    vocab_size=cfg.vocab_size, hidden_size=b.hidden, num_hidden_layers=b.layers,
+                    num_attention_heads=b.heads, num_key_value_heads=b.kv_heads,
+                    intermediate_size=b.intermediate, max_position_embeddings=32768,
+                    rope_parameters={'rope_type': 'default', 'rope_theta': b.rope_theta,
+                                     'mrope_section': mrope},
+                    tie_word_embeddings=b.tie_embeddings),
+                vision_config=dict(
+                    depth=b.vision_depth, hidden_size=b.vision_hidden, num_heads=b.vision_heads,
+                    intermediate_size=b.vision_intermediate, patch_size=b.patch_size,
+                    spatial_merge_size=b.spatial_merge, temporal_patch_size=2,
+                    out_hidden_size=b.hidden, window_size=112,
+                    fullatt_block_indexes=list(range(b.vision_depth)) if b.vision_depth < 8
+                    else [7, 15, 23, 31][:b.vision_depth // 8]),
+                image_token_id=top, vision_start_token_id=top - 2, vision_end_token_id=top - 1,
+                video_token_id=top - 3, tie_word_embeddings=b.tie_embeddings)
+            mcfg._attn_implementation = 'sdpa'
+            model = Qwen2_5_VLForConditionalGeneration(mcfg)
+            self.tokenizer = tokenizer or _template_tokenizer(cfg)
+        self.vlm = model.model
+        self.decoder, self.lm_head = model.model.language_model, model.lm_head
+        mc = model.config
+        self.image_token_id = mc.image_token_id
+        self.vision_start_id = mc.vision_start_token_id
+        self.vision_end_id = mc.vision_end_token_id
+        self.patch = mc.vision_config.patch_size
+        self.merge = mc.vision_config.spatial_merge_size
+        self.temporal = mc.vision_config.temporal_patch_size
+        self.register_buffer('mean', torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def patchify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [0, 1] -> flat patches (N * gh * gw, 3 * T * p * p), grid_thw (N, 3),
+        in the layout of Qwen2VLImageProcessor (a still image repeated over T frames)."""
+        n, c, h, w = images.shape
+        p, m, t = self.patch, self.merge, self.temporal
+        gh, gw = h // p, w // p
+        x = ((images - self.mean) / self.std)[:, None].expand(n, t, c, h, w)
+        x = x.reshape(n, 1, t, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+        flat = x.reshape(n * gh * gw, c * t * p * p)
+        grid = torch.tensor([[1, gh, gw]] * n, device=images.device)
+        return flat, grid
+
+    def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
+                text_mask: torch.Tensor) -> _Inputs:
+        b, n_cam, _, h, w = images.shape
+        flat, grid = self.patchify(images.flatten(0, 1).to(self.mean.dtype))
+        feats = self.vlm.get_image_features(flat.to(self.lm_head.weight.dtype),
+                                            image_grid_thw=grid).pooler_output
+        feats = torch.cat(list(feats), 0).view(b, n_cam, -1, self.hidden)       # (B, cam, n, D)
+        n_img = feats.shape[2]
+        gh, gw = h // self.patch // self.merge, w // self.patch // self.merge
+        block = [self.vision_start_id] + [self.image_token_id] * n_img + [self.vision_end_id]
+        img_ids = torch.tensor(block * n_cam, device=text_ids.device).expand(b, -1)
+        ids = torch.cat([img_ids, text_ids], dim=1)
+        embeds = self.embed(ids)
+        is_img = ids == self.image_token_id
+        embeds = embeds.masked_scatter(is_img[..., None], feats.reshape(-1, self.hidden))
+        mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
+        # mRoPE: per camera [start][t=0, row, col grid][end], text 1-D after it
+        pos = []
+        cur = 0
+        rows = torch.arange(gh, device=ids.device).repeat_interleave(gw)
+        cols = torch.arange(gw, device=ids.device).repeat(gh)
+        for _ in range(n_cam):
+            pos.append(torch.full((3, 1), cur, device=ids.device))
+            cur += 1
+            pos.append(torch.stack([torch.zeros_like(rows), rows, cols]) + cur)
+            cur += max(gh, gw)
+            pos.append(torch.full((3, 1), cur, device=ids.device))
+            cur += 1
+        img_pos = torch.cat(pos, dim=1)[:, None].expand(3, b, -1)                 # (3, B, Si)
+        txt_pos = cur + (text_mask.long().cumsum(-1) - 1).clamp(min=0)            # (B, T)
+        positions = torch.cat([img_pos, txt_pos[None].expand(3, -1, -1)], dim=-1)
+        features = feats.flatten(1, 2) if self.cfg.expert.direct_vision else None
+        summary = feats.mean(dim=(1, 2)) if self.cfg.expert.direct_vision else None
+        return _Inputs(embeds, mask, positions, features, summary)
+
+
+class SmolVLMBackbone(Backbone):
+    """SmolVLM / Idefics3: SigLIP vision encoder + pixel-shuffle connector + Llama decoder."""
+
+    def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
+        super().__init__(cfg)
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+        b = cfg.backbone
+        if b.path:
+            path = Path(b.path)
+            model = Idefics3ForConditionalGeneration.from_pretrained(
+                path, local_files_only=True, torch_dtype=torch.float32, attn_implementation='sdpa')
+            self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
+            model.resize_token_embeddings(cfg.vocab_size)
+        else:
+            mcfg = Idefics3Config(
+                text_config=dict(
+                    model_type='llama', vocab_size=cfg.vocab_size, hidden_size=b.hidden,
+                    num_hidden_layers=b.layers, num_attention_heads=b.heads,
+                    num_key_value_heads=b.kv_heads, head_dim=b.head_dim,
+                    intermediate_size=b.intermediate, max_position_embeddings=8192,
+                    rope_parameters={'rope_type': 'default', 'rope_theta': b.rope_theta},
+                    tie_word_embeddings=b.tie_embeddings),
+                vision_config=dict(
+                    hidden_size=b.vision_hidden, num_hidden_layers=b.vision_depth,
+                    num_attention_heads=b.vision_heads, intermediate_size=b.vision_intermediate,
+                    patch_size=b.patch_size, image_size=cfg.image_size),
+                scale_factor=b.spatial_merge, image_token_id=b.text_vocab - 1,
+                tie_word_embeddings=b.tie_embeddings)
+            mcfg._attn_implementation = 'sdpa'
+            model = Idefics3ForConditionalGeneration(mcfg)
+            self.tokenizer = tokenizer or _template_tokenizer(cfg)
+        self.vlm = model.model
+        self.decoder, self.lm_head = model.model.text_model, model.lm_head
+        self.image_token_id = model.config.image_token_id
+
+    def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
+                text_mask: torch.Tensor) -> _Inputs:
+        b, n_cam = images.shape[:2]
+        x = images.flatten(0, 1).to(self.lm_head.weight.dtype) * 2 - 1         # SigLIP: [-1, 1]
+        vis = self.vlm.vision_model(pixel_values=x).last_hidden_state
+        feats = self.vlm.connector(vis).view(b, n_cam, -1, self.hidden)         # (B, cam, n, D)
+        n_img = feats.shape[2]
+        img_ids = torch.full((b, n_cam * n_img), self.image_token_id, device=text_ids.device)
+        embeds = torch.cat([feats.flatten(1, 2), self.embed(text_ids)], dim=1)
+        mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
+        features = feats.flatten(1, 2) if self.cfg.expert.direct_vision else None
+        summary = feats.mean(dim=(1, 2)) if self.cfg.expert.direct_vision else None
+        return _Inputs(embeds, mask, _positions_1d(mask), features, summary)
+
+
+_KINDS = {'tiny': TinyBackbone, 'qwen2_5_vl': Qwen25VLBackbone, 'smolvlm': SmolVLMBackbone}
+
+
+def build_backbone(cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> Backbone:
+    """Random init from config, or weights from the local `backbone.path` (never the hub)."""
+    if cfg.backbone.path and not Path(cfg.backbone.path).is_dir():
+        raise FileNotFoundError(f"config key 'backbone.path': no local model directory "
+                                f'{cfg.backbone.path} (weights are never downloaded)')
+    return _KINDS[cfg.backbone.kind](cfg, tokenizer)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over targets != -100; zero (with graph) when there are none."""
+    valid = targets != -100
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid].float(), targets[valid])

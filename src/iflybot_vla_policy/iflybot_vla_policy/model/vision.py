@@ -1,0 +1,111 @@
+"""CPU-trainable vision tower of the tiny backbone: a small conv net whose feature map becomes
+image tokens.
+
+Why not a ViT: on 2 CPU cores a from-scratch ViT + LM did not learn to localise a target in
+25 minutes, while a small CNN with the instruction as FiLM conditioning learned the same task in
+seconds (training issue). So: CoordConv input, stride-2 conv stages, each FiLM-modulated by a bag
+of words of the instruction, a position-preserving token grid (with learned position and camera
+embeddings), and a flat readout (`summary`) that the action expert can consume directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iflybot_vla_policy.config import VisionConfig
+
+# ImageNet statistics: inputs are RGB in [0, 1].
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+class _Stage(nn.Module):
+    """conv3x3/2 -> GroupNorm -> FiLM -> GELU -> conv3x3 -> GroupNorm -> GELU, residual."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.norm1 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+
+    def forward(self, x: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(self.down(x))
+        if film is not None:  # (N, 2 * c_out): scale and shift around identity
+            gamma, beta = film[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + gamma) + beta
+        h = F.gelu(h)
+        return h + F.gelu(self.norm2(self.conv(h)))
+
+
+class ConvVisionTower(nn.Module):
+    """(B, n_cam, 3, S, S) in [0, 1] + instruction ids -> image tokens and a flat summary."""
+
+    SUMMARY_CHANNELS = 32
+
+    def __init__(self, cfg: VisionConfig, image_size: int, n_cameras: int, out_dim: int,
+                 text_vocab: int, film_dim: int = 64) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_cameras = n_cameras
+        self.image_size = image_size
+        c_in = 3 + (2 if cfg.coord_channels else 0)
+        chans = (c_in, *cfg.channels)
+        self.stages = nn.ModuleList(_Stage(a, b) for a, b in zip(chans[:-1], chans[1:],
+                                                                    strict=True))
+        if cfg.film:
+            self.word_embed = nn.Embedding(text_vocab, film_dim)
+            self.film = nn.Sequential(nn.Linear(film_dim, 2 * film_dim), nn.GELU(),
+                                      nn.Linear(2 * film_dim, 2 * sum(cfg.channels)))
+            nn.init.zeros_(self.film[-1].weight)
+            nn.init.zeros_(self.film[-1].bias)
+        grid = cfg.token_grid
+        self.n_tokens_per_camera = grid * grid
+        self.proj = nn.Linear(cfg.channels[-1], out_dim)
+        self.pos = nn.Parameter(torch.randn(grid * grid, out_dim) * 0.02)
+        self.camera = nn.Parameter(torch.randn(n_cameras, out_dim) * 0.02)
+        self.summary_conv = nn.Conv2d(cfg.channels[-1], self.SUMMARY_CHANNELS, 1)
+        self.summary_dim = out_dim
+        self.summary = nn.Linear(n_cameras * grid * grid * self.SUMMARY_CHANNELS, out_dim)
+        self.register_buffer('mean', torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_cameras * self.n_tokens_per_camera
+
+    def _film(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> list[torch.Tensor] | None:
+        if not self.cfg.film:
+            return None
+        ids = text_ids.clamp(max=self.word_embed.num_embeddings - 1)
+        words = self.word_embed(ids) * text_mask[..., None]  # (B, T, film_dim)
+        bag = words.sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+        return list(self.film(bag).split([2 * c for c in self.cfg.channels], dim=-1))
+
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor,
+                text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, n_cam, 3, S, S) -> tokens (B, n_cam * grid^2, D), summary (B, D)."""
+        b, n_cam = images.shape[:2]
+        if n_cam != self.n_cameras:
+            raise ValueError(f'expected {self.n_cameras} cameras, got {n_cam}')
+        x = images.flatten(0, 1).to(self.mean.dtype)  # (B * n_cam, 3, S, S)
+        x = (x - self.mean) / self.std
+        if self.cfg.coord_channels:
+            s_h, s_w = x.shape[-2:]
+            ys = torch.linspace(-1, 1, s_h, device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, s_w, device=x.device, dtype=x.dtype)
+            yy, xx = torch.meshgrid(ys, xs, indexing='ij')
+            coords = torch.stack([xx, yy]).expand(x.shape[0], 2, s_h, s_w)
+            x = torch.cat([x, coords], dim=1)
+        films = self._film(text_ids, text_mask.to(x.dtype))
+        for i, stage in enumerate(self.stages):
+            film = None if films is None else films[i].repeat_interleave(n_cam, dim=0)
+            x = stage(x, film)
+        grid = self.cfg.token_grid
+        if x.shape[-1] != grid or x.shape[-2] != grid:
+            x = F.adaptive_avg_pool2d(x, grid)
+        tokens = self.proj(x.flatten(2).transpose(1, 2)) + self.pos  # (B*n_cam, grid^2, D)
+        tokens = tokens.view(b, n_cam, grid * grid, -1) + self.camera[None, :, None]
+        summary = self.summary(F.gelu(self.summary_conv(x)).reshape(b, -1))  # (B, D)
+        return tokens.flatten(1, 2), summary

@@ -1,0 +1,173 @@
+"""The VLA model: backbone + action expert, the training losses, and the pieces inference uses.
+
+Training batch (tensors, already transformed and normalised; B samples):
+- `images` (B, n_cam, 3, S, S) float in [0, 1] (uint8 accepted), `text_ids`/`text_mask` (B, T);
+- robot samples: `state` (B, state_dim), `actions` (B, H, action_dim), optional `action_mask`
+  (B, H) bool of real (non-padded) steps, `latent_tokens` (B, n_latent) int64 codes in
+  [0, codebook) and `fast_tokens` (B, L) int64 FAST ids, both padded with -100;
+- VQA samples: `answer_ids` (B, L) int64 text ids padded with -100 (text targets only);
+- optional `is_robot` (B,) bool when one batch mixes both (default: robot iff `actions` given).
+
+The sequence is [image tokens, instruction, suffix] with suffix = [latent codes, FAST tokens] for
+robot samples and the answer for VQA. The expert attends the prefix and latent tokens of each
+layer; FAST positions are masked out of its attention, as at inference where they never exist.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iflybot_vla_policy.config import VLAConfig
+from iflybot_vla_policy.model.action_expert import (
+    ActionExpert,
+    ExpertContext,
+    flow_targets,
+    sample_flow_time,
+)
+from iflybot_vla_policy.model.backbone import KV, PrefixCache, build_backbone, masked_ce
+from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
+
+
+def as_float_images(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images
+
+
+class VLA(nn.Module):
+    def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg, tokenizer)
+        bb = self.backbone
+        self.expert = ActionExpert(cfg, bb.n_layers, bb.kv_heads, bb.head_dim,
+                                   bb.feature_dim if cfg.expert.direct_vision else 0)
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.backbone.tokenizer
+
+    def vlm_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    # -- expert context from a KV cache
+
+    def expert_context(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None,
+                       summary: torch.Tensor | None, insulate: bool) -> ExpertContext:
+        """Knowledge insulation: the expert reads a detached copy of everything from the VLM."""
+        if insulate:
+            kv = [(k.detach(), v.detach()) for k, v in kv]
+            features = None if features is None else features.detach()
+            summary = None if summary is None else summary.detach()
+        return self.expert.context(kv, mask, features, summary)
+
+    def context_from_prefix(self, prefix: PrefixCache) -> ExpertContext:
+        return self.expert_context(prefix.kv, prefix.mask, prefix.features, prefix.summary,
+                                   insulate=False)
+
+    # -- training
+
+    def _suffix(self, batch: dict, is_robot: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Suffix ids/mask (B, L) and per-kind targets (-100 elsewhere)."""
+        cfg = self.cfg
+        b = is_robot.shape[0]
+        device = is_robot.device
+        n_lat = cfg.tokens.latent_tokens
+        parts_len = 0
+        lat = batch.get('latent_tokens')
+        fast = batch.get('fast_tokens')
+        ans = batch.get('answer_ids')
+        if bool(is_robot.any()):
+            if n_lat and lat is None:
+                raise ValueError("batch key 'latent_tokens' is required (tokens.latent_tokens = "
+                                 f'{n_lat}); set tokens.latent_tokens=0 to train without LAM')
+            if lat is not None and lat.shape[1] != n_lat:
+                raise ValueError(f"batch key 'latent_tokens' must be (B, {n_lat}), got "
+                                 f'{tuple(lat.shape)}')
+            parts_len = n_lat + (fast.shape[1] if fast is not None and cfg.tokens.fast_vocab
+                                 else 0)
+        ans_len = ans.shape[1] if ans is not None else 0
+        length = max(parts_len, ans_len, 1)
+        ids = torch.full((b, length), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        lat_t = torch.full((b, length), -100, dtype=torch.long, device=device)
+        fast_t, text_t = lat_t.clone(), lat_t.clone()
+        robot = is_robot[:, None]
+        if n_lat and lat is not None:
+            codes = lat.to(device)
+            if bool(((codes < -100) | (codes >= cfg.tokens.latent_codebook) |
+                     ((codes < 0) & (codes != -100))).any()):
+                raise ValueError("batch key 'latent_tokens': codes must be in "
+                                 f'[0, {cfg.tokens.latent_codebook}) or -100')
+            valid = (codes != -100) & robot
+            ids[:, :n_lat] = torch.where(valid, codes + cfg.latent_offset, ids[:, :n_lat])
+            lat_t[:, :n_lat] = torch.where(valid, codes + cfg.latent_offset, -100)
+        if fast is not None and cfg.tokens.fast_vocab and bool(is_robot.any()):
+            toks = fast.to(device)
+            if bool(((toks >= cfg.tokens.fast_vocab) | ((toks < 0) & (toks != -100))).any()):
+                raise ValueError("batch key 'fast_tokens': ids must be in "
+                                 f'[0, {cfg.tokens.fast_vocab}) or -100')
+            sl = slice(n_lat, n_lat + toks.shape[1])
+            valid = (toks != -100) & robot
+            ids[:, sl] = torch.where(valid, toks + cfg.fast_offset, ids[:, sl])
+            fast_t[:, sl] = torch.where(valid, toks + cfg.fast_offset, -100)
+        if ans is not None:
+            a = ans.to(device)
+            valid = (a != -100) & ~robot
+            ids[:, :ans_len] = torch.where(valid, a, ids[:, :ans_len])
+            text_t[:, :ans_len] = torch.where(valid, a, -100)
+        mask = (lat_t != -100) | (fast_t != -100) | (text_t != -100)
+        return {'ids': ids, 'mask': mask, 'latent': lat_t, 'fast': fast_t, 'text': text_t}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Named losses: 'flow', 'latent', 'fast', 'text' (those present) and 'total'."""
+        cfg = self.cfg
+        images = as_float_images(batch['images'])
+        b = images.shape[0]
+        has_actions = 'actions' in batch
+        is_robot = batch.get('is_robot')
+        if is_robot is None:
+            is_robot = torch.full((b,), has_actions, dtype=torch.bool)
+        is_robot = is_robot.to(images.device).bool()
+        if bool(is_robot.any()) and not has_actions:
+            raise ValueError("batch has robot samples but no 'actions'")
+        suffix = self._suffix(batch, is_robot)
+        out = self.backbone.forward_train(images, batch['text_ids'], batch['text_mask'],
+                                          suffix['ids'], suffix['mask'])
+        losses: dict[str, torch.Tensor] = {}
+        weights = {'flow': cfg.loss.flow_weight, 'latent': cfg.loss.latent_weight,
+                   'fast': cfg.loss.fast_weight, 'text': cfg.loss.text_weight}
+        for kind in ('latent', 'fast', 'text'):
+            if bool((suffix[kind] != -100).any()):
+                losses[kind] = masked_ce(out.logits, suffix[kind])
+        if bool(is_robot.any()):
+            losses['flow'] = self._flow_loss(batch, out, suffix, is_robot)
+        losses['total'] = sum(weights[k] * v for k, v in losses.items())
+        return losses
+
+    def _flow_loss(self, batch: dict, out, suffix: dict, is_robot: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        idx = is_robot.nonzero()[:, 0]
+        n_lat = cfg.tokens.latent_tokens
+        # expert keys: real prefix tokens + latent tokens; FAST (and answer) positions masked
+        key_mask = out.mask.clone()
+        key_mask[:, out.prefix_len + n_lat:] = False
+        kv = [(k[idx], v[idx]) for k, v in out.kv]
+        feats = None if out.features is None else out.features[idx]
+        summ = None if out.summary is None else out.summary[idx]
+        ctx = self.expert_context(kv, key_mask[idx], feats, summ,
+                                  insulate=cfg.loss.knowledge_insulation)
+        actions = batch['actions'][idx].float()                       # (b, H, A)
+        state = batch['state'][idx].float()                           # (b, Ds)
+        noise = batch.get('noise')
+        noise = torch.randn_like(actions) if noise is None else noise[idx].float()
+        t = batch.get('time')
+        t = sample_flow_time(len(idx), cfg, actions.device) if t is None else t[idx].float()
+        x_t, target = flow_targets(actions, noise, t)
+        v = self.expert(state, x_t, t, ctx)
+        err = F.mse_loss(v.float(), target, reduction='none')          # (b, H, A)
+        dims = torch.zeros(err.shape[-1], device=err.device)
+        dims[:cfg.robot_action_dim] = 1.0                             # padded dims carry no loss
+        steps = batch.get('action_mask')
+        steps = torch.ones(err.shape[:2], device=err.device) if steps is None \
+            else steps[idx].float()
+        w = steps[..., None] * dims
+        return (err * w).sum() / w.sum().clamp(min=1.0)
