@@ -36,13 +36,13 @@ def commanded_gripper(t: np.ndarray | float) -> np.ndarray:
     return np.where(np.atleast_1d(t) >= GRIPPER_AT, 0.02, 0.08)
 
 
-def _stamp(t: float) -> object:
-    ns = T0_NS + round(t * 1e9)
+def _stamp(t: float, clock_ns: int = T0_NS) -> object:
+    ns = clock_ns + round(t * 1e9)
     return bags.make_message('builtin_interfaces/msg/Time', sec=ns // 10**9, nanosec=ns % 10**9)
 
 
-def _header(t: float, frame: str = '') -> object:
-    return bags.make_message('std_msgs/msg/Header', stamp=_stamp(t), frame_id=frame)
+def _header(t: float, frame: str = '', clock_ns: int = T0_NS) -> object:
+    return bags.make_message('std_msgs/msg/Header', stamp=_stamp(t, clock_ns), frame_id=frame)
 
 
 def _duration(s: float) -> object:
@@ -62,8 +62,13 @@ def frame_image(t: float, cam_level: int, h: int = 48, w: int = 64) -> np.ndarra
 
 def write_synthetic_bag(path: Path, success: bool = True, js_rate: float = 200.0,
                         cam_rate: float = 30.0, instruction: str = 'put the red cube in the bowl',
-                        with_trajectory: bool = True) -> Path:
-    """Write one episode bag; returns its path."""
+                        with_trajectory: bool = True, sim_clock: bool = False) -> Path:
+    """Write one episode bag; returns its path.
+
+    sim_clock: messages are stamped on a simulator clock starting at 100 s while the bag's
+    receive times stay on wall time, and the trajectory is stamped 0 ("start now").
+    """
+    stamp_clock = 100 * 10**9 if sim_clock else T0_NS
     writer = bags.BagWriter(path)
     store = bags.typestore()
     names = [*ROBOT.arm_joint_names, *ROBOT.finger_joint_names]
@@ -95,7 +100,7 @@ def write_synthetic_bag(path: Path, success: bool = True, js_rate: float = 200.0
         last_t = t
         if kind == 'js':
             put('/joint_states', 'sensor_msgs/msg/JointState', t, bags.make_message(
-                'sensor_msgs/msg/JointState', header=_header(t), name=names,
+                'sensor_msgs/msg/JointState', header=_header(t, clock_ns=stamp_clock), name=names,
                 position=np.array([*q, width / 2, width / 2]), velocity=np.zeros(0),
                 effort=np.zeros(0)))
         elif kind == 'cam':
@@ -103,7 +108,7 @@ def write_synthetic_bag(path: Path, success: bool = True, js_rate: float = 200.0
                                  ('/wrist_camera/color/image_raw', 200)):
                 img = frame_image(t, level)
                 put(topic, 'sensor_msgs/msg/Image', t + 0.002, bags.make_message(
-                    'sensor_msgs/msg/Image', header=_header(t, topic.split('/')[1]),
+                    'sensor_msgs/msg/Image', header=_header(t, topic.split('/')[1], stamp_clock),
                     height=img.shape[0], width=img.shape[1], encoding='rgb8', is_bigendian=0,
                     step=img.shape[1] * 3, data=img.reshape(-1)))
         elif kind == 'traj':
@@ -113,12 +118,16 @@ def write_synthetic_bag(path: Path, success: bool = True, js_rate: float = 200.0
                 effort=np.zeros(0), time_from_start=_duration(tf))
                 for d, tf in zip(TRAJ_DELTA, TRAJ_TIMES, strict=True)]
             put('/fr3_arm_controller/joint_trajectory', 'trajectory_msgs/msg/JointTrajectory',
-                t, bags.make_message('trajectory_msgs/msg/JointTrajectory', header=_header(t),
+                t, bags.make_message('trajectory_msgs/msg/JointTrajectory',
+                                     header=_header(t, clock_ns=stamp_clock) if not sim_clock
+                                     else bags.make_message('std_msgs/msg/Header',
+                                                            stamp=_stamp(0, 0), frame_id=''),
                                      joint_names=list(ROBOT.arm_joint_names), points=points))
         elif kind == 'grip':
             put('/vla/gripper_command', 'iflybot_vla_msgs/msg/GripperCommand', t,
-                bags.make_message('iflybot_vla_msgs/msg/GripperCommand', header=_header(t),
-                                  width=0.02, speed=0.1, force=20.0, grasp=True))
+                bags.make_message('iflybot_vla_msgs/msg/GripperCommand',
+                                  header=_header(t, clock_ns=stamp_clock), width=0.02, speed=0.1,
+                                  force=20.0, grasp=True))
     put(bags.EPISODE_INFO_TOPIC, bags.EPISODE_INFO_TYPE, DURATION, bags.episode_info_message(
         {'episode_id': path.name, 'task': 'pick_place', 'instruction': instruction,
          'success': success, 'operator_name': 'expert', 'robot': 'fr3_sim',

@@ -35,6 +35,14 @@ def test_action_at_frame_t_is_the_commanded_target_one_frame_ahead(tmp_path):
     assert np.abs(ep.state[:, :7] - ep.action[:, :7]).max() > 0.01
 
 
+def test_unstamped_trajectory_on_a_sim_clock_is_aligned_by_receive_time(tmp_path):
+    # Stamps on the simulator's clock, receive times on wall time, trajectory stamped 0 (now).
+    bag = write_synthetic_bag(tmp_path / 'ep0', sim_clock=True)
+    ep, _ = bag_to_episode(bag, ConvertConfig(fps=FPS, action_source='command'))
+    t = 0.003 + np.arange(ep.length) / FPS
+    np.testing.assert_allclose(ep.action[:, :7], commanded(t + 1 / FPS), atol=1e-6)
+
+
 def test_state_is_interpolated_joint_states_and_images_are_picked_by_stamp(tmp_path):
     bag = write_synthetic_bag(tmp_path / 'ep0', js_rate=50.0)
     ep, _ = bag_to_episode(bag, ConvertConfig(fps=FPS))

@@ -118,10 +118,11 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
     """First pass over a bag: everything but the image pixels."""
     topics = {config.joint_states_topic, config.trajectory_topic, config.gripper_topic,
               config.instruction_topic, bags.EPISODE_INFO_TOPIC, *config.cameras}
-    js: list[tuple[int, np.ndarray]] = []
-    images: dict[str, list[int]] = {cam: [] for cam in config.cameras.values()}
-    trajs: list[tuple[int, Any]] = []
-    grips: list[tuple[int, float]] = []
+    # (header stamp, receive time) pairs, resolved to one clock after the pass
+    js: list[tuple[tuple[int, int], np.ndarray]] = []
+    images: dict[str, list[tuple[int, int]]] = {cam: [] for cam in config.cameras.values()}
+    trajs: list[tuple[tuple[int, int], Any]] = []
+    grips: list[tuple[tuple[int, int], float]] = []
     info: dict[str, Any] = {}
     instruction = ''
     arm_index = {n: i for i, n in enumerate(arm_joints)}
@@ -129,7 +130,7 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
     for m in bags.read_messages(bag, topics):
         if m.topic in config.cameras:
             stamp = _header_stamp_from_cdr(m.data)
-            images[config.cameras[m.topic]].append(stamp or m.timestamp_ns)
+            images[config.cameras[m.topic]].append((stamp, m.timestamp_ns))
             continue
         msg = m.decode()
         if m.topic == config.joint_states_topic:
@@ -138,12 +139,12 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
                 continue
             width = sum(pos[n] for n in finger_joints) if all(
                 n in pos for n in finger_joints) else np.nan
-            js.append((_stamp_ns(msg.header.stamp) or m.timestamp_ns,
+            js.append(((_stamp_ns(msg.header.stamp), m.timestamp_ns),
                        np.array([*(pos[n] for n in arm_joints), width])))
         elif m.topic == config.trajectory_topic:
-            trajs.append((_stamp_ns(msg.header.stamp) or m.timestamp_ns, msg))
+            trajs.append(((_stamp_ns(msg.header.stamp), m.timestamp_ns), msg))
         elif m.topic == config.gripper_topic:
-            grips.append((_stamp_ns(msg.header.stamp) or m.timestamp_ns, float(msg.width)))
+            grips.append(((_stamp_ns(msg.header.stamp), m.timestamp_ns), float(msg.width)))
         elif m.topic == config.instruction_topic:
             instruction = msg.data
         elif m.topic == bags.EPISODE_INFO_TOPIC:
@@ -158,7 +159,16 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
         if not stamps:
             topic = next(t for t, c in config.cameras.items() if c == cam)
             raise ConversionError(f'{bag}: no images on {topic} (camera {cam})')
-    js.sort(key=lambda x: x[0])
+    # Messages without a stamp (a JointTrajectory stamped 0 means "now") take their receive
+    # time, moved onto the stamp clock by the median receive delay of the joint states: the
+    # recorder may run on wall time while the simulator stamps with sim time.
+    stamped = [(s, r) for (s, r), _ in js if s]
+    delay = int(np.median([r - s for s, r in stamped])) if stamped else 0
+    when = lambda sr: sr[0] or sr[1] - delay  # noqa: E731
+    js = sorted(((when(sr), q) for sr, q in js), key=lambda x: x[0])
+    images = {cam: [when(sr) for sr in v] for cam, v in images.items()}
+    trajs = [(when(sr), msg) for sr, msg in trajs]
+    grips = [(when(sr), w) for sr, w in grips]
     origin = js[0][0]
     to_s = lambda ns: (np.asarray(ns, dtype=np.int64) - origin) / 1e9  # noqa: E731
     js_q = np.stack([q for _, q in js])
