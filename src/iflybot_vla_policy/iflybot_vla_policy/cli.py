@@ -22,6 +22,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('up', 'iflybot_vla_policy.up_cmd', 'start a node graph (sim, record) without ros2 launch'),
     ('bag2dataset', 'iflybot_vla_policy.bag2dataset_cmd', 'bags -> LeRobot v3.0 dataset'),
     ('bag-repair', 'iflybot_vla_policy.bag_repair_cmd', 'recover bags cut off by a crash'),
+    ('gen-demos', 'iflybot_vla_policy.gen_demos_cmd', 'expert demos from the sim -> dataset'),
+    ('train', 'iflybot_vla_policy.train_cmd', 'train a stage: lam, fast or vla (accelerate)'),
 ]
 
 

@@ -1,0 +1,226 @@
+"""`iflybot up` with real processes: real rclpy nodes over DDS started from a graph YAML."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from bringup_testing import (
+    TEST_PACKAGE,
+    ament_prefix_fixture,  # noqa: F401 (a fixture)
+    read_report,
+    wait_for,
+)
+
+from iflybot_bringup import graph as graph_mod
+from iflybot_bringup import runner
+
+pytestmark = pytest.mark.ros
+
+
+def _dummy(name: str, report: Path, **fields: object) -> dict[str, object]:
+    params = dict(fields.pop('params', {}) or {})
+    params['report'] = str(report)
+    return {'name': name, 'package': TEST_PACKAGE, 'executable': 'dummy_node',
+            'params': params, **fields}
+
+
+def _write_graph(path: Path, nodes: list[dict[str, object]],
+                 args: dict[str, object] | None = None) -> Path:
+    path.write_text(yaml.safe_dump({'description': 'test graph', 'args': args or {},
+                                    'nodes': nodes}))
+    return path
+
+
+class Up:
+    """`iflybot up GRAPH` in a subprocess, its output in a file."""
+
+    def __init__(self, graph: Path, tmp_path: Path, *overrides: str) -> None:
+        self.log = tmp_path / 'up.log'
+        self._file = self.log.open('w')
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'iflybot_vla_policy.cli', 'up', str(graph), *overrides],
+            stdout=self._file, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def interrupt_and_wait(self) -> tuple[int, float]:
+        """Ctrl-C: SIGINT to the runner; returns its exit status and how long it took."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=20)
+        return code, time.monotonic() - t0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._file.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_nodes_get_name_namespace_parameters_and_remaps_and_ctrl_c_ends_all_cleanly(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    params_file = tmp_path / 'params.yaml'
+    params_file.write_text(yaml.safe_dump({'/**': {'ros__parameters': {'count': 7,
+                                                                       'label': 'file'}}}))
+    a, b = tmp_path / 'a.json', tmp_path / 'b.json'
+    graph = _write_graph(tmp_path / 'g.yaml', args={
+        'words': {'default': 'pick up the red cube'},
+        'flag': {'default': True, 'type': 'bool'},
+        'empty': {'default': ''},
+    }, nodes=[
+        _dummy('alpha', a, params_files=[str(params_file)],
+               params={'label': '$(arg words)', 'flag': '$(arg flag)', 'ratio': 0.5,
+                       'values': [1.5, 2.5]},
+               remaps={'chatter': '/remapped/chatter'}),
+        _dummy('beta', b, namespace='team', params={'label': '$(arg empty)', 'count': 3}),
+    ])
+    up = Up(graph, tmp_path, 'flag:=false')
+    try:
+        assert wait_for(lambda: read_report(a) and read_report(b), timeout=60), up.output()
+        ra, rb = read_report(a), read_report(b)
+        assert (ra['name'], ra['namespace']) == ('alpha', '/')
+        assert (rb['name'], rb['namespace']) == ('beta', '/team')
+        # the params file gives count; inline params win over it (they come later)
+        assert ra['params']['count'] == 7
+        assert ra['params']['label'] == 'pick up the red cube'
+        assert ra['params']['flag'] is False
+        assert ra['params']['ratio'] == 0.5 and ra['params']['values'] == [1.5, 2.5]
+        assert ra['chatter'] == '/remapped/chatter'
+        assert rb['params']['label'] == '' and rb['params']['count'] == 3
+        assert rb['chatter'] == '/team/chatter'
+        assert wait_for(lambda: "graph 'g' is up" in up.output(), timeout=30), up.output()
+        code, seconds = up.interrupt_and_wait()
+        out = up.output()
+        assert code == 0, out
+        assert seconds < 5.0, out
+        assert read_report(a)['events'][-1] == 'clean shutdown'
+        assert read_report(b)['events'][-1] == 'clean shutdown'
+        assert '[alpha' in out and '[beta' in out   # node logs come prefixed
+    finally:
+        up.close()
+
+
+def test_a_node_that_ignores_sigint_is_killed_and_shutdown_stays_under_5_s(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    stubborn, slow = tmp_path / 'stubborn.json', tmp_path / 'slow.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('stubborn', stubborn, params={'ignore_sigint': True}),
+        # finalises for 1 s after SIGINT (as a recorder closing its bag) and must not be cut off
+        _dummy('slow', slow, params={'shutdown_delay': 1.0}),
+    ])
+    up = Up(graph, tmp_path)
+    try:
+        assert wait_for(lambda: read_report(stubborn) and read_report(slow), timeout=60)
+        assert wait_for(lambda: "graph 'g' is up" in up.output(), timeout=30), up.output()
+        pids = [int(line.rsplit('pid ', 1)[1].rstrip(')'))
+                for line in up.output().splitlines() if '(pid ' in line]
+        assert len(pids) == 2
+        code, seconds = up.interrupt_and_wait()
+        out = up.output()
+        assert code == 0, out
+        assert seconds < 5.0, out
+        assert 'SIGTERM to stubborn' in out
+        assert read_report(slow)['events'][-1] == 'clean shutdown', out
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        up.close()
+
+
+def test_death_of_a_required_node_ends_the_graph_with_nonzero_exit(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    crash, other, optional = tmp_path / 'crash.json', tmp_path / 'other.json', tmp_path / 'o.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('optional', optional, required=False,
+               params={'exit_after': 0.2, 'exit_code': 4}),
+        _dummy('crasher', crash, params={'exit_after': 3.0, 'exit_code': 3}),
+        _dummy('bystander', other),
+    ])
+    up = Up(graph, tmp_path)
+    try:
+        code = up.proc.wait(timeout=60)
+        out = up.output()
+        assert code == 1, out
+        assert 'required node crasher exited with code 3' in out
+        # the optional node's exit did not end the graph; the crash did, and stopped the rest
+        assert read_report(optional)['events'][-1] == 'exit 4'
+        assert read_report(crash)['events'][-1] == 'exit 3'
+        assert read_report(other)['events'][-1] == 'clean shutdown'
+    finally:
+        up.close()
+
+
+def test_lifecycle_nodes_with_autostart_are_configured_and_activated(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    managed, manual = tmp_path / 'managed.json', tmp_path / 'manual.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('managed', managed, lifecycle=True, arguments=['--lifecycle']),
+        _dummy('manual', manual, lifecycle=True, autostart=False, arguments=['--lifecycle']),
+    ])
+    up = Up(graph, tmp_path)
+    try:
+        assert wait_for(lambda: '/managed is active' in up.output(), timeout=60), up.output()
+        assert read_report(managed)['events'][:3] == ['started', 'configure', 'activate']
+        assert read_report(manual)['events'] == ['started']
+        code, _ = up.interrupt_and_wait()
+        assert code == 0, up.output()
+    finally:
+        up.close()
+
+
+def test_failed_configure_of_a_required_lifecycle_node_fails_the_graph(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    report = tmp_path / 'r.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('broken', report, lifecycle=True, arguments=['--lifecycle'],
+               params={'fail_configure': True})])
+    up = Up(graph, tmp_path)
+    try:
+        code = up.proc.wait(timeout=60)
+        out = up.output()
+        assert code == 1, out
+        assert 'lifecycle node broken: configure failed' in out
+        assert read_report(report)['events'][-1] == 'clean shutdown'
+    finally:
+        up.close()
+
+
+def test_up_franka_stops_before_starting_anything_and_points_to_docker(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if graph_mod.package_share('franka_bringup') is not None:
+        pytest.skip('franka_ros2 is installed here: the franka graph needs ros2 launch anyway')
+    code = runner.up('franka', ['robot_ip:=10.0.0.2'])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert 'franka_bringup/launch/franka.launch.py' in err
+    assert 'moveit_servo' in err and 'docker' in err
+
+
+def test_a_missing_parameter_file_is_named_before_anything_starts(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('alpha', tmp_path / 'a.json', params_files=['config/not_there.yaml'])])
+    with pytest.raises(runner.PreflightError, match=r'alpha: parameter file .*not_there.yaml'):
+        runner.preflight(graph_mod.resolve(graph_mod.load_graph(graph)))
+    assert not (tmp_path / 'a.json').exists()
+
+
+@pytest.mark.parametrize('value, text', [
+    ('', "''"), ('true', "'true'"), ('pick up the cube', 'pick up the cube'), (True, 'true'),
+    (3, '3'), (0.25, '0.25'), ([1.5, 2.0], '[1.5, 2.0]'), ('1.0', "'1.0'")])
+def test_parameter_values_are_written_as_rcl_parses_them(value: object, text: str) -> None:
+    assert runner.format_param(value) == text
