@@ -1,0 +1,272 @@
+"""Joint trajectory following with ros2_controllers' JointTrajectoryController (JTC) semantics.
+
+Pure numpy, no MuJoCo: the simulator samples `TrajectoryController.sample(t)` every control step
+and tracks the desired state. What matches JTC:
+
+- joints may come in any order; unknown, duplicate or missing joints are rejected;
+- `time_from_start` must increase strictly; sizes must match; NaN/inf are rejected; the last
+  point must have zero velocity unless `allow_nonzero_velocity_at_trajectory_end`;
+  a trajectory that ends in the past is rejected;
+- start time 0 means now; a later start time keeps the running trajectory until then;
+- a new trajectory replaces the running one from its start time on (no queueing), interpolating
+  from the desired state at that instant, so position and velocity stay continuous;
+- interpolation per segment: linear (positions only), cubic Hermite (positions + velocities) or
+  quintic (positions + velocities + accelerations); after the last point the position is held.
+
+Beyond JTC (safer for a real arm): positions outside the joint limits are rejected, and points
+at or before the activation time are skipped instead of jumped to.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class TrajectoryError(ValueError):
+    """A trajectory was rejected; the message is the reason (logged by the sim node)."""
+
+
+@dataclass(frozen=True)
+class JointTrajectory:
+    """A trajectory message in numpy form (validated by `make_trajectory`)."""
+
+    joint_names: tuple[str, ...]
+    times: np.ndarray                  # (n_points,) time_from_start in s, strictly increasing
+    positions: np.ndarray              # (n_points, n_joints) rad
+    velocities: np.ndarray | None      # (n_points, n_joints) rad/s, or None
+    accelerations: np.ndarray | None   # (n_points, n_joints) rad/s^2, or None
+    start_time: float = 0.0            # absolute time on the controller's clock; 0 = now
+
+
+def _stack(name: str, rows: Sequence[Sequence[float]] | np.ndarray | None, n_points: int,
+           n_joints: int) -> np.ndarray | None:
+    """Per-point rows -> (n_points, n_joints); empty means absent; sizes must agree."""
+    if rows is None:
+        return None
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        arr = rows.astype(np.float64)
+        if arr.shape != (n_points, n_joints):
+            raise TrajectoryError(f'{name} has shape {arr.shape}, expected '
+                                  f'({n_points}, {n_joints})')
+    else:
+        rows = [list(r) for r in rows]
+        lengths = {len(r) for r in rows}
+        if lengths <= {0}:
+            return None
+        if len(rows) != n_points:
+            raise TrajectoryError(f'{name} given for {len(rows)} of {n_points} points')
+        for k, row in enumerate(rows):
+            if len(row) != n_joints:
+                raise TrajectoryError(f'point {k}: {len(row)} {name} for {n_joints} joints')
+        arr = np.asarray(rows, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        k, j = np.argwhere(~np.isfinite(arr))[0]
+        raise TrajectoryError(f'point {k}: {name} of joint {j} is not finite ({arr[k, j]})')
+    return arr
+
+
+def make_trajectory(joint_names: Sequence[str], times: Sequence[float] | np.ndarray,
+                    positions: Sequence[Sequence[float]] | np.ndarray,
+                    velocities: Sequence[Sequence[float]] | np.ndarray | None = None,
+                    accelerations: Sequence[Sequence[float]] | np.ndarray | None = None,
+                    start_time: float = 0.0) -> JointTrajectory:
+    """Check structure (sizes, finiteness, strictly increasing times); raises TrajectoryError."""
+    names = tuple(joint_names)
+    if not names:
+        raise TrajectoryError('no joint names')
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise TrajectoryError(f'duplicate joint names {duplicates}')
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    if t.size == 0:
+        raise TrajectoryError('empty trajectory (no points)')
+    if not np.all(np.isfinite(t)):
+        raise TrajectoryError('time_from_start is not finite')
+    if t[0] < 0.0:
+        raise TrajectoryError(f'time_from_start of point 0 is negative ({t[0]})')
+    bad = np.nonzero(np.diff(t) <= 0.0)[0]
+    if bad.size:
+        k = int(bad[0]) + 1
+        raise TrajectoryError(f'time_from_start must increase strictly: point {k} at '
+                              f'{t[k]:.6g} s is not after point {k - 1} at {t[k - 1]:.6g} s')
+    if not math.isfinite(start_time):
+        raise TrajectoryError(f'start time is not finite ({start_time})')
+    n, m = t.size, len(names)
+    pos = _stack('positions', positions, n, m)
+    if pos is None:
+        raise TrajectoryError('points have no positions')
+    vel = _stack('velocities', velocities, n, m)
+    acc = _stack('accelerations', accelerations, n, m)
+    if acc is not None and vel is None:
+        raise TrajectoryError('accelerations given without velocities')
+    return JointTrajectory(names, t, pos, vel, acc, float(start_time))
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    positions: np.ndarray      # (n_joints,)
+    velocities: np.ndarray     # (n_joints,)
+    accelerations: np.ndarray  # (n_joints,)
+
+
+class _Spline:
+    """Piecewise polynomial through knots at absolute times; holds the last knot afterwards."""
+
+    def __init__(self, times: np.ndarray, pos: np.ndarray, vel: np.ndarray | None,
+                 acc: np.ndarray | None) -> None:
+        self.times, self.pos, self.vel, self.acc = times, pos, vel, acc  # (K,), (K, n) ...
+
+    @property
+    def end_time(self) -> float:
+        return float(self.times[-1])
+
+    def sample(self, t: float) -> DesiredState:
+        times, pos = self.times, self.pos
+        zeros = np.zeros(pos.shape[1])
+        if t >= times[-1] or len(times) == 1:
+            return DesiredState(pos[-1].copy(), zeros, zeros.copy())
+        if t <= times[0]:
+            vel = self.vel[0].copy() if self.vel is not None else zeros
+            acc = self.acc[0].copy() if self.acc is not None else zeros.copy()
+            return DesiredState(pos[0].copy(), vel, acc)
+        k = int(np.searchsorted(times, t, side='right')) - 1
+        h = float(times[k + 1] - times[k])
+        s = (t - float(times[k])) / h
+        p0, p1 = pos[k], pos[k + 1]
+        if self.vel is None:
+            v = (p1 - p0) / h
+            return DesiredState(p0 + s * (p1 - p0), v, zeros)
+        v0, v1 = self.vel[k] * h, self.vel[k + 1] * h   # in units of the normalised time s
+        if self.acc is None:
+            c2 = 3 * (p1 - p0) - 2 * v0 - v1
+            c3 = 2 * (p0 - p1) + v0 + v1
+            p = p0 + s * (v0 + s * (c2 + s * c3))
+            dp = v0 + s * (2 * c2 + 3 * s * c3)
+            ddp = 2 * c2 + 6 * s * c3
+        else:
+            a0, a1 = self.acc[k] * h * h, self.acc[k + 1] * h * h
+            d = p1 - p0 - v0 - a0 / 2
+            e = v1 - v0 - a0
+            f = a1 - a0
+            c3 = 10 * d - 4 * e + f / 2
+            c4 = -15 * d + 7 * e - f
+            c5 = 6 * d - 3 * e + f / 2
+            p = p0 + s * (v0 + s * (a0 / 2 + s * (c3 + s * (c4 + s * c5))))
+            dp = v0 + s * (a0 + s * (3 * c3 + s * (4 * c4 + 5 * s * c5)))
+            ddp = a0 + s * (6 * c3 + s * (12 * c4 + 20 * s * c5))
+        return DesiredState(p, dp / h, ddp / (h * h))
+
+
+class TrajectoryController:
+    """Desired joint state over time from a stream of trajectories (JTC semantics, see module)."""
+
+    def __init__(self, joint_names: Sequence[str], q_min: np.ndarray, q_max: np.ndarray,
+                 initial_positions: np.ndarray, now: float = 0.0,
+                 allow_nonzero_velocity_at_trajectory_end: bool = False,
+                 limit_tolerance: float = 1e-6) -> None:
+        self.joint_names = tuple(joint_names)
+        self._q_min = np.asarray(q_min, dtype=np.float64)   # (n_joints,)
+        self._q_max = np.asarray(q_max, dtype=np.float64)
+        self._allow_nonzero_end = allow_nonzero_velocity_at_trajectory_end
+        self._tol = limit_tolerance
+        self._active = self._hold_spline(np.asarray(initial_positions, np.float64), now)
+        self._pending: list[tuple[float, JointTrajectory]] = []   # (activation time, traj)
+        self._last_time = now
+        self._moving_anchor: tuple[float, DesiredState] | None = None
+
+    @staticmethod
+    def _hold_spline(q: np.ndarray, t: float) -> _Spline:
+        return _Spline(np.array([t]), q[None].copy(), None, None)
+
+    def hold(self, positions: np.ndarray, now: float,
+             moving: DesiredState | None = None) -> None:
+        """Drop all trajectories and hold `positions` (on reset, or when Servo hands over).
+
+        `moving`: the reference at `now` if it is not at rest; a trajectory activated at `now`
+        then starts from its velocity and acceleration instead of from rest.
+        """
+        self._active = self._hold_spline(np.asarray(positions, np.float64), now)
+        self._pending.clear()
+        self._last_time = now
+        self._moving_anchor = (now, moving) if moving is not None else None
+
+    def validate(self, traj: JointTrajectory, now: float) -> str | None:
+        """The reason JTC (plus our limit check) would reject `traj`, or None if acceptable."""
+        unknown = [n for n in traj.joint_names if n not in self.joint_names]
+        if unknown:
+            return f'unknown joint(s) {unknown}; this controller has {list(self.joint_names)}'
+        missing = [n for n in self.joint_names if n not in traj.joint_names]
+        if missing:
+            return f'missing joint(s) {missing} (partial goals are not allowed)'
+        order = [traj.joint_names.index(n) for n in self.joint_names]
+        pos = traj.positions[:, order]
+        low = pos < self._q_min - self._tol
+        high = pos > self._q_max + self._tol
+        if np.any(low | high):
+            k, j = np.argwhere(low | high)[0]
+            return (f'point {k}: position {pos[k, j]:.4f} of {self.joint_names[j]} is outside '
+                    f'its limits [{self._q_min[j]:.4f}, {self._q_max[j]:.4f}]')
+        if traj.velocities is not None and not self._allow_nonzero_end:
+            last = traj.velocities[-1]
+            if np.any(last != 0.0):
+                j = int(np.nonzero(last)[0][0])
+                return (f'velocity of the last point is not zero for {traj.joint_names[j]} '
+                        f'({last[j]:.4g}); allow_nonzero_velocity_at_trajectory_end is false')
+        start = traj.start_time if traj.start_time > 0.0 else now
+        if start + traj.times[-1] <= now:
+            return (f'trajectory ends in the past (start {start:.3f} s + '
+                    f'{traj.times[-1]:.3f} s <= now {now:.3f} s)')
+        return None
+
+    def set_trajectory(self, traj: JointTrajectory, now: float) -> str | None:
+        """Accept `traj` (returns None) or reject it (returns the reason, state unchanged)."""
+        reason = self.validate(traj, now)
+        if reason is not None:
+            return reason
+        activation = max(traj.start_time, now) if traj.start_time > 0.0 else now
+        self._pending = [(t, p) for t, p in self._pending if t < activation]
+        self._pending.append((activation, traj))
+        self._activate_due(now)
+        return None
+
+    def _activate_due(self, t: float) -> None:
+        while self._pending and self._pending[0][0] <= t:
+            activation, traj = self._pending.pop(0)
+            self._active = self._splice(traj, activation)
+
+    def _splice(self, traj: JointTrajectory, activation: float) -> _Spline:
+        """Knots: the desired state at activation, then the points after activation."""
+        anchor = self._active.sample(activation)
+        if self._moving_anchor is not None and self._moving_anchor[0] == activation:
+            anchor = self._moving_anchor[1]
+        self._moving_anchor = None
+        order = [traj.joint_names.index(n) for n in self.joint_names]
+        start = traj.start_time if traj.start_time > 0.0 else activation
+        abs_times = start + traj.times
+        keep = abs_times > activation + 1e-9
+        times = np.concatenate([[activation], abs_times[keep]])
+        pos = np.vstack([anchor.positions, traj.positions[keep][:, order]])
+        vel = acc = None
+        if traj.velocities is not None:
+            vel = np.vstack([anchor.velocities, traj.velocities[keep][:, order]])
+        if traj.accelerations is not None:
+            acc = np.vstack([anchor.accelerations, traj.accelerations[keep][:, order]])
+        return _Spline(times, pos, vel, acc)
+
+    def sample(self, t: float) -> DesiredState:
+        """Desired positions, velocities, accelerations (each (n_joints,)) at time t."""
+        self._activate_due(t)
+        self._last_time = t
+        return self._active.sample(t)
+
+    @property
+    def end_time(self) -> float:
+        """When the running trajectory (or the last pending one) reaches its last point."""
+        if self._pending:
+            activation, traj = self._pending[-1]
+            start = traj.start_time if traj.start_time > 0.0 else activation
+            return start + float(traj.times[-1])
+        return self._active.end_time
