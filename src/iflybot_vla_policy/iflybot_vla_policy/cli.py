@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: list[tuple[str, str, str]] = [
     ('doctor', 'iflybot_vla_policy.doctor',
      'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
+    ('sim', 'iflybot_vla_policy.sim_cmd', 'MuJoCo FR3 sim node; --snapshot DIR; --expert-eval N'),
     ('bench', 'iflybot_vla_policy.bench_cmd',
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
     ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
