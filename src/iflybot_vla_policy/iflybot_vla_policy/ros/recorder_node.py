@@ -1,0 +1,182 @@
+"""`iflybot_recorder`: records the configured topics to one rosbag2 MCAP bag per episode.
+
+Services: `~/start_episode` (StartEpisode), `~/stop_episode` (StopEpisode),
+`~/discard_episode` (std_srvs/Trigger). Subscriptions are raw (CDR bytes straight from the
+middleware, never deserialised) and created from type names in the `topics` parameter
+('TOPIC:pkg/msg/Type' or 'TOPIC:pkg/msg/Type:best_effort'). The callbacks only enqueue; the
+bag is written by `EpisodeRecorder`'s thread. SIGINT/SIGTERM finalise the open episode.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from iflybot_vla_msgs.srv import StartEpisode, StopEpisode
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_srvs.srv import Trigger
+
+from iflybot_vla_policy.data.bags import check_msgtype
+from iflybot_vla_policy.data.episode_recorder import (
+    EpisodeRecorder,
+    RecorderConfig,
+    RecorderError,
+)
+
+DEFAULT_TOPICS = [
+    '/joint_states:sensor_msgs/msg/JointState',
+    '/scene_camera/color/image_raw:sensor_msgs/msg/Image',
+    '/scene_camera/color/camera_info:sensor_msgs/msg/CameraInfo',
+    '/wrist_camera/color/image_raw:sensor_msgs/msg/Image',
+    '/wrist_camera/color/camera_info:sensor_msgs/msg/CameraInfo',
+    '/fr3_arm_controller/joint_trajectory:trajectory_msgs/msg/JointTrajectory',
+    '/servo_node/delta_twist_cmds:geometry_msgs/msg/TwistStamped',
+    '/vla/gripper_command:iflybot_vla_msgs/msg/GripperCommand',
+    '/vla/instruction:std_msgs/msg/String',
+    '/vla/action_chunk:iflybot_vla_msgs/msg/ActionChunk',
+    '/sim/task_success:std_msgs/msg/Bool',
+]
+
+
+def parse_topic_spec(spec: str) -> tuple[str, str, bool]:
+    """'TOPIC:pkg/msg/Type[:best_effort|:reliable]' -> (topic, type, best_effort)."""
+    parts = spec.split(':')
+    if len(parts) not in (2, 3) or not parts[0].startswith('/'):
+        raise ValueError(f"topics entry {spec!r} must be 'TOPIC:pkg/msg/Type' with an "
+                         "optional ':best_effort'")
+    reliability = parts[2] if len(parts) == 3 else 'reliable'
+    if reliability not in ('reliable', 'best_effort'):
+        raise ValueError(f"topics entry {spec!r}: QoS must be 'reliable' or 'best_effort'")
+    try:
+        msgtype = check_msgtype(parts[1])
+    except ValueError as err:
+        raise ValueError(f'topics entry {spec!r}: {err}') from err
+    return parts[0], msgtype, reliability == 'best_effort'
+
+
+def import_message(msgtype: str) -> Any:
+    """'sensor_msgs/msg/Image' -> the rclpy message class."""
+    package, _, name = msgtype.split('/')
+    try:
+        return getattr(importlib.import_module(f'{package}.msg'), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f'cannot import message type {msgtype}: {err}') from err
+
+
+class RecorderNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('iflybot_recorder', **kwargs)
+        d = lambda text: ParameterDescriptor(description=text)  # noqa: E731
+        self.declare_parameter('output_dir', 'recordings',
+                               d('directory holding one bag per episode and episodes.jsonl'))
+        self.declare_parameter('topics', DEFAULT_TOPICS,
+                               d("'TOPIC:pkg/msg/Type[:best_effort]' entries to record"))
+        self.declare_parameter('compression', 'none', d("'none' or 'zstd' (per MCAP chunk)"))
+        self.declare_parameter('min_free_disk_gb', 2.0,
+                               d('refuse to start an episode below this much free disk'))
+        self.declare_parameter('queue_size', 2000, d('messages waiting for the writer thread'))
+        self.declare_parameter('queue_max_mb', 1024.0, d('bytes waiting for the writer thread'))
+        self.declare_parameter('robot', 'fr3', d('robot identifier stored in EpisodeInfo'))
+        self.declare_parameter('qos_depth', 100, d('subscription history depth'))
+        p = lambda name: self.get_parameter(name).value  # noqa: E731
+        self.recorder = EpisodeRecorder(RecorderConfig(
+            root=Path(p('output_dir')).expanduser(), compression=p('compression'),
+            min_free_disk_gb=float(p('min_free_disk_gb')), queue_size=int(p('queue_size')),
+            queue_max_mb=float(p('queue_max_mb')), robot=p('robot')))
+        self.received = 0
+        self._subs = []
+        for spec in p('topics'):
+            topic, msgtype, best_effort = parse_topic_spec(spec)
+            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(p('qos_depth')),
+                             reliability=ReliabilityPolicy.BEST_EFFORT if best_effort
+                             else ReliabilityPolicy.RELIABLE)
+            self._subs.append(self.create_subscription(
+                import_message(msgtype), topic, self._callback(topic, msgtype), qos, raw=True))
+        self.create_service(StartEpisode, '~/start_episode', self._on_start)
+        self.create_service(StopEpisode, '~/stop_episode', self._on_stop)
+        self.create_service(Trigger, '~/discard_episode', self._on_discard)
+        self.get_logger().info(f'recording {len(self._subs)} topic(s) to '
+                               f'{self.recorder.config.root} on request')
+
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _callback(self, topic: str, msgtype: str):
+        put = self.recorder.put
+
+        def on_message(data: bytes) -> None:
+            if self.recorder.recording:
+                self.received += 1
+                put(topic, msgtype, self._now_ns(), data)
+        return on_message
+
+    def _on_start(self, request: Any, response: Any) -> Any:
+        try:
+            episode_id, path = self.recorder.start(
+                self._now_ns(), task=request.task, instruction=request.instruction,
+                operator_name=request.operator_name)
+        except (RecorderError, OSError) as err:
+            response.success, response.message = False, str(err)
+            self.get_logger().warning(f'start_episode refused: {err}')
+            return response
+        response.success, response.message = True, f'recording {episode_id}'
+        response.episode_id, response.path = episode_id, str(path)
+        self.get_logger().info(f'recording episode {episode_id} to {path}')
+        return response
+
+    def _on_stop(self, request: Any, response: Any) -> Any:
+        try:
+            result = self.recorder.stop(self._now_ns(), request.success, request.notes)
+        except RecorderError as err:
+            response.success, response.message = False, str(err)
+            return response
+        response.success = not result.error
+        response.message = result.summary()
+        response.path = str(result.path)
+        response.duration = result.duration
+        response.message_count = result.message_count
+        log = self.get_logger().warning if result.dropped or result.error \
+            else self.get_logger().info
+        log(f'episode {result.episode_id} ({"success" if request.success else "failure"}): '
+            f'{result.summary()}')
+        return response
+
+    def _on_discard(self, _request: Any, response: Any) -> Any:
+        try:
+            episode_id = self.recorder.discard()
+        except RecorderError as err:
+            response.success, response.message = False, str(err)
+            return response
+        response.success, response.message = True, f'discarded {episode_id}'
+        self.get_logger().info(f'discarded episode {episode_id}')
+        return response
+
+    def finalise(self, reason: str) -> None:
+        """Close the open episode (success=false) so its bag is complete; used on shutdown."""
+        if self.recorder.recording:
+            result = self.recorder.stop(self._now_ns(), False, reason)
+            print(f'iflybot_recorder: {reason}: finalised episode {result.episode_id}: '
+                  f'{result.summary()}', file=sys.stderr)
+
+
+def main(args: list[str] | None = None) -> None:
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)   # rclpy's handlers turn SIGINT and SIGTERM into a shutdown
+    node = RecorderNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.finalise('recorder shut down')
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
