@@ -1,0 +1,215 @@
+"""`iflybot_teleop`: keyboard (and SpaceMouse) teleoperation of the end effector.
+
+Publishes geometry_msgs/TwistStamped to MoveIt Servo's `/servo_node/delta_twist_cmds` (the
+simulator accepts the same topic) while a motion key is held, GripperCommand on the gripper
+toggle, and calls the recorder's `~/start_episode`, `~/stop_episode` and `~/discard_episode`.
+The terminal is put in cbreak mode (no echo, no line buffering) and restored on exit; without a
+terminal (e.g. under a launch file) only the SpaceMouse drives.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import select
+import sys
+import threading
+import time
+from typing import Any
+
+import rclpy
+from geometry_msgs.msg import TwistStamped
+from iflybot_vla_msgs.msg import GripperCommand
+from iflybot_vla_msgs.srv import StartEpisode, StopEpisode
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from std_srvs.srv import Trigger
+
+from iflybot_vla_policy.spacemouse import SpaceMouseReader, spacemouse_twist
+from iflybot_vla_policy.teleop import HELP, KeyboardTeleop, TeleopConfig
+
+
+class TeleopNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('iflybot_teleop', **kwargs)
+        d = lambda text: ParameterDescriptor(description=text)  # noqa: E731
+        defaults = TeleopConfig()
+        self.declare_parameter('twist_topic', '/servo_node/delta_twist_cmds',
+                               d('TwistStamped command topic (MoveIt Servo or the simulator)'))
+        self.declare_parameter('gripper_topic', '/vla/gripper_command', d('GripperCommand topic'))
+        self.declare_parameter('frame_id', 'fr3_link0', d('frame of the twist (robot base)'))
+        self.declare_parameter('rate_hz', 30.0, d('twist publishing rate while moving'))
+        self.declare_parameter('linear_speed', defaults.linear_speed, d('m/s per key'))
+        self.declare_parameter('angular_speed', defaults.angular_speed, d('rad/s per key'))
+        self.declare_parameter('key_hold_s', defaults.key_hold_s,
+                               d('a key counts as held this long after its last repeat'))
+        self.declare_parameter('gripper_open_width', defaults.gripper_open_width, d('m'))
+        self.declare_parameter('gripper_closed_width', defaults.gripper_closed_width, d('m'))
+        self.declare_parameter('gripper_force', 30.0, d('grasp force in N when closing'))
+        self.declare_parameter('recorder', '/iflybot_recorder', d('recorder node name'))
+        self.declare_parameter('task', 'teleop', d('task name stored with each episode'))
+        self.declare_parameter('instruction', '', d('instruction stored with each episode'))
+        self.declare_parameter('operator_name', 'operator', d('who is teleoperating'))
+        self.declare_parameter('spacemouse', 'auto', d("'auto' (use one if plugged in), 'on' "
+                                                       "(fail without one) or 'off'"))
+        p = lambda name: self.get_parameter(name).value  # noqa: E731
+        self.teleop = KeyboardTeleop(TeleopConfig(
+            linear_speed=float(p('linear_speed')), angular_speed=float(p('angular_speed')),
+            key_hold_s=float(p('key_hold_s')),
+            gripper_open_width=float(p('gripper_open_width')),
+            gripper_closed_width=float(p('gripper_closed_width'))))
+        self.frame_id = p('frame_id')
+        self.gripper_force = float(p('gripper_force'))
+        self.task, self.instruction = p('task'), p('instruction')
+        self.operator_name = p('operator_name')
+        self.twist_pub = self.create_publisher(TwistStamped, p('twist_topic'), 10)
+        self.gripper_pub = self.create_publisher(GripperCommand, p('gripper_topic'), 10)
+        recorder = p('recorder').rstrip('/')
+        self.start_client = self.create_client(StartEpisode, f'{recorder}/start_episode')
+        self.stop_client = self.create_client(StopEpisode, f'{recorder}/stop_episode')
+        self.discard_client = self.create_client(Trigger, f'{recorder}/discard_episode')
+        self.keys: queue.Queue[str] = queue.Queue()
+        self.quit_requested = threading.Event()
+        self.messages: list[str] = []      # status lines (also printed)
+        self._moving = False
+        mode = p('spacemouse')
+        if mode not in ('auto', 'on', 'off'):
+            raise ValueError(f"spacemouse must be 'auto', 'on' or 'off', got {mode!r}")
+        self.spacemouse = SpaceMouseReader() if mode != 'off' else None
+        if self.spacemouse is not None and not self.spacemouse.available:
+            if mode == 'on':
+                raise RuntimeError('spacemouse:=on but no 3Dconnexion device is readable '
+                                   '(/dev/hidraw* permissions? pyspacemouse not installed?)')
+            self.spacemouse = None
+        if self.spacemouse is not None:
+            self.say(f'SpaceMouse: {self.spacemouse.source}')
+        self.create_timer(1.0 / float(p('rate_hz')), self._tick)
+
+    def say(self, text: str) -> None:
+        self.messages.append(text)
+        print(text.replace('\n', '\r\n'), end='\r\n', flush=True)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                key = self.keys.get_nowait()
+            except queue.Empty:
+                break
+            self._on_event(self.teleop.press(key, now))
+        linear, angular = self.teleop.twist(now)
+        if self.spacemouse is not None:
+            sl, sa = spacemouse_twist(self.spacemouse.state, self.teleop.config,
+                                      self.teleop.scale)
+            linear, angular = linear + sl, angular + sa
+        moving = bool(linear.any() or angular.any())
+        if moving or self._moving:     # one zero twist after motion stops
+            msg = TwistStamped()
+            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.frame_id = self.frame_id
+            msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = map(float, linear)
+            msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = map(float, angular)
+            self.twist_pub.publish(msg)
+        self._moving = moving
+
+    def _on_event(self, event: str | None) -> None:
+        if event is None:
+            return
+        if event == 'toggle_gripper':
+            closing = not self.teleop.gripper_open
+            msg = GripperCommand(width=self.teleop.gripper_width, speed=0.1,
+                                 force=self.gripper_force, grasp=closing)
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self.gripper_pub.publish(msg)
+            self.say('gripper: ' + ('close' if closing else 'open'))
+        elif event in ('faster', 'slower'):
+            self.say(f'speed x{self.teleop.scale:.2f}')
+        elif event == 'help':
+            self.say(HELP)
+        elif event == 'quit':
+            self.quit_requested.set()
+        elif event == 'start':
+            req = StartEpisode.Request(instruction=self.instruction, task=self.task,
+                                       operator_name=self.operator_name)
+            self._call(self.start_client, req, 'start episode')
+        elif event in ('stop_success', 'stop_failure'):
+            req = StopEpisode.Request(success=event == 'stop_success', notes='teleop')
+            self._call(self.stop_client, req, 'stop episode')
+        elif event == 'discard':
+            self._call(self.discard_client, Trigger.Request(), 'discard episode')
+
+    def _call(self, client: Any, request: Any, what: str) -> None:
+        if not client.service_is_ready():
+            self.say(f'{what}: recorder service {client.srv_name} is not available')
+            return
+        future = client.call_async(request)
+        future.add_done_callback(
+            lambda f: self.say(f'{what}: {f.result().message}' if f.result() is not None
+                               else f'{what}: failed ({f.exception()})'))
+
+
+class CbreakTerminal:
+    """Context manager: stdin in cbreak mode (keys arrive at once, no echo), restored on exit."""
+
+    def __init__(self, stream: Any = sys.stdin) -> None:
+        self.fd = stream.fileno()
+        self._saved: Any = None
+
+    def __enter__(self) -> CbreakTerminal:
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self.fd)
+        tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        import termios
+
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+def read_keys(fd: int, out: queue.Queue[str], stop: threading.Event) -> None:
+    """Push single characters from `fd` onto `out` until `stop`; escape sequences are dropped."""
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
+        data = os.read(fd, 32).decode(errors='ignore')
+        if not data:
+            return
+        if data.startswith('\x1b') and len(data) > 1:
+            continue             # arrow keys and other escape sequences
+        for ch in data:
+            out.put(ch)
+
+
+def main(args: list[str] | None = None) -> None:
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)
+    node = TeleopNode()
+    stop = threading.Event()
+    interactive = sys.stdin.isatty()
+    node.say(HELP if interactive else 'iflybot_teleop: stdin is not a terminal; keyboard off')
+    terminal = CbreakTerminal() if interactive else None
+    try:
+        if terminal is not None:
+            terminal.__enter__()
+            threading.Thread(target=read_keys, args=(sys.stdin.fileno(), node.keys, stop),
+                             daemon=True).start()
+        while rclpy.ok() and not node.quit_requested.is_set():
+            rclpy.spin_once(node, timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        stop.set()
+        if terminal is not None:
+            terminal.__exit__()
+        if node.spacemouse is not None:
+            node.spacemouse.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
