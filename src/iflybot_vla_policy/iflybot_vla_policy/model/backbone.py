@@ -241,7 +241,7 @@ def _pretrained_tokenizer(cfg: VLAConfig, path: Path) -> TextTokenizer:
 
 def _template_tokenizer(cfg: VLAConfig) -> TextTokenizer:
     """Random-init VLMs (tests, shape checks) still need a text tokenizer: ours, in their range."""
-    return TextTokenizer.train(min(cfg.backbone.text_vocab, 1024), cfg.tokens.latent_codebook,
+    return TextTokenizer.train(cfg.backbone.text_vocab, cfg.tokens.latent_codebook,
                                cfg.tokens.fast_vocab)
 
 
@@ -273,7 +273,8 @@ class Qwen25VLBackbone(Backbone):
                     intermediate_size=b.intermediate, max_position_embeddings=32768,
                     rope_parameters={'rope_type': 'default', 'rope_theta': b.rope_theta,
                                      'mrope_section': mrope},
-                    tie_word_embeddings=b.tie_embeddings),
+                    tie_word_embeddings=b.tie_embeddings, bos_token_id=None,
+                    eos_token_id=None),
                 vision_config=dict(
                     depth=b.vision_depth, hidden_size=b.vision_hidden, num_heads=b.vision_heads,
                     intermediate_size=b.vision_intermediate, patch_size=b.patch_size,
@@ -282,7 +283,8 @@ class Qwen25VLBackbone(Backbone):
                     fullatt_block_indexes=list(range(b.vision_depth)) if b.vision_depth < 8
                     else [7, 15, 23, 31][:b.vision_depth // 8]),
                 image_token_id=top, vision_start_token_id=top - 2, vision_end_token_id=top - 1,
-                video_token_id=top - 3, tie_word_embeddings=b.tie_embeddings)
+                video_token_id=top - 3, tie_word_embeddings=b.tie_embeddings,
+                bos_token_id=None, eos_token_id=None)
             mcfg._attn_implementation = 'sdpa'
             model = Qwen2_5_VLForConditionalGeneration(mcfg)
             self.tokenizer = tokenizer or _template_tokenizer(cfg)

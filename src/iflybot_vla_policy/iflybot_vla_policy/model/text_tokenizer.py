@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+_MAX_FILL = 4096
 SPECIAL = ('<pad>', '<bos>', '<eos>', '<unk>')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'orange', 'purple', 'cyan', 'magenta', 'white',
            'black', 'pink', 'brown', 'gray', 'grey')
@@ -82,11 +83,19 @@ class TextTokenizer:
         self._extend()
 
     def _extend(self) -> None:
-        """Append <unused_k> up to text_vocab, then latent and FAST tokens at fixed ids."""
+        """Append <unused_k> up to text_vocab, then latent and FAST tokens at fixed ids.
+
+        When the gap to text_vocab is huge (a small tokenizer beside a random-init 150k-vocab VLM
+        for shape checks) the ids are only reserved by offset, not written into the file.
+        """
         size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.extended = size <= self.text_vocab <= size + _MAX_FILL
+        if size <= self.text_vocab and not self.extended:
+            return
         if size > self.text_vocab:
-            have_latent = self.tok.token_to_id('<lat_0>')
-            if have_latent == self.text_vocab:
+            if self.tok.token_to_id('<lat_0>') == self.text_vocab or (
+                    not self.latent_codebook and self.tok.token_to_id('<fast_0>') is not None):
+                self.extended = True
                 self._check_layout()
                 return
             raise ValueError(f'tokenizer has {size} tokens, more than backbone.text_vocab = '
@@ -98,6 +107,8 @@ class TextTokenizer:
         self._check_layout()
 
     def _check_layout(self) -> None:
+        if not self.extended:
+            return
         if self.latent_codebook and self.tok.token_to_id('<lat_0>') != self.text_vocab:
             raise ValueError('tokenizer.json: latent token <lat_0> is not at id text_vocab')
         if self.fast_vocab and self.tok.token_to_id('<fast_0>') != (

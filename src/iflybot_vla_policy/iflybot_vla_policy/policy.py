@@ -1,0 +1,234 @@
+"""openpi-style policy: observation dict in, action chunk out; checkpoints as directories.
+
+Checkpoint directory:
+  config.yaml         the full VLAConfig
+  model.safetensors   weights (tied tensors stored once)
+  norm_stats.json     model-space state/action statistics (transforms.NormStatsSet)
+  tokenizer.json      the VLM's text tokenizer, with latent and FAST tokens
+  fast/               optional FAST tokenizer (model.fast.FastTokenizer.save/load)
+  lam/                optional latent action model (model.lam.LatentActionModel.save/load)
+Every load error names the file and, where it applies, the key.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iflybot_vla_policy.config import VLAConfig, config_from_yaml, config_to_yaml, get_config
+from iflybot_vla_policy.engine import InferenceEngine
+from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
+from iflybot_vla_policy.model.vla import VLA
+from iflybot_vla_policy.transforms import NormStatsSet, Transforms
+
+CONFIG_FILE = 'config.yaml'
+WEIGHTS_FILE = 'model.safetensors'
+NORM_FILE = 'norm_stats.json'
+TOKENIZER_FILE = 'tokenizer.json'
+FAST_DIR = 'fast'
+LAM_DIR = 'lam'
+
+
+class Policy:
+    """Wraps model, transforms and engine. `infer(obs)` is the whole inference contract."""
+
+    def __init__(self, cfg: VLAConfig, model: VLA, norm: NormStatsSet | None = None, *,
+                 fast: Any = None, lam: Any = None, seed: int = 0, dtype: str | None = None,
+                 compile: bool = False, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.transforms = Transforms(cfg, norm)
+        self.fast = fast
+        self.lam = lam
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        if dtype is None:
+            dtype = 'float32' if (device or 'cpu') == 'cpu' else cfg.dtype
+        self.engine = InferenceEngine(model, dtype=dtype, compile=compile, device=device)
+
+    # -- construction
+
+    @classmethod
+    def from_config(cls, cfg_or_name: VLAConfig | str = 'tiny', seed: int = 0,
+                    overrides: Mapping[str, Any] | None = None, **engine: Any) -> Policy:
+        """Random-init model (deterministic given `seed`) with identity normalisation."""
+        cfg = cfg_or_name if isinstance(cfg_or_name, VLAConfig) else \
+            get_config(cfg_or_name, overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = VLA(cfg)
+        return cls(cfg, model, seed=seed, **engine)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, seed: int = 0, **engine: Any) -> Policy:
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f'checkpoint directory not found: {d}')
+        cfg_path = d / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f'checkpoint is missing {cfg_path}')
+        try:
+            cfg = config_from_yaml(cfg_path.read_text())
+        except Exception as err:  # yaml errors and our ValueErrors alike
+            raise ValueError(f'{cfg_path}: {err}') from None
+        tokenizer = TextTokenizer.load(d / TOKENIZER_FILE, cfg.backbone.text_vocab,
+                                       cfg.tokens.latent_codebook, cfg.tokens.fast_vocab)
+        with torch.random.fork_rng(devices=[]):
+            model = VLA(cfg, tokenizer)
+        load_weights(model, d / WEIGHTS_FILE)
+        norm = NormStatsSet.load(d / NORM_FILE, cfg)
+        fast = lam = None
+        if (d / FAST_DIR).is_dir():
+            from iflybot_vla_policy.model.fast import FastTokenizer
+            fast = FastTokenizer.load(d / FAST_DIR)
+        if (d / LAM_DIR).is_dir():
+            from iflybot_vla_policy.model.lam import LatentActionModel
+            lam = LatentActionModel.load(d / LAM_DIR)
+        return cls(cfg, model, norm, fast=fast, lam=lam, seed=seed, **engine)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_FILE).write_text(config_to_yaml(self.cfg))
+        save_weights(self.model, d / WEIGHTS_FILE)
+        self.transforms.norm.save(d / NORM_FILE)
+        self.model.tokenizer.save(d / TOKENIZER_FILE)
+        if self.fast is not None:
+            self.fast.save(d / FAST_DIR)
+        if self.lam is not None:
+            self.lam.save(d / LAM_DIR)
+        return d
+
+    # -- properties
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.model.tokenizer
+
+    @property
+    def norm_stats(self) -> NormStatsSet:
+        return self.transforms.norm
+
+    @norm_stats.setter
+    def norm_stats(self, norm: NormStatsSet) -> None:
+        self.transforms = Transforms(self.cfg, norm, self.transforms.gripper_max_width)
+
+    @property
+    def dt(self) -> float:
+        return self.cfg.action.dt
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- inference
+
+    def _prepare(self, observations: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        tf = self.transforms
+        for obs in observations:
+            tf.validate(obs)
+        text = [self.tokenizer.encode(o['instruction'], self.cfg.backbone.max_text_tokens)
+                for o in observations]
+        return {
+            'images': torch.stack([tf.images(o['images']) for o in observations]),
+            'text_ids': torch.tensor([t[0] for t in text], dtype=torch.long),
+            'text_mask': torch.tensor([t[1] for t in text], dtype=torch.long),
+            'state': torch.from_numpy(np.stack([tf.state(o['state']) for o in observations])),
+        }
+
+    def infer_batch(self, observations: Sequence[Mapping], seed: int | None = None,
+                    recompute_prefix_every_step: bool = False) -> dict[str, Any]:
+        """Batched `infer`: 'actions' (B, horizon, action_dim) float32, 'latent_tokens' (B, n)."""
+        if not observations:
+            raise ValueError('infer_batch needs at least one observation')
+        t0 = time.perf_counter()
+        inputs = self._prepare(observations)
+        t1 = time.perf_counter()
+        gen = None if seed is not None else self._generator
+        out = self.engine.sample(inputs['images'], inputs['text_ids'], inputs['text_mask'],
+                                 inputs['state'], seed=seed, generator=gen,
+                                 recompute_prefix_every_step=recompute_prefix_every_step)
+        t2 = time.perf_counter()
+        states = np.stack([np.asarray(o['state'], dtype=np.float64) for o in observations])
+        actions = self.transforms.actions_from_model(out.actions.cpu().numpy(), states)
+        t3 = time.perf_counter()
+        timing = {'preprocess': (t1 - t0) * 1e3, **out.timing_ms,
+                  'postprocess': (t3 - t2) * 1e3, 'total': (t3 - t0) * 1e3}
+        return {'actions': actions, 'dt': float(self.cfg.action.dt),
+                'latent_tokens': out.latent_tokens.cpu().numpy().astype(np.int64),
+                'timing_ms': timing}
+
+    def infer(self, obs: Mapping, seed: int | None = None,
+              recompute_prefix_every_step: bool = False) -> dict[str, Any]:
+        """obs {'images': {cam: uint8 (H, W, 3)}, 'state': float (8,), 'instruction': str} ->
+        {'actions': float32 (horizon, action_dim), 'dt': s, 'latent_tokens': (n,), 'timing_ms'}.
+
+        Noise comes from the policy's generator (seeded at construction), or from `seed`.
+        """
+        out = self.infer_batch([obs], seed=seed,
+                               recompute_prefix_every_step=recompute_prefix_every_step)
+        out['actions'] = out['actions'][0]
+        out['latent_tokens'] = out['latent_tokens'][0]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (same storage) are stored once; returns (tensors, alias -> stored name)."""
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    out, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().contiguous().cpu()
+    return out, aliases
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, aliases = _dedupe(model.state_dict())
+    meta = {f'alias:{k}': v for k, v in aliases.items()}
+    save_file(tensors, str(path), metadata={'format': 'pt', **meta})
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Strict load; every problem names the file and the key."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint is missing {path}')
+    expected = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[name] = f.get_tensor(name)
+    except Exception as err:  # safetensors raises its own error types for truncation/corruption
+        raise ValueError(f'{path}: cannot read weights (truncated or corrupt file?): {err}') \
+            from None
+    for key, value in meta.items():
+        if key.startswith('alias:') and value in tensors:
+            tensors[key[len('alias:'):]] = tensors[value]
+    for name, ref in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{path}: missing key '{name}' (checkpoint and config.yaml "
+                             'do not match)')
+        if tuple(tensors[name].shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: key '{name}' has shape {tuple(tensors[name].shape)}, "
+                             f'the model built from config.yaml expects {tuple(ref.shape)}')
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected key '{unexpected[0]}' ({len(unexpected)} in all; "
+                         'checkpoint and config.yaml do not match)')
+    model.load_state_dict(tensors, strict=True)
