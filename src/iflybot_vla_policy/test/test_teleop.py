@@ -116,7 +116,8 @@ def test_teleop_node_publishes_twists_gripper_and_records_an_episode(ros_context
         entry = read_index(tmp_path)[0]
         assert entry['success'] is True and entry['task'] == 'teleop_test'
         assert entry['message_count'] == len(twists) + len(grips) + 2
-        assert any('stop episode' in m and 'dropped 0' in m for m in teleop.messages)
+        assert wait(lambda: any('stop episode' in m and 'dropped 0' in m
+                                for m in teleop.messages), timeout=5)
     finally:
         executor.shutdown()
         for n in (teleop, recorder, probe):
