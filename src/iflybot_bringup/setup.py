@@ -24,5 +24,8 @@ setup(
     description='Launch files, node graphs and parameters of the iFlyBot-VLA stack',
     license='Apache-2.0',
     tests_require=['pytest'],
-    entry_points={'console_scripts': []},
+    entry_points={'console_scripts': [
+        'gripper_bridge = iflybot_bringup.gripper_bridge:main',
+        'moveit_home = iflybot_bringup.moveit_home:main',
+    ]},
 )
