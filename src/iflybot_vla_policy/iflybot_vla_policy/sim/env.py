@@ -58,7 +58,9 @@ class SimEnv:
     def __init__(self, task: str, seed: int = 0, image_size: tuple[int, int] = (224, 224),
                  render: bool = True, robot: RobotSpec | None = None,
                  camera_sizes: dict[str, tuple[int, int]] | None = None,
-                 home_noise: float = 0.05, fast_visuals: bool = True) -> None:
+                 home_noise: float = 0.05, fast_visuals: bool = True,
+                 allow_nonzero_velocity_at_trajectory_end: bool = False,
+                 twist_timeout: float = 0.2) -> None:
         self.robot = robot or load_robot()
         self.task: Task = make_task(task)
         self.task_name = task
@@ -94,7 +96,7 @@ class SimEnv:
         self.kinematics = ArmKinematics(self.model, r.arm_joint_names, r.q_min, r.q_max)
         self.servo = CartesianServo(
             ServoConfig(r.max_linear_velocity, r.max_angular_velocity, r.dq_max, r.ddq_max,
-                        r.q_min, r.q_max), self.kinematics.jacobian)
+                        r.q_min, r.q_max, timeout=twist_timeout), self.kinematics.jacobian)
         wn = 2 * math.pi * self.control_gain_hz
         self._kp, self._kd = wn * wn, 2.0 * wn
         # Index arrays become slices when contiguous (they are: the robot is the first tree),
@@ -107,7 +109,9 @@ class SimEnv:
         self._acc = np.zeros(self.model.nv)      # (nv,) scratch for M @ qacc
         self._force = np.zeros(self.model.nv)
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
-        self.trajectory = TrajectoryController(r.arm_joint_names, r.q_min, r.q_max, r.home)
+        self.trajectory = TrajectoryController(
+            r.arm_joint_names, r.q_min, r.q_max, r.home,
+            allow_nonzero_velocity_at_trajectory_end=allow_nonzero_velocity_at_trajectory_end)
         self._servo_mode = False
         self._desired = DesiredState(r.home.copy(), np.zeros(7), np.zeros(7))
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,

@@ -165,6 +165,7 @@ def scene_xml(robot: RobotSpec, scene: SceneSpec = SceneSpec(), offwidth: int = 
     """
     shadow = 0 if fast_visuals else 4096
     cast = 'false' if fast_visuals else 'true'
+    samples = 0 if fast_visuals else 4
     (x0, y0), (x1, y1) = TABLE_MIN, TABLE_MAX
     table_center = _fmt([(x0 + x1) / 2, (y0 + y1) / 2, -TABLE_THICKNESS / 2])
     table_size = _fmt([(x1 - x0) / 2, (y1 - y0) / 2, TABLE_THICKNESS / 2])
@@ -176,7 +177,7 @@ def scene_xml(robot: RobotSpec, scene: SceneSpec = SceneSpec(), offwidth: int = 
 <option timestep="{PHYSICS_DT}" integrator="implicitfast" cone="elliptic" impratio="10"/>
 <visual>
   <global offwidth="{offwidth}" offheight="{offheight}"/>
-  <quality shadowsize="{shadow}"/>
+  <quality shadowsize="{shadow}" offsamples="{samples}"/>
   <headlight ambient="0.45 0.45 0.45" diffuse="0.5 0.5 0.5" specular="0 0 0"/>
 </visual>
 <default>

@@ -1,0 +1,325 @@
+"""`iflybot_sim`: the MuJoCo FR3 behind franka_ros2's topics (a policy cannot tell it apart).
+
+Publishes /joint_states, both cameras' image_raw + camera_info, /clock, /sim/task_success and
+/sim/instruction; follows /fr3_arm_controller/joint_trajectory (JointTrajectoryController
+semantics), /servo_node/delta_twist_cmds and /vla/gripper_command; service ~/reset (ResetSim).
+Physics, control and tasks live in iflybot_vla_policy.sim; this node only converts and paces.
+The simulation runs on its own thread (real time by default); callbacks take the same lock.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import rclpy
+from geometry_msgs.msg import TwistStamped
+from iflybot_vla_msgs.msg import GripperCommand
+from iflybot_vla_msgs.srv import ResetSim
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import CameraInfo, Image, JointState
+from std_msgs.msg import Bool, String
+from trajectory_msgs.msg import JointTrajectory
+
+from iflybot_vla_policy.ros.conversions_sim import (
+    camera_info_msg,
+    image_msg,
+    joint_state_msg,
+    to_time,
+    trajectory_from_msg,
+)
+from iflybot_vla_policy.sim import CAMERAS, TASKS, SimEnv, TrajectoryError, make_env
+
+_BASE_FRAMES = ('', 'fr3_link0', 'base', 'world')
+_TCP_FRAMES = ('fr3_hand_tcp', 'tcp')
+
+
+def _describe(text: str, low: float | None = None, high: float | None = None,
+              integer: bool = False) -> ParameterDescriptor:
+    descriptor = ParameterDescriptor(description=text)
+    if low is not None and high is not None:
+        if integer:
+            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high),
+                                                     step=1)]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low),
+                                                                  to_value=float(high))]
+    return descriptor
+
+
+class SimNode(Node):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__('iflybot_sim', **kwargs)
+        p = self._declare_parameters()
+        self._lock = threading.Lock()
+        self._clock_offset = 0.0          # sim clock = offset + env.time (monotonic over resets)
+        self._rejected = 0
+        # OpenGL contexts belong to one thread: the physics thread creates, resets and renders
+        # the env; the service callback hands resets over through _reset_request.
+        self._reset_request: tuple[str, int] | None = None
+        self._reset_done = threading.Event()
+        self._reset_result: tuple[bool, str] = (False, '')
+        self._env_ready = threading.Event()
+        self._env_error: BaseException | None = None
+        self._go = threading.Event()      # publishers exist: the loop may start
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name='iflybot_sim_physics',
+                                        daemon=True)
+        self._thread.start()
+        self._env_ready.wait()
+        if self._env_error is not None:
+            raise self._env_error
+        qos = 10
+        self._joint_pub = self.create_publisher(JointState, '/joint_states', qos)
+        # The arm controller's reference (what JTC calls the desired state): position, velocity,
+        # and acceleration in the effort field; for plots and for checking continuity.
+        self._reference_pub = self.create_publisher(JointState, '~/reference', qos)
+        self._clock_pub = self.create_publisher(Clock, '/clock', qos)
+        self._success_pub = self.create_publisher(Bool, '/sim/task_success', qos)
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._instruction_pub = self.create_publisher(String, '/sim/instruction', latched)
+        self._image_pubs = {c: self.create_publisher(Image, f'/{c}/color/image_raw', 2)
+                            for c in CAMERAS}
+        self._info_pubs = {c: self.create_publisher(CameraInfo, f'/{c}/color/camera_info', 2)
+                           for c in CAMERAS}
+        self.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
+                                 self._on_trajectory, 10)
+        self.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds', self._on_twist, 10)
+        self.create_subscription(GripperCommand, '/vla/gripper_command', self._on_gripper, 10)
+        self.create_service(ResetSim, '~/reset', self._on_reset)
+        self._publish_instruction()
+        self._go.set()
+        self.get_logger().info(
+            f'simulating {p["task"]} (seed {p["seed"]}): "{self._env.instruction}"; '
+            f'real_time_factor {p["real_time_factor"]}')
+
+    # ----------------------------------------------------------------------------- params
+    def _declare_parameters(self) -> dict:
+        spec = {
+            'task': ('pick_place', _describe(f'task: one of {sorted(TASKS)}')),
+            'seed': (0, _describe('seed of the first scene (reset gives others)')),
+            'real_time_factor': (1.0, _describe(
+                'sim seconds per wall second; 0 runs as fast as possible', 0.0, 100.0)),
+            'joint_state_rate': (100.0, _describe('/joint_states rate in sim Hz', 1.0, 500.0)),
+            'clock_rate': (100.0, _describe('/clock rate in sim Hz', 1.0, 500.0)),
+            'camera_rate': (15.0, _describe('image + camera_info rate in sim Hz (0 = off)',
+                                            0.0, 60.0)),
+            'success_rate': (5.0, _describe('/sim/task_success rate in sim Hz', 0.1, 100.0)),
+            'image_width': (320, _describe('width of both cameras in px', 16, 1920, True)),
+            'image_height': (240, _describe('height of both cameras in px', 16, 1080, True)),
+            'home_noise': (0.05, _describe('uniform noise on the home joint angles at reset, '
+                                           'rad', 0.0, 0.3)),
+            'twist_timeout': (0.2, _describe('Servo stops after this long without a twist, s',
+                                             0.01, 5.0)),
+            'allow_nonzero_velocity_at_trajectory_end': (False, _describe(
+                'JTC: accept trajectories whose last point still moves')),
+        }
+        values = {}
+        for name, (default, descriptor) in spec.items():
+            values[name] = self.declare_parameter(name, default, descriptor).value
+        if values['task'] not in TASKS:
+            raise ValueError(f"parameter task={values['task']!r}: choose from {sorted(TASKS)}")
+        self._params = values
+        return values
+
+    def _make_env(self, task: str, seed: int) -> SimEnv:
+        p = self._params
+        size = (int(p['image_height']), int(p['image_width']))
+        return make_env(task, seed=seed, image_size=size, render=p['camera_rate'] > 0,
+                        home_noise=float(p['home_noise']),
+                        allow_nonzero_velocity_at_trajectory_end=bool(
+                            p['allow_nonzero_velocity_at_trajectory_end']),
+                        twist_timeout=float(p['twist_timeout']))
+
+    # ----------------------------------------------------------------------------- callbacks
+    @property
+    def sim_time(self) -> float:
+        return self._clock_offset + self._env.time
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        with self._lock:
+            try:
+                traj = trajectory_from_msg(msg, self._clock_offset)
+                self._env.command_joint_trajectory(traj)
+            except TrajectoryError as err:
+                self._rejected += 1
+                self.get_logger().error(f'rejected trajectory: {err}')
+
+    def _on_twist(self, msg: TwistStamped) -> None:
+        frame = msg.header.frame_id
+        if frame in _BASE_FRAMES:
+            frame = 'base'
+        elif frame in _TCP_FRAMES:
+            frame = 'tcp'
+        else:
+            self.get_logger().error(f"ignored twist in unknown frame '{frame}' (use "
+                                    f"{_BASE_FRAMES[1]} or {_TCP_FRAMES[0]})")
+            return
+        lin, ang = msg.twist.linear, msg.twist.angular
+        with self._lock:
+            try:
+                self._env.command_twist([lin.x, lin.y, lin.z], [ang.x, ang.y, ang.z], frame)
+            except ValueError as err:
+                self.get_logger().error(f'ignored twist: {err}')
+
+    def _on_gripper(self, msg: GripperCommand) -> None:
+        with self._lock:
+            try:
+                self._env.command_gripper(msg.width, msg.speed, msg.force, msg.grasp)
+            except ValueError as err:
+                self.get_logger().error(f'ignored gripper command: {err}')
+
+    def _on_reset(self, request: ResetSim.Request,
+                  response: ResetSim.Response) -> ResetSim.Response:
+        task = request.task or self._env.task_name
+        if task not in TASKS:
+            response.success = False
+            response.message = f'unknown task {task!r}; choose from {sorted(TASKS)}'
+            return response
+        self._reset_done.clear()
+        with self._lock:
+            self._reset_request = (task, int(request.seed))
+        if not self._reset_done.wait(timeout=60.0):
+            response.success = False
+            response.message = 'reset timed out (simulation thread busy or stopped)'
+            return response
+        response.success, response.message = self._reset_result
+        response.instruction = self._env.instruction
+        if response.success:
+            self._publish_instruction()
+            self.get_logger().info(f'{response.message}: "{response.instruction}"')
+        return response
+
+    def _do_reset(self, task: str, seed: int) -> None:
+        """On the physics thread, with the lock held; the sim clock stays continuous."""
+        try:
+            self._clock_offset += self._env.time
+            if task != self._env.task_name:
+                self._env.close()
+                self._env = self._make_env(task, seed)
+            else:
+                self._env.reset(seed)
+            self._clock_offset -= self._env.time   # reset settles objects for a moment
+            self._reset_result = (True, f'reset {task} with seed {seed}')
+        except Exception as err:  # noqa: BLE001 - the reply carries the reason
+            self._reset_result = (False, f'reset failed: {err!r}')
+        self._reset_done.set()
+
+    def _publish_instruction(self) -> None:
+        self._instruction_pub.publish(String(data=self._env.instruction))
+
+    # ----------------------------------------------------------------------------- sim loop
+    def _run(self) -> None:
+        try:
+            self._env = self._make_env(self._params['task'], int(self._params['seed']))
+        except BaseException as err:  # noqa: BLE001 - re-raised in __init__
+            self._env_error = err
+            return
+        finally:
+            self._env_ready.set()
+        self._go.wait()
+        try:
+            self._loop()
+        except Exception as err:  # noqa: BLE001 - report, then let the process end
+            self.get_logger().fatal(f'simulation thread failed: {err!r}')
+            self._running = False
+            raise
+        finally:
+            self._env.close()
+
+    def _loop(self) -> None:
+        p = self._params
+        tick = 1.0 / max(p['joint_state_rate'], p['clock_rate'])
+        periods = {'joint': 1.0 / p['joint_state_rate'], 'clock': 1.0 / p['clock_rate'],
+                   'success': 1.0 / p['success_rate'],
+                   'camera': 1.0 / p['camera_rate'] if p['camera_rate'] > 0 else math.inf}
+        due = dict.fromkeys(periods, 0.0)
+        rtf = float(p['real_time_factor'])
+        wall0, sim0 = time.monotonic(), None
+        behind_warned = 0.0
+        while self._running and rclpy.ok(context=self.context):
+            with self._lock:
+                if self._reset_request is not None:
+                    self._do_reset(*self._reset_request)
+                    self._reset_request = None
+                now = self.sim_time
+                if sim0 is None:
+                    sim0 = now
+                if now < sim0:          # clock offset changed by a reset: restart pacing
+                    wall0, sim0 = time.monotonic(), now
+                self._publish_due(now, due, periods)
+                self._env.step(float(tick))
+                after = self.sim_time
+            if rtf > 0:
+                wait = wall0 + (after - sim0) / rtf - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                elif wait < -0.5:       # too slow: do not try to catch up, re-anchor
+                    if time.monotonic() - behind_warned > 10.0:
+                        self.get_logger().warning(
+                            f'simulation slower than real_time_factor {rtf} (camera rate and '
+                            f'image size cost the most)')
+                        behind_warned = time.monotonic()
+                    wall0, sim0 = time.monotonic(), after
+
+    def _publish_due(self, now: float, due: dict[str, float], periods: dict[str, float]) -> None:
+        env = self._env
+        if now >= due['clock']:
+            self._clock_pub.publish(Clock(clock=to_time(now)))
+            due['clock'] = now + periods['clock'] - 1e-9
+        if now >= due['joint']:
+            self._joint_pub.publish(joint_state_msg(
+                env.joint_names, env.joint_positions, env.joint_velocities, env.joint_efforts,
+                now))
+            ref = env.desired
+            self._reference_pub.publish(joint_state_msg(
+                env.robot.arm_joint_names, ref.positions, ref.velocities, ref.accelerations, now))
+            due['joint'] = now + periods['joint'] - 1e-9
+        if now >= due['success']:
+            self._success_pub.publish(Bool(data=env.success()))
+            due['success'] = now + periods['success'] - 1e-9
+        if now >= due['camera']:
+            for camera, rgb in env.render().items():
+                frame = f'{camera}_color_optical_frame'
+                self._image_pubs[camera].publish(image_msg(rgb, now, frame))
+                self._info_pubs[camera].publish(
+                    camera_info_msg(env.camera_info(camera), now, frame))
+            due['camera'] = now + periods['camera'] - 1e-9
+
+    def shutdown(self) -> None:
+        self._running = False
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+
+    @property
+    def rejected_trajectories(self) -> int:
+        return self._rejected
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rclpy.init(args=list(sys.argv if argv is None else argv))
+    node = None
+    try:
+        node = SimNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
