@@ -45,3 +45,128 @@ trainer: {{steps: 6, batch_size: 8, checkpoint_every: 3, progress: false,
     codes = lam.encode(item['frame'][None], item['next_frame'][None])
     assert codes.shape == (1, 8) and int(codes.max()) < 32
     assert (tmp_path / 'lam' / 'metrics.csv').is_file()
+
+
+def test_fast_stage_fits_a_tokenizer_on_normalised_chunks(tmp_path, toy_dataset):
+    from iflybot_vla_policy.model.fast import FastTokenizer
+    from iflybot_vla_policy.training.fast_stage import run_fast
+    from iflybot_vla_policy.transforms import NormStatsSet
+
+    cfg = _config(tmp_path, f"""
+stage: fast
+output_dir: {tmp_path / 'fast'}
+model_overrides: {{tokens.fast_vocab: 256}}
+data: {{datasets: ['{toy_dataset}']}}
+""")
+    summary = run_fast(cfg)
+    fast = FastTokenizer.load(tmp_path / 'fast' / 'final')
+    assert fast.vocab_size <= 256 and summary['tokens_mean'] > 0
+    assert summary['roundtrip_max_abs_error'] < 0.5 * 16 ** 0.5 / fast.config.scale
+    norm = NormStatsSet.load(tmp_path / 'fast' / 'final' / 'norm_stats.json')
+    assert norm.mode == 'quantile' and norm.actions.dim == 8
+    # joint actions are relative to the current state: their median is near zero
+    assert abs(float(norm.actions.mean[0])) < 0.1
+
+
+TINY_MODEL = ('{image_size: 32, backbone.hidden: 64, backbone.layers: 2, backbone.heads: 2, '
+              'backbone.kv_heads: 1, backbone.head_dim: 32, backbone.intermediate: 128, '
+              'backbone.vision.channels: [8, 16], backbone.vision.token_grid: 2, '
+              'expert.width: 64, expert.heads: 2, tokens.fast_vocab: 256}')
+
+
+@pytest.fixture(scope='module')
+def stage_outputs(tmp_path_factory, toy_dataset) -> Path:
+    """lam and fast stages run once through `iflybot train` for the vla tests."""
+    from iflybot_vla_policy.cli import main
+
+    root = tmp_path_factory.mktemp('stages')
+    (root / 'lam.yaml').write_text(f"""
+stage: lam
+output_dir: {root / 'lam'}
+model_overrides: {TINY_MODEL}
+data: {{datasets: ['{toy_dataset}']}}
+lam: {{image_size: 32, patch: 8, width: 32, depth: 1, decoder_depth: 1}}
+trainer: {{steps: 2, batch_size: 8, progress: false}}
+""")
+    (root / 'fast.yaml').write_text(f"""
+stage: fast
+output_dir: {root / 'fast'}
+model_overrides: {TINY_MODEL}
+data: {{datasets: ['{toy_dataset}']}}
+""")
+    assert main(['train', 'lam', '--config', str(root / 'lam.yaml')]) == 0
+    assert main(['train', 'fast', '--config', str(root / 'fast.yaml')]) == 0
+    return root
+
+
+def _vla_yaml(root: Path, out: Path, dataset: Path, steps: int = 4, extra: str = '') -> Path:
+    path = out.with_suffix('.yaml')
+    path.write_text(f"""
+stage: vla
+output_dir: {out}
+model_overrides: {TINY_MODEL}
+lam_dir: {root / 'lam'}
+fast_dir: {root / 'fast'}
+data: {{datasets: ['{dataset}'], vqa_ratio: 0.25, vqa_tasks: [pick_place], vqa_scenes: 2}}
+trainer: {{steps: {steps}, batch_size: 8, checkpoint_every: 2, progress: false, ema_decay: 0.5,
+          knowledge_insulation: true, optim: {{lr: 1.0e-3, warmup_steps: 1}}{extra}}}
+""")
+    return path
+
+
+def test_vla_stage_trains_all_losses_with_vqa_and_exports_a_policy(tmp_path, toy_dataset,
+                                                                    stage_outputs, capsys):
+    import csv
+
+    import numpy as np
+
+    from iflybot_vla_policy.cli import main
+    from iflybot_vla_policy.policy import Policy
+
+    out = tmp_path / 'vla'
+    assert main(['train', 'vla', '--config', str(_vla_yaml(stage_outputs, out,
+                                                           toy_dataset))]) == 0
+    rows = list(csv.DictReader((out / 'metrics.csv').open()))
+    assert len(rows) == 4
+    for key in ('flow', 'latent', 'fast', 'text'):
+        assert all(float(r[key]) > 0 for r in rows), key   # VQA in every batch at 25 %
+    policy = Policy.from_checkpoint(out / 'policy')
+    assert policy.cfg.loss.knowledge_insulation and policy.fast is not None
+    assert policy.lam is not None
+    state = np.array([0.0, -0.7, 0.0, -2.3, 0.0, 1.6, 0.8, 0.08], np.float32)
+    obs = {'images': {c: np.zeros((64, 64, 3), np.uint8)
+                      for c in ('scene_camera', 'wrist_camera')},
+           'state': state, 'instruction': 'move the red block'}
+    result = policy.infer(obs)
+    assert result['actions'].shape == (16, 8) and np.all(np.isfinite(result['actions']))
+    # normalisation statistics come from the dataset (joint deltas, absolute gripper)
+    assert policy.norm_stats.mode == 'quantile'
+    assert 0.0 <= float(policy.norm_stats.actions.q01[7]) <= 0.03
+
+
+def test_vla_resume_reproduces_the_uninterrupted_losses(tmp_path, toy_dataset, stage_outputs):
+    import csv
+
+    from iflybot_vla_policy.cli import main
+
+    straight = tmp_path / 'straight'
+    assert main(['train', 'vla', '--config',
+                 str(_vla_yaml(stage_outputs, straight, toy_dataset))]) == 0
+    split = tmp_path / 'split'
+    cfg = _vla_yaml(stage_outputs, split, toy_dataset, extra=', max_steps_per_run: 2')
+    assert main(['train', 'vla', '--config', str(cfg)]) == 0          # stops at step 2
+    assert len(list(csv.DictReader((split / 'metrics.csv').open()))) == 2
+    assert main(['train', 'vla', '--config', str(cfg)]) == 0          # resumes, runs 3-4
+    a = [float(r['loss']) for r in csv.DictReader((straight / 'metrics.csv').open())]
+    b = [float(r['loss']) for r in csv.DictReader((split / 'metrics.csv').open())]
+    assert len(b) == 4
+    assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_vla_stage_without_fast_dir_names_the_missing_key(tmp_path, toy_dataset, stage_outputs):
+    from iflybot_vla_policy.training.vla_stage import run_vla
+
+    path = _vla_yaml(stage_outputs, tmp_path / 'v', toy_dataset)
+    path.write_text(path.read_text().replace(f"fast_dir: {stage_outputs / 'fast'}", ''))
+    with pytest.raises(ValueError, match='fast_dir'):
+        run_vla(load_train_config(path))

@@ -56,13 +56,15 @@ class TrainerConfig:
     knowledge_insulation: bool = False    # stop gradients from the action expert into the VLM
     progress: bool = True           # tqdm progress bar on the main process
     plot_every: int = 0             # steps between loss-curve PNGs; 0 = at checkpoints only
+    max_steps_per_run: int = 0      # stop (with a checkpoint) after this many steps of this
+                                    # invocation, to resume later; 0 = run to `steps`
 
     def __post_init__(self) -> None:
         _positive(self, 'steps', 'batch_size', 'checkpoint_every', 'keep_checkpoints')
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f'trainer.ema_decay must be in [0, 1), got {self.ema_decay}')
-        if self.num_workers < 0 or self.plot_every < 0:
-            raise ValueError('trainer.num_workers and trainer.plot_every must be >= 0')
+        if min(self.num_workers, self.plot_every, self.max_steps_per_run) < 0:
+            raise ValueError('trainer.num_workers, plot_every and max_steps_per_run must be >= 0')
         if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or self.optim.grad_clip < 0:
             raise ValueError('trainer.optim: lr must be > 0, warmup_steps and grad_clip >= 0')
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
@@ -80,13 +82,16 @@ class DataConfig:
     vqa_tasks: tuple[str, ...] = ('pick_place', 'stack', 'push', 'drawer')  # scenes for VQA
     vqa_scenes: int = 200           # vla: distinct sim scenes the VQA pool is generated from
     max_chunks: int = 20000         # fast: action chunks sampled to fit the tokenizer
+    success_only: bool = True       # fast/vla: train on successful episodes only
+    norm_mode: Literal['mean_std', 'quantile'] = 'quantile'   # state/action normalisation
+    max_fast_tokens: int = 64       # vla: FAST sequences longer than this are truncated
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.vqa_ratio < 1.0:
             raise ValueError(f'data.vqa_ratio must be in [0, 1), got {self.vqa_ratio}')
         if self.frame_gap_s <= 0:
             raise ValueError(f'data.frame_gap_s must be > 0, got {self.frame_gap_s}')
-        _positive(self, 'vqa_scenes', 'max_chunks', prefix='data')
+        _positive(self, 'vqa_scenes', 'max_chunks', 'max_fast_tokens', prefix='data')
 
 
 @dataclass(frozen=True)

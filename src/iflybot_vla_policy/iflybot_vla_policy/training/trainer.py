@@ -59,14 +59,17 @@ class BatchPlan:
             self._perm_cache[epoch] = rng.permutation(self.num_items)
         return self._perm_cache[epoch]
 
-    def global_indices(self, step: int) -> list[int]:
-        start = step * self.batch_size
+    def items(self, start: int, count: int) -> list[int]:
+        """Items [start, start + count) of the endless stream of epoch permutations."""
         out: list[int] = []
-        while len(out) < self.batch_size:
+        while len(out) < count:
             epoch, pos = divmod(start + len(out), self.num_items)
-            take = min(self.batch_size - len(out), self.num_items - pos)
+            take = min(count - len(out), self.num_items - pos)
             out.extend(int(i) for i in self._perm(epoch)[pos:pos + take])
         return out
+
+    def global_indices(self, step: int) -> list[int]:
+        return self.items(step * self.batch_size, self.batch_size)
 
 
 def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
@@ -382,8 +385,10 @@ class Trainer:
         if start >= cfg.steps:
             return TrainResult(start, start, list(self.metrics.rows))
 
+        stop = cfg.steps if not cfg.max_steps_per_run else min(cfg.steps,
+                                                                 start + cfg.max_steps_per_run)
         loader = DataLoader(
-            self.dataset, batch_sampler=_RankBatches(self.plan, start, cfg.steps,
+            self.dataset, batch_sampler=_RankBatches(self.plan, start, stop,
                                                      acc.process_index, acc.num_processes),
             collate_fn=self.collate_fn, num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed),   # keeps the global RNG intact
@@ -427,7 +432,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f'{lr:.2e}', refresh=False)
             bar.update(1)
             step = self.progress.step
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == stop:
                 self.save_checkpoint()
                 if self.is_main:
                     self.metrics.plot()
