@@ -1,0 +1,135 @@
+"""Closed-loop rollouts in the MuJoCo simulation, without ROS (`iflybot eval --direct`).
+
+The loop is the one the policy node runs, made synchronous so that results are deterministic
+given the seeds: observe, infer a chunk, vet it with the safety filter, send it to the simulated
+JointTrajectoryController, execute `replan_steps` actions, repeat until success or timeout.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from iflybot_vla_policy.eval.metrics import limit_violations, rms_jerk
+from iflybot_vla_policy.eval.report import EpisodeResult
+from iflybot_vla_policy.safety import SafetyFilter
+from iflybot_vla_policy.sim.env import SimEnv, chunk_to_trajectory, make_env
+from iflybot_vla_policy.sim.expert import ScriptedExpert
+from iflybot_vla_policy.sim.tasks import EVAL_SEEDS
+
+
+class InferencePolicy(Protocol):
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_time_s: float = 20.0         # simulated seconds before an episode counts as failed
+    replan_steps: int = 0            # actions executed per chunk; 0 = the whole chunk
+    image_size: tuple[int, int] = (224, 224)
+    video: bool = False
+    video_every: int = 2             # record every n-th action step (keeps rendering cheap)
+
+
+class ExpertPolicy:
+    """The scripted expert behind the `infer` interface: validates the evaluation harness."""
+
+    def __init__(self, horizon: int = 10, dt: float = 0.05) -> None:
+        self.horizon, self.dt = horizon, dt
+        self._expert: ScriptedExpert | None = None
+        self.env: SimEnv | None = None
+
+    def bind(self, env: SimEnv) -> None:
+        """The expert plans from ground truth, so it is bound to the env of each episode."""
+        self.env = env
+        self._expert = ScriptedExpert(env, horizon=self.horizon, dt=self.dt)
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        if self._expert is None:
+            raise RuntimeError('ExpertPolicy.bind(env) must be called before infer')
+        return {'actions': self._expert.next_chunk(obs).astype(np.float32), 'dt': self.dt}
+
+
+def eval_seeds(count: int, offset: int = 0) -> list[int]:
+    """The first `count` held-out evaluation seeds (disjoint from the training seeds)."""
+    return [EVAL_SEEDS[offset + i] for i in range(count)]
+
+
+def run_episode(policy: InferencePolicy, task: str, seed: int, config: RolloutConfig,
+                safety: SafetyFilter,
+                on_frame: Callable[[np.ndarray], None] | None = None) -> EpisodeResult:
+    """One closed-loop episode; deterministic given the seed and a deterministic policy."""
+    # The expert plans from ground truth: rendering its observations would only cost time.
+    env = make_env(task, seed=seed, image_size=config.image_size,
+                   render=not isinstance(policy, ExpertPolicy))
+    try:
+        if isinstance(policy, ExpertPolicy):
+            policy.bind(env)
+        return _run(policy, env, task, seed, config, safety, on_frame)
+    finally:
+        env.close()
+
+
+def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: RolloutConfig,
+         safety: SafetyFilter, on_frame: Callable[[np.ndarray], None] | None) -> EpisodeResult:
+    robot = env.robot
+    start_time = env.time
+    times: list[float] = [env.time]
+    measured: list[np.ndarray] = [env.joint_positions[:robot.n_joints]]
+    commanded_q: list[np.ndarray] = []
+    commanded_dq: list[np.ndarray] = []
+    latencies: list[float] = []
+    holds = 0
+    chunks = 0
+    success_at: float | None = None
+
+    def advance(dt: float) -> None:
+        """Step the physics one action period, sampling joints (and a video frame)."""
+        env.step(dt)
+        times.append(env.time)
+        measured.append(env.joint_positions[:robot.n_joints])
+        if on_frame is not None and len(times) % config.video_every == 0:
+            on_frame(env.render(('scene_camera',))['scene_camera'])
+
+    while env.time - start_time < config.max_time_s:
+        obs = env.observe()
+        tic = time.perf_counter()
+        out = policy.infer(obs)
+        latencies.append((time.perf_counter() - tic) * 1e3)
+        chunks += 1
+        actions = np.asarray(out['actions'], dtype=np.float64)     # (horizon, 8)
+        dt = float(out['dt'])
+        check = safety.check_chunk(actions, dt, env.joint_positions[:robot.n_joints])
+        if not check.ok:
+            holds += 1
+            advance(dt)       # the controller holds its last reference
+            continue
+        n_exec = len(check.positions)
+        if config.replan_steps:
+            n_exec = min(n_exec, config.replan_steps)
+        positions, stamps, velocities = chunk_to_trajectory(
+            check.positions, dt, env.desired.positions, robot)
+        commanded_q.extend(positions)
+        commanded_dq.extend(velocities)
+        env.command_joint_trajectory(positions, stamps, velocities)
+        for k in range(n_exec):
+            width = float(check.gripper[k])
+            if abs(width - env._gripper.width) > 1e-4:
+                env.command_gripper(width)
+            advance(dt)
+            if env.success():
+                success_at = env.time - start_time
+                break
+        if success_at is not None:
+            break
+    violations = limit_violations(robot, np.asarray(commanded_q).reshape(-1, robot.n_joints),
+                                  np.asarray(commanded_dq).reshape(-1, robot.n_joints))
+    violations['safety_holds'] = holds
+    return EpisodeResult(
+        task=task, seed=seed, instruction=env.instruction, success=success_at is not None,
+        duration_s=env.time - start_time, time_to_success_s=success_at,
+        inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
+        limit_violations=violations, chunks=chunks)

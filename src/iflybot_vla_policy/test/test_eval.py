@@ -1,0 +1,59 @@
+"""`iflybot eval` writes well-formed reports; the scripted expert validates the harness."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from iflybot_vla_policy import cli
+
+
+def test_tiny_random_policy_gives_a_well_formed_report(tmp_path: Path) -> None:
+    rc = cli.main(['eval', '--preset', 'tiny', '--tasks', 'pick_place', '--episodes', '2',
+                   '--max-time', '2', '--image-size', '96', '--videos', '1',
+                   '--out', str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / 'report.json').read_text())
+    row = report['tasks']['pick_place']
+    assert row['episodes'] == 2
+    assert 0.0 <= row['success_rate'] <= 1.0
+    low, high = row['success_ci95']
+    assert 0.0 <= low <= row['success_rate'] <= high <= 1.0
+    assert row['inference_latency_ms_p50'] > 0.0
+    assert math.isfinite(row['inference_latency_ms_p99'])
+    # A random policy proposes wild chunks: the safety filter holds instead of sending them.
+    assert row['limit_violations']['position'] == 0
+    assert row['limit_violations']['velocity'] == 0
+    assert len(report['episodes']) == 2
+    assert {e['seed'] for e in report['episodes']} == {1_000_000, 1_000_001}
+    assert (tmp_path / 'report.md').read_text().startswith('# Closed-loop evaluation')
+    video = tmp_path / report['episodes'][0]['video']
+    assert video.suffix == '.mp4' and video.stat().st_size > 1000
+
+
+def test_scripted_expert_as_policy_scores_at_least_95_percent(tmp_path: Path) -> None:
+    rc = cli.main(['eval', '--expert', '--tasks', 'pick_place,stack,push,drawer',
+                   '--episodes', '3', '--videos', '0', '--out', str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert report['overall']['episodes'] == 12
+    assert report['overall']['success_rate'] >= 0.95
+    for task in ('pick_place', 'stack', 'push', 'drawer'):
+        assert report['tasks'][task]['limit_violations']['position'] == 0
+
+
+def test_eval_is_deterministic_given_the_seeds(tmp_path: Path) -> None:
+    outcomes = []
+    for run in ('a', 'b'):
+        out = tmp_path / run
+        assert cli.main(['eval', '--expert', '--tasks', 'push', '--episodes', '1',
+                         '--videos', '0', '--out', str(out)]) == 0
+        episode = json.loads((out / 'report.json').read_text())['episodes'][0]
+        outcomes.append((episode['success'], episode['duration_s'], episode['rms_jerk']))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_unknown_task_is_refused_with_the_choices(tmp_path: Path, capsys) -> None:
+    assert cli.main(['eval', '--expert', '--tasks', 'pick_and_place', '--out',
+                     str(tmp_path)]) == 2
+    assert "unknown task(s) ['pick_and_place']" in capsys.readouterr().err
