@@ -17,6 +17,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('doctor', 'iflybot_vla_policy.doctor',
      'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
     ('sim', 'iflybot_vla_policy.sim_cmd', 'MuJoCo FR3 sim node; --snapshot DIR; --expert-eval N'),
+    ('eval', 'iflybot_vla_policy.eval_cmd',
+     'closed-loop evaluation on held-out sim seeds: success with 95% CI, latency, smoothness'),
     ('bench', 'iflybot_vla_policy.bench_cmd',
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
     ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
