@@ -44,6 +44,8 @@ class ConvertConfig:
     gripper_topic: str = '/vla/gripper_command'
     instruction_topic: str = '/vla/instruction'
     max_image_age_s: float = 0.25         # a frame without an image this close is an error
+    max_clock_skew_s: float = 1.0         # command stamps further than this from their receive
+                                          # time are on another clock: use the receive time
     min_frames: int = 2
 
     def __post_init__(self) -> None:
@@ -86,6 +88,17 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if msg.encoding.startswith('bgr'):
         img = img[:, :, 2::-1]
     return np.ascontiguousarray(img[:, :, :3])
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """(n, H, W, 3) uint8 -> (n, h, w, 3) uint8 (bilinear); unchanged when size is None."""
+    if size is None or images.shape[1:3] == tuple(size):
+        return images
+    from PIL import Image
+
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))
+                     for im in images])
 
 
 @dataclass
@@ -165,10 +178,18 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
     stamped = [(s, r) for (s, r), _ in js if s]
     delay = int(np.median([r - s for s, r in stamped])) if stamped else 0
     when = lambda sr: sr[0] or sr[1] - delay  # noqa: E731
+
+    def when_command(sr: tuple[int, int]) -> int:
+        # A command stamped on another clock (a node on wall time while the simulator runs on
+        # sim time) is placed by its receive time instead.
+        received = sr[1] - delay
+        if sr[0] and abs(sr[0] - received) <= config.max_clock_skew_s * 1e9:
+            return sr[0]
+        return received
     js = sorted(((when(sr), q) for sr, q in js), key=lambda x: x[0])
     images = {cam: [when(sr) for sr in v] for cam, v in images.items()}
-    trajs = [(when(sr), msg) for sr, msg in trajs]
-    grips = [(when(sr), w) for sr, w in grips]
+    trajs = [(when_command(sr), msg) for sr, msg in trajs]
+    grips = [(when_command(sr), w) for sr, w in grips]
     origin = js[0][0]
     to_s = lambda ns: (np.asarray(ns, dtype=np.int64) - origin) / 1e9  # noqa: E731
     js_q = np.stack([q for _, q in js])
@@ -314,8 +335,6 @@ def align(rec: RecordedEpisode, config: ConvertConfig) -> dict[str, Any]:
 def _load_images(rec: RecordedEpisode, config: ConvertConfig,
                  chosen: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Second pass over the bag: decode only the images that frames use."""
-    from iflybot_vla_policy.data.loader import _resize
-
     wanted = {cam: {int(rec.image_log_index[cam][k]) for k in idx}
               for cam, idx in chosen.items()}
     counters = dict.fromkeys(chosen, 0)
@@ -331,7 +350,7 @@ def _load_images(rec: RecordedEpisode, config: ConvertConfig,
     out = {}
     for cam, idx in chosen.items():
         frames = np.stack([decoded[cam][int(k)] for k in idx])
-        out[cam] = _resize(frames, config.image_size)
+        out[cam] = resize_images(frames, config.image_size)
     shapes = {cam: f.shape[1:3] for cam, f in out.items()}
     for cam, frames in out.items():
         if frames.shape[1] % 2 or frames.shape[2] % 2:

@@ -87,6 +87,7 @@ class _Episode:
         self.dropped: Counter[str] = Counter()
         self.error = ''
         self.thread: threading.Thread | None = None
+        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')
 
 
 class EpisodeRecorder:
@@ -204,7 +205,7 @@ class EpisodeRecorder:
                                dict(ep.dropped), ep.error)
         entry = {**info, 'path': ep.path.name, 'message_count': result.message_count,
                  'dropped': result.dropped_total, 'notes': notes,
-                 'started_at': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+                 'started_at': ep.started_at,
                  'error': ep.error}
         with (self.config.root / INDEX_FILE).open('a') as f:
             f.write(json.dumps(entry) + '\n')

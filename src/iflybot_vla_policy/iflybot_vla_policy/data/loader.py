@@ -16,18 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from iflybot_vla_policy.data import lerobot_format as fmt
+from iflybot_vla_policy.data.convert import resize_images
 from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
-
-
-def _resize(images: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """(n, H, W, 3) uint8 -> (n, h, w, 3) uint8 (bilinear); unchanged when size is None."""
-    if size is None or images.shape[1:3] == tuple(size):
-        return images
-    from PIL import Image
-
-    h, w = size
-    return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR))
-                     for im in images])
 
 
 def _select_episodes(ds: LeRobotDataset, episodes: Sequence[int] | None,
@@ -87,7 +77,7 @@ class ActionChunkDataset(Dataset):
         }
         if self.load_images:
             item['images'] = {cam: torch.from_numpy(
-                _resize(self.ds.images(cam, [frame]), self.image_size)[0])
+                resize_images(self.ds.images(cam, [frame]), self.image_size)[0])
                 for cam in self.cameras}
         return item
 
@@ -123,7 +113,7 @@ class FramePairDataset(Dataset):
         episode = int(self.ds.data['episode_index'][frame])
         _, stop = self.ds.episode_range(episode)
         later = min(frame + self.offset, stop - 1)
-        pair = _resize(self.ds.images(self.camera, [frame, later]), self.image_size)
+        pair = resize_images(self.ds.images(self.camera, [frame, later]), self.image_size)
         return {'frame': torch.from_numpy(pair[0]), 'next_frame': torch.from_numpy(pair[1]),
                 'offset_frames': later - frame, 'instruction': self.ds.instruction(frame),
                 'episode_index': episode,

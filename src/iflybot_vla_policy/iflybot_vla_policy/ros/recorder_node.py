@@ -164,6 +164,7 @@ class RecorderNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
+    from rclpy._rclpy_pybind11 import RCLError
     from rclpy.executors import ExternalShutdownException
 
     rclpy.init(args=args)   # rclpy's handlers turn SIGINT and SIGTERM into a shutdown
@@ -172,6 +173,9 @@ def main(args: list[str] | None = None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RCLError:
+        if rclpy.ok():         # a signal can invalidate the context mid-wait: that is a shutdown
+            raise
     finally:
         node.finalise('recorder shut down')
         node.destroy_node()
