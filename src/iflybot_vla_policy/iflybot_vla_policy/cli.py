@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('train', 'iflybot_vla_policy.train_cmd', 'train a stage: lam, fast or vla (accelerate)'),
 ]
 
+    ('record', 'iflybot_vla_policy.record_cmd', 'record expert demos in the sim through ROS'),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
