@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('sim', 'iflybot_vla_policy.sim_cmd', 'MuJoCo FR3 sim node; --snapshot DIR; --expert-eval N'),
     ('eval', 'iflybot_vla_policy.eval_cmd',
      'closed-loop evaluation on held-out sim seeds: success with 95% CI, latency, smoothness'),
+    ('libero', 'iflybot_vla_policy.libero_cmd',
+     'LIBERO benchmark suites through Policy.infer (LIBERO must be installed locally)'),
     ('bench', 'iflybot_vla_policy.bench_cmd',
      'run the benchmarks (each beside its naive baseline); JSON + markdown table'),
     ('serve', 'iflybot_vla_policy.serve_cmd', 'serve a policy to remote clients (openpi wire)'),
@@ -27,9 +29,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('bag-repair', 'iflybot_vla_policy.bag_repair_cmd', 'recover bags cut off by a crash'),
     ('gen-demos', 'iflybot_vla_policy.gen_demos_cmd', 'expert demos from the sim -> dataset'),
     ('train', 'iflybot_vla_policy.train_cmd', 'train a stage: lam, fast or vla (accelerate)'),
+    ('record', 'iflybot_vla_policy.record_cmd', 'record expert demos in the sim through ROS'),
 ]
 
-    ('record', 'iflybot_vla_policy.record_cmd', 'record expert demos in the sim through ROS'),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
