@@ -171,6 +171,9 @@ class GraphRunner:
         width = max([len(c.node.name) for c in self._children] + [2])
         self._width = width
         self._ros: _LifecycleClient | None = None
+        self._up = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._stopped_in: float | None = None
 
     # -- logging
     def log(self, text: str, name: str = 'up', colour: str = '') -> None:
@@ -200,7 +203,7 @@ class GraphRunner:
 
     # -- main
     def run(self, install_signal_handlers: bool = True) -> int:
-        """Start every node, supervise, shut down; returns the exit status of the graph."""
+        """Start every node, supervise until stopped, shut down; returns the exit status."""
         previous: dict[int, Any] = {}
         if install_signal_handlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -209,16 +212,60 @@ class GraphRunner:
             self._start_all()
             self._supervise()
         finally:
-            elapsed = self._shutdown()
-            if self._ros is not None:
-                self._ros.close()
+            code = self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self.log(f'all nodes stopped in {elapsed:.2f} s')
-        if self._failure:
-            self.log(f'FAILED: {self._failure}')
-            return 1
-        return 0
+        return code
+
+    # -- programmatic use (e.g. the demo): with GraphRunner(...) as graph: graph.wait_until_up()
+    def start(self) -> GraphRunner:
+        """Start every node and supervise them on a background thread."""
+        self._start_all()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                            name='graph-supervisor')
+        self._supervisor.start()
+        return self
+
+    def wait_until_up(self, timeout: float | None = None) -> bool:
+        """True once every node runs and every autostart lifecycle node finished its
+        transitions; False on timeout or if the graph stopped first (see `failure`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._up.is_set():
+            if self._stop.is_set():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self._up.wait(0.05)
+        return not self._stop.is_set() and self._failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the graph failed (a required node died, a lifecycle transition failed)."""
+        return self._failure
+
+    @property
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
+    def stop(self) -> int:
+        """Shut every node down (SIGINT, SIGTERM, SIGKILL); returns the exit status."""
+        if self._stopped_in is None:
+            self._stop.set()
+            if self._supervisor is not None:
+                self._supervisor.join(timeout=5.0)
+            self._stopped_in = self._shutdown()
+            if self._ros is not None:
+                self._ros.close()
+            self.log(f'all nodes stopped in {self._stopped_in:.2f} s')
+            if self._failure:
+                self.log(f'FAILED: {self._failure}')
+        return 1 if self._failure else 0
+
+    def __enter__(self) -> GraphRunner:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
     def _start_all(self) -> None:
         graph = self.resolved.graph
@@ -293,7 +340,7 @@ class GraphRunner:
                     self.request_stop(f'required node {child.node.name} ended: shutting down')
                     return
             if running == 0:
-                self.log('no node is running any more')
+                self.request_stop('no node is running any more: shutting down')
                 return
             lifecycle = [c for c in self._children
                          if c.node.spec.lifecycle and c.node.spec.autostart]
@@ -302,6 +349,7 @@ class GraphRunner:
                 active = [c.node.name for c in lifecycle if c.lifecycle_state == 'active']
                 self.log(f'graph {self.resolved.graph.name!r} is up: {running} nodes running'
                          + (f', active: {", ".join(active)}' if active else ''))
+                self._up.set()
 
     def _shutdown(self) -> float:
         t0 = time.monotonic()

@@ -199,6 +199,20 @@ def test_failed_configure_of_a_required_lifecycle_node_fails_the_graph(
         up.close()
 
 
+def test_a_program_can_hold_a_graph_up_in_a_with_block(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    report, log = tmp_path / 'r.json', tmp_path / 'log.txt'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('held', report, lifecycle=True, arguments=['--lifecycle'])])
+    resolved = graph_mod.resolve(graph_mod.load_graph(graph))
+    with log.open('w') as out, runner.GraphRunner(resolved, out=out) as held:
+        assert held.wait_until_up(timeout=60), log.read_text()
+        assert held.running and held.failure is None
+        assert read_report(report)['events'][-1] == 'activate'
+    assert read_report(report)['events'][-1] == 'clean shutdown'
+    assert held.stop() == 0 and not held.running
+
+
 def test_up_franka_stops_before_starting_anything_and_points_to_docker(
         capsys: pytest.CaptureFixture[str]) -> None:
     if graph_mod.package_share('franka_bringup') is not None:
