@@ -113,51 +113,70 @@ class DesiredState:
 
 
 class _Spline:
-    """Piecewise polynomial through knots at absolute times; holds the last knot afterwards."""
+    """Piecewise polynomial through knots at absolute times; holds the last knot afterwards.
+
+    Coefficients are computed once per trajectory, so that sampling (500 times per sim second)
+    is a search and one small matrix product.
+    """
 
     def __init__(self, times: np.ndarray, pos: np.ndarray, vel: np.ndarray | None,
                  acc: np.ndarray | None) -> None:
         self.times, self.pos, self.vel, self.acc = times, pos, vel, acc  # (K,), (K, n) ...
+        self._coeffs = self._fit()                   # (K - 1, 6, n): p(tau) = sum c_i tau^i
+        self._hold = DesiredState(pos[-1].copy(), np.zeros(pos.shape[1]),
+                                  np.zeros(pos.shape[1]))
+
+    def _fit(self) -> np.ndarray:
+        times, pos = self.times, self.pos
+        n_seg, n = len(times) - 1, pos.shape[1]
+        coeffs = np.zeros((max(n_seg, 0), 6, n))
+        if n_seg <= 0:
+            return coeffs
+        h = np.diff(times)[:, None]                  # (K - 1, 1)
+        p0, p1 = pos[:-1], pos[1:]
+        # Coefficients a_i of the normalised time s = tau / h, then c_i = a_i / h^i.
+        a = np.zeros((n_seg, 6, n))
+        a[:, 0] = p0
+        if self.vel is None:
+            a[:, 1] = p1 - p0
+        else:
+            v0, v1 = self.vel[:-1] * h, self.vel[1:] * h
+            a[:, 1] = v0
+            if self.acc is None:
+                a[:, 2] = 3 * (p1 - p0) - 2 * v0 - v1
+                a[:, 3] = 2 * (p0 - p1) + v0 + v1
+            else:
+                a0, a1 = self.acc[:-1] * h * h, self.acc[1:] * h * h
+                d = p1 - p0 - v0 - a0 / 2
+                e = v1 - v0 - a0
+                f = a1 - a0
+                a[:, 2] = a0 / 2
+                a[:, 3] = 10 * d - 4 * e + f / 2
+                a[:, 4] = -15 * d + 7 * e - f
+                a[:, 5] = 6 * d - 3 * e + f / 2
+        powers = h[:, :, None] ** np.arange(6)[None, :, None]     # (K - 1, 6, 1)
+        coeffs[:] = a / powers
+        return coeffs
 
     @property
     def end_time(self) -> float:
         return float(self.times[-1])
 
     def sample(self, t: float) -> DesiredState:
-        times, pos = self.times, self.pos
-        zeros = np.zeros(pos.shape[1])
+        times = self.times
         if t >= times[-1] or len(times) == 1:
-            return DesiredState(pos[-1].copy(), zeros, zeros.copy())
+            return DesiredState(self._hold.positions.copy(), self._hold.velocities.copy(),
+                                self._hold.accelerations.copy())
         if t <= times[0]:
-            vel = self.vel[0].copy() if self.vel is not None else zeros
-            acc = self.acc[0].copy() if self.acc is not None else zeros.copy()
-            return DesiredState(pos[0].copy(), vel, acc)
+            t = float(times[0])
         k = int(np.searchsorted(times, t, side='right')) - 1
-        h = float(times[k + 1] - times[k])
-        s = (t - float(times[k])) / h
-        p0, p1 = pos[k], pos[k + 1]
-        if self.vel is None:
-            v = (p1 - p0) / h
-            return DesiredState(p0 + s * (p1 - p0), v, zeros)
-        v0, v1 = self.vel[k] * h, self.vel[k + 1] * h   # in units of the normalised time s
-        if self.acc is None:
-            c2 = 3 * (p1 - p0) - 2 * v0 - v1
-            c3 = 2 * (p0 - p1) + v0 + v1
-            p = p0 + s * (v0 + s * (c2 + s * c3))
-            dp = v0 + s * (2 * c2 + 3 * s * c3)
-            ddp = 2 * c2 + 6 * s * c3
-        else:
-            a0, a1 = self.acc[k] * h * h, self.acc[k + 1] * h * h
-            d = p1 - p0 - v0 - a0 / 2
-            e = v1 - v0 - a0
-            f = a1 - a0
-            c3 = 10 * d - 4 * e + f / 2
-            c4 = -15 * d + 7 * e - f
-            c5 = 6 * d - 3 * e + f / 2
-            p = p0 + s * (v0 + s * (a0 / 2 + s * (c3 + s * (c4 + s * c5))))
-            dp = v0 + s * (a0 + s * (3 * c3 + s * (4 * c4 + 5 * s * c5)))
-            ddp = a0 + s * (6 * c3 + s * (12 * c4 + 20 * s * c5))
-        return DesiredState(p, dp / h, ddp / (h * h))
+        tau = t - float(times[k])
+        t2, t3 = tau * tau, tau * tau * tau
+        basis = np.array([[1.0, tau, t2, t3, t3 * tau, t3 * t2],
+                          [0.0, 1.0, 2 * tau, 3 * t2, 4 * t3, 5 * t3 * tau],
+                          [0.0, 0.0, 2.0, 6 * tau, 12 * t2, 20 * t3]])
+        out = basis @ self._coeffs[k]                # (3, n)
+        return DesiredState(out[0], out[1], out[2])
 
 
 class TrajectoryController:
