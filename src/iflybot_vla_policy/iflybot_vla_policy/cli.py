@@ -17,6 +17,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('doctor', 'iflybot_vla_policy.doctor',
      'check this machine: rclpy/RMW, interfaces, torch, MuJoCo rendering, ros2 launch, disk'),
     ('sim', 'iflybot_vla_policy.sim_cmd', 'MuJoCo FR3 sim node; --snapshot DIR; --expert-eval N'),
+    ('demo', 'iflybot_vla_policy.demo_cmd',
+     'closed-loop demo through ROS in the MuJoCo sim: episodes, bags, video, joint plot'),
     ('eval', 'iflybot_vla_policy.eval_cmd',
      'closed-loop evaluation on held-out sim seeds: success with 95% CI, latency, smoothness'),
     ('libero', 'iflybot_vla_policy.libero_cmd',

@@ -1,0 +1,197 @@
+"""The demo's driver: runs episodes across tasks through ROS and taps what a user wants to see.
+
+It talks to the running graph only through its public interfaces: `/iflybot_sim/reset`, the
+recorder's services, the policy's `~/run_policy` action (or, without a checkpoint, the scripted
+expert publishing the same command topics a policy does), and it records the scene camera,
+the measured joints and the commanded trajectories for the video and the plot.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import rclpy
+from iflybot_vla_msgs.action import RunPolicy
+from iflybot_vla_msgs.msg import PolicyStatus
+from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
+from rclpy.action import ActionClient
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
+
+from iflybot_vla_policy.robot import load_robot
+from iflybot_vla_policy.ros.conversions import image_to_rgb, joint_positions
+
+
+@dataclass
+class DemoEpisode:
+    task: str
+    seed: int
+    instruction: str
+    success: bool
+    duration_s: float
+    latency_p50_ms: float
+    bag: str
+    message: str = ''
+
+
+@dataclass
+class Taps:
+    """What the driver saw: frames for the video, measured and commanded joints for the plot."""
+
+    frames: list[np.ndarray] = field(default_factory=list)          # (H, W, 3) uint8
+    measured_t: list[float] = field(default_factory=list)
+    measured_q: list[np.ndarray] = field(default_factory=list)      # (7,)
+    commanded_t: list[float] = field(default_factory=list)
+    commanded_q: list[np.ndarray] = field(default_factory=list)     # (7,)
+    episode_starts: list[float] = field(default_factory=list)
+
+
+def _stamp(msg_stamp) -> float:
+    return msg_stamp.sec + msg_stamp.nanosec * 1e-9
+
+
+class DemoDriver(Node):
+    def __init__(self, frame_every: int = 2) -> None:
+        super().__init__('iflybot_demo')
+        self.robot = load_robot()
+        self.taps = Taps()
+        self._lock = threading.Lock()
+        self._frame_every = frame_every
+        self._frames_seen = 0
+        self._latest_status: PolicyStatus | None = None
+        self._last_js_t = 0.0
+        self.last_instruction = ''
+        self.create_subscription(String, '/vla/instruction', self._on_instruction, 10)
+        self.create_subscription(Image, '/scene_camera/color/image_raw', self._on_image,
+                                 qos_profile_sensor_data)
+        self.create_subscription(JointState, '/joint_states', self._on_joint_state, 50)
+        self.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
+                                 self._on_trajectory, 10)
+        self.create_subscription(PolicyStatus, '/vla/status', self._on_status, 10)
+        self.reset_client = self.create_client(ResetSim, '/iflybot_sim/reset')
+        self.start_client = self.create_client(StartEpisode, '/iflybot_recorder/start_episode')
+        self.stop_client = self.create_client(StopEpisode, '/iflybot_recorder/stop_episode')
+        self.run_client = ActionClient(self, RunPolicy, '/iflybot_policy/run_policy')
+
+    # ------------------------------------------------------------------------------ taps
+    def _on_image(self, msg: Image) -> None:
+        self._frames_seen += 1
+        if self._frames_seen % self._frame_every == 0:
+            frame = image_to_rgb(msg)
+            with self._lock:
+                self.taps.frames.append(frame)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        try:
+            q = joint_positions(msg, self.robot.arm_joint_names)
+        except (KeyError, ValueError):
+            return
+        t = _stamp(msg.header.stamp)
+        with self._lock:
+            self._last_js_t = t
+            if not self.taps.measured_t or t > self.taps.measured_t[-1] + 0.02:
+                self.taps.measured_t.append(t)
+                self.taps.measured_q.append(q)
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        index = {name: i for i, name in enumerate(msg.joint_names)}
+        if any(n not in index for n in self.robot.arm_joint_names):
+            return
+        with self._lock:
+            start = _stamp(msg.header.stamp) or self._last_js_t    # stamp 0 = now
+            for point in msg.points:
+                self.taps.commanded_t.append(start + _stamp(point.time_from_start))
+                self.taps.commanded_q.append(np.array(
+                    [point.positions[index[n]] for n in self.robot.arm_joint_names]))
+
+    def _on_instruction(self, msg: String) -> None:
+        self.last_instruction = msg.data
+
+    def _on_status(self, msg: PolicyStatus) -> None:
+        self._latest_status = msg
+
+    # ------------------------------------------------------------------------------ calls
+    def call(self, client, request, timeout: float = 60.0):
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f'service {client.srv_name} did not appear within {timeout} s')
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'service {client.srv_name} did not answer in {timeout} s')
+            time.sleep(0.01)
+        return future.result()
+
+    def reset(self, task: str, seed: int) -> str:
+        reply = self.call(self.reset_client, ResetSim.Request(task=task, seed=seed))
+        if not reply.success:
+            raise RuntimeError(f'simulator reset failed: {reply.message}')
+        self.mark_episode_start()
+        return reply.instruction
+
+    def mark_episode_start(self) -> None:
+        with self._lock:
+            self.taps.episode_starts.append(self._last_js_t)
+
+    def start_episode(self, task: str, instruction: str, operator: str) -> str:
+        reply = self.call(self.start_client, StartEpisode.Request(
+            instruction=instruction, task=task, operator_name=operator))
+        if not reply.success:
+            raise RuntimeError(f'recorder refused to start: {reply.message}')
+        return reply.path
+
+    def stop_episode(self, success: bool, notes: str) -> str:
+        reply = self.call(self.stop_client, StopEpisode.Request(success=success, notes=notes))
+        if not reply.success:
+            raise RuntimeError(f'recorder failed to stop: {reply.message}')
+        return reply.message
+
+    def run_policy(self, instruction: str, max_duration: float) -> tuple[bool, float, str]:
+        """Send a RunPolicy goal and wait for its result: (success, duration, reason)."""
+        if not self.run_client.wait_for_server(timeout_sec=60.0):
+            raise TimeoutError('the policy action /iflybot_policy/run_policy did not appear')
+        goal = self.run_client.send_goal_async(
+            RunPolicy.Goal(instruction=instruction, max_duration=max_duration))
+        handle = self._wait_future(goal, 30.0, 'goal acceptance')
+        if not handle.accepted:
+            raise RuntimeError('the policy rejected the goal')
+        result = self._wait_future(handle.get_result_async(), max_duration * 4 + 60.0,
+                                   'the policy result').result
+        return bool(result.success), float(result.duration), result.reason
+
+    def latency_p50(self) -> float:
+        status = self._latest_status
+        return float(status.inference_latency_p50_ms) if status is not None else float('nan')
+
+    @staticmethod
+    def _wait_future(future, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'timed out waiting for {what}')
+            time.sleep(0.02)
+        return future.result()
+
+
+def spin_in_background(node: Node) -> tuple[MultiThreadedExecutor, threading.Thread]:
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    return executor, thread
+
+
+def init() -> None:
+    rclpy.init()
+
+
+def shutdown(node: Node, executor: MultiThreadedExecutor) -> None:
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
