@@ -149,6 +149,9 @@ def brake(p0: np.ndarray, v0: np.ndarray, a_max: np.ndarray, h: float,
     """Fastest stop from (p0, v0) at the acceleration limit; a single knot when already still."""
     p = np.asarray(p0, dtype=np.float64).copy()
     v = np.asarray(v0, dtype=np.float64).copy()
+    reason = non_finite_reason(p, 'position') or non_finite_reason(v, 'velocity')
+    if reason:
+        raise ValueError(f'cannot brake from a non-finite state: {reason}')
     positions, velocities = [p.copy()], [v.copy()]
     while np.any(v != 0.0):
         a = np.clip(-v / h, -a_max, a_max)
@@ -177,34 +180,42 @@ def track(p0: np.ndarray, v0: np.ndarray, reference: np.ndarray, h: float,
     p = np.asarray(p0, dtype=np.float64).copy()
     v = np.asarray(v0, dtype=np.float64).copy()
     reference = np.asarray(reference, dtype=np.float64)
-    ref_vel = np.diff(np.vstack([reference[:1], reference]), axis=0) / h
-    if len(reference) > 1:
-        ref_vel[0] = ref_vel[1]
+    reason = (non_finite_reason(p, 'position') or non_finite_reason(v, 'velocity')
+              or non_finite_reason(reference, 'reference'))
+    if reason:
+        raise ValueError(f'cannot track: {reason}')
+    # Reference velocity and acceleration (central differences) feed forward, so a smooth
+    # reference is followed smoothly; the feedback only removes the remaining error.
+    padded = np.vstack([2 * reference[:1] - reference[1:2], reference, reference[-1:]]) \
+        if len(reference) > 1 else np.repeat(reference, 3, axis=0)
+    ref_vel = (padded[2:] - padded[:-2]) / (2 * h)
+    ref_acc = (padded[2:] - 2 * padded[1:-1] + padded[:-2]) / (h * h)
     gain = min(4.0 * bandwidth, 1.0 / h)
     a_max, v_max = limits.a_max, limits.v_max
     brake_a = 0.5 * a_max
     positions, velocities = [p.copy()], [v.copy()]
 
-    def step(target: np.ndarray, target_vel: np.ndarray) -> None:
+    def step(target: np.ndarray, target_vel: np.ndarray, target_acc: np.ndarray) -> None:
         nonlocal p, v
         error = target - p
         correction = np.sign(error) * np.minimum(bandwidth * np.abs(error),
                                                  np.sqrt(2.0 * brake_a * np.abs(error)))
         v_target = np.clip(target_vel + correction, -v_max, v_max)
-        a = np.clip(gain * (v_target - v), -a_max, a_max)
+        a = np.clip(target_acc + gain * (v_target - v), -a_max, a_max)
+        a = np.clip(a, (-v_max - v) / h, (v_max - v) / h)   # never past the velocity limit
         p = p + v * h + 0.5 * a * h * h
         v = v + a * h
         positions.append(p.copy())
         velocities.append(v.copy())
 
     for k in range(len(reference)):
-        step(reference[k], ref_vel[k])
+        step(reference[k], ref_vel[k], ref_acc[k])
     final = reference[-1] if len(reference) else p.copy()
     zero = np.zeros_like(p)
     for _ in range(int(max_settle / h)):
         if np.all(np.abs(v) <= a_max * h) and np.all(np.abs(final - p) < 1e-4):
             break
-        step(final, zero)
+        step(final, zero, zero)
     # Land on zero velocity with one last in-limit step.
     a = np.clip(-v / h, -a_max, a_max)
     p = p + v * h + 0.5 * a * h * h
