@@ -69,6 +69,7 @@ class SimNode(Node):
         self._env_error: BaseException | None = None
         self._go = threading.Event()      # publishers exist: the loop may start
         self._running = True
+        self.failed = False
         self._thread = threading.Thread(target=self._run, name='iflybot_sim_physics',
                                         daemon=True)
         self._thread.start()
@@ -227,9 +228,12 @@ class SimNode(Node):
         try:
             self._loop()
         except Exception as err:  # noqa: BLE001 - report, then let the process end
+            if not self._running or not self.context.ok():
+                return        # shutting down (e.g. Ctrl-C invalidated the context mid-publish)
             self.get_logger().fatal(f'simulation thread failed: {err!r}')
             self._running = False
-            raise
+            self.failed = True
+            self.context.try_shutdown()      # ends spin(); main() exits non-zero
         finally:
             self._env.close()
 
@@ -242,7 +246,7 @@ class SimNode(Node):
         due = dict.fromkeys(periods, 0.0)
         rtf = float(p['real_time_factor'])
         wall0, sim0 = time.monotonic(), None
-        behind_warned = 0.0
+        behind_warned = time.monotonic()   # no warning in the first seconds (GL start-up)
         while self._running and rclpy.ok(context=self.context):
             with self._lock:
                 if self._reset_request is not None:
@@ -305,6 +309,7 @@ class SimNode(Node):
 def main(argv: Sequence[str] | None = None) -> int:
     rclpy.init(args=list(sys.argv if argv is None else argv))
     node = None
+    code = 0
     try:
         node = SimNode()
         executor = SingleThreadedExecutor()
@@ -315,10 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if node is not None:
             node.shutdown()
+            code = 1 if node.failed else 0
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
-    return 0
+    return code
 
 
 if __name__ == '__main__':
