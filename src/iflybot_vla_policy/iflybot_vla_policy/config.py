@@ -65,7 +65,7 @@ class BackboneConfig:
 class ExpertConfig:
     """DiT action expert: one block per VLM layer, each cross-attending that layer's KV cache."""
 
-    width: int = 256
+    width: int = 192           # tiny: 4 heads of 48; the VLM's 64-wide KV heads are projected
     heads: int = 4
     mlp_ratio: float = 4.0
     direct_vision: bool = True  # also cross-attend the vision features (bypasses LM fusion)

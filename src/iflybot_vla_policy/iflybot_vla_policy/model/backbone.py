@@ -18,7 +18,6 @@ tokens in Qwen2.5-VL), so padding inside the prefix changes nothing for the real
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +62,12 @@ class _Inputs:
     positions: torch.Tensor      # (A, B, S): A = 1 (1-D RoPE) or 3 (mRoPE)
     features: torch.Tensor | None
     summary: torch.Tensor | None
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as in transformers' Llama/Qwen2 (rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def _positions_1d(mask: torch.Tensor) -> torch.Tensor:
@@ -165,8 +170,13 @@ class Backbone(nn.Module):
                            next_pos=p.positions.amax(dim=(0, 2)) + 1, next_logits=logits,
                            features=p.features, summary=p.summary, cache=out.past_key_values)
 
+    # decoders whose layers are plain Llama/Qwen2 blocks (1-D RoPE) take the lean decode path
+    lean_decode = False
+
     def append_tokens(self, prefix: PrefixCache, ids: torch.Tensor) -> PrefixCache:
-        """Feed ids (B, k) after the cached prefix; the cache is extended in place."""
+        """Feed ids (B, k) after the cached prefix; returns the extended cache."""
+        if self.lean_decode:
+            return self._append_lean(prefix, ids)
         k = ids.shape[1]
         positions = prefix.next_pos[:, None] + torch.arange(k, device=ids.device)   # (B, k)
         axes = 3 if isinstance(self, Qwen25VLBackbone) else 1
@@ -178,6 +188,39 @@ class Backbone(nn.Module):
                            next_logits=self.lm_head(out.last_hidden_state[:, -1]),
                            features=prefix.features, summary=prefix.summary,
                            cache=out.past_key_values)
+
+    def _append_lean(self, prefix: PrefixCache, ids: torch.Tensor) -> PrefixCache:
+        """The same computation as the transformers decoder layers, without its per-call
+        cache/mask machinery (which dominates when decoding 8 tokens of a tiny model on CPU)."""
+        dec = self.decoder
+        b, k = ids.shape
+        positions = prefix.next_pos[:, None] + torch.arange(k, device=ids.device)   # (B, k)
+        h = self.embed(ids)
+        cos, sin = dec.rotary_emb(h, positions)                                     # (B, k, hd)
+        cos, sin = cos[:, None], sin[:, None]
+        s = prefix.mask.shape[1]
+        keys = torch.cat([prefix.mask, prefix.mask.new_ones(b, k)], dim=1)        # (B, S + k)
+        causal = torch.ones(k, s + k, dtype=torch.bool, device=ids.device).tril(s)
+        attn_mask = keys[:, None, None, :] & causal[None, None]                    # (B,1,k,S+k)
+        new_kv = []
+        for layer, (k_old, v_old) in zip(dec.layers, prefix.kv, strict=True):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, k, -1, attn.head_dim).transpose(1, 2)
+            kk = attn.k_proj(x).view(b, k, -1, attn.head_dim).transpose(1, 2)
+            vv = attn.v_proj(x).view(b, k, -1, attn.head_dim).transpose(1, 2)
+            q, kk = _rope(q, cos, sin), _rope(kk, cos, sin)
+            kk, vv = torch.cat([k_old, kk], dim=2), torch.cat([v_old, vv], dim=2)
+            new_kv.append((kk, vv))
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask,
+                                               scale=attn.scaling,
+                                               enable_gqa=q.shape[1] != kk.shape[1])
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, k, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = dec.norm(h)
+        return PrefixCache(kv=new_kv, mask=keys, next_pos=prefix.next_pos + k,
+                           next_logits=self.lm_head(h[:, -1]), features=prefix.features,
+                           summary=prefix.summary, cache=None)
 
     def generate_latents(self, prefix: PrefixCache, n: int) -> tuple[torch.Tensor, PrefixCache]:
         """Greedy decoding restricted to the latent codes; returns codes (B, n) and the cache
@@ -200,6 +243,8 @@ class Backbone(nn.Module):
 class TinyBackbone(Backbone):
     """Qwen2 decoder LM built from config; image tokens come from `ConvVisionTower`."""
 
+    lean_decode = True
+
     def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
         super().__init__(cfg)
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -218,7 +263,6 @@ class TinyBackbone(Backbone):
         self.decoder, self.lm_head = lm.model, lm.lm_head
         self.vision = ConvVisionTower(b.vision, cfg.image_size, len(cfg.cameras), b.hidden,
                                       b.text_vocab)
-        self.image_scale = math.sqrt(1.0)
 
     def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> _Inputs:
@@ -351,6 +395,8 @@ class Qwen25VLBackbone(Backbone):
 
 class SmolVLMBackbone(Backbone):
     """SmolVLM / Idefics3: SigLIP vision encoder + pixel-shuffle connector + Llama decoder."""
+
+    lean_decode = True
 
     def __init__(self, cfg: VLAConfig, tokenizer: TextTokenizer | None = None) -> None:
         super().__init__(cfg)
