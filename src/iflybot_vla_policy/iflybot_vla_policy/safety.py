@@ -33,6 +33,7 @@ class SafetyConfig:
     position_margin: float = 0.05      # rad kept clear of every joint limit
     max_step: float = 0.5              # rad a target may lie from the measured state beyond
     #                                    what the velocity limit allows in the time until it
+    hold_on_large_step: bool = False   # beyond max_step: hold (true) or clamp the target
     max_tracking_error: float = 0.3    # rad between commanded and measured state before ERROR
     workspace_margin: float = 0.0      # m the TCP box is shrunk by on every side
     tracking_bandwidth: float = 10.0   # rad/s: how fast the trajectory converges on a reference
@@ -65,7 +66,8 @@ class SafetyConfig:
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ValueError(f'unknown safety key(s) {unknown}; valid keys: {sorted(valid)}')
-        return cls(**{k: float(v) for k, v in values.items()})
+        return cls(**{k: (bool(v) if k == 'hold_on_large_step' else float(v))
+                      for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -283,10 +285,13 @@ class SafetyFilter:
         excess = np.abs(clipped - q_measured[None, :]) - allowance
         if np.any(excess > 0.0):
             k, j = np.unravel_index(int(np.argmax(excess)), excess.shape)
-            return ChunkCheck(None, None,
-                              f'action {k} moves {self.robot.arm_joint_names[j]} '
-                              f'{abs(clipped[k, j] - q_measured[j]):.3f} rad from the measured '
-                              f'state (max_step {self.config.max_step} rad + velocity allowance)')
+            what = (f'action {k} moves {self.robot.arm_joint_names[j]} '
+                    f'{abs(clipped[k, j] - q_measured[j]):.3f} rad from the measured state '
+                    f'(max_step {self.config.max_step} rad + velocity allowance)')
+            if self.config.hold_on_large_step:
+                return ChunkCheck(None, None, what)
+            clipped = np.clip(clipped, q_measured - allowance, q_measured + allowance)
+            notes.append(f'clamped: {what}')
         violation = self.workspace_violation(clipped)                      # (horizon,)
         allowed = max(float(self.workspace_violation(q_measured)), 0.0) + 1e-6
         outside = np.nonzero(violation > allowed)[0]

@@ -64,10 +64,20 @@ def test_targets_beyond_joint_limits_are_clipped_inside_the_margin(safety):
     assert any('fr3_joint4' in note for note in check.notes)
 
 
-def test_jump_far_from_measured_state_is_held(safety):
+def test_jump_far_from_measured_state_is_clamped_to_max_step(safety):
     chunk = chunk_around(ROBOT.home, np.zeros((10, 7)))
     chunk[0, 0] += 1.0   # 1 rad away at t=0: more than max_step allows
     check = safety.check_chunk(chunk, DT, ROBOT.home)
+    assert check.ok
+    assert check.positions[0, 0] == pytest.approx(ROBOT.home[0] + safety.config.max_step)
+    assert any('fr3_joint1' in n and 'max_step' in n for n in check.notes)
+
+
+def test_jump_far_from_measured_state_is_held_when_configured():
+    strict = SafetyFilter(ROBOT, SafetyConfig.from_mapping({'hold_on_large_step': True}))
+    chunk = chunk_around(ROBOT.home, np.zeros((10, 7)))
+    chunk[0, 0] += 1.0
+    check = strict.check_chunk(chunk, DT, ROBOT.home)
     assert not check.ok and 'fr3_joint1' in check.hold_reason and 'max_step' in check.hold_reason
 
 
