@@ -118,10 +118,11 @@ def robot_description_parameters(mappings: Mapping[str, str], moveit: bool) -> l
     params: list[Any] = [{'robot_description': ParameterValue(Command(command), value_type=str)}]
     if moveit:
         robot_type = substitutions(mappings.get('robot_type', 'fr3'))
-        srdf = PathJoinSubstitution([FindPackageShare(moveit_params.SRDF_XACRO_DIR[0]),
-                                     moveit_params.SRDF_XACRO_DIR[1], robot_type,
-                                     [*robot_type, '.srdf.xacro']])
-        semantic: list[Any] = [FindExecutable(name='xacro'), ' ', srdf]
+        # robots/<type>/<type>.srdf.xacro, concatenated (PathJoinSubstitution takes no lists)
+        srdf = [FindPackageShare(moveit_params.SRDF_XACRO_DIR[0]),
+                f'/{moveit_params.SRDF_XACRO_DIR[1]}/', *robot_type, '/', *robot_type,
+                '.srdf.xacro']
+        semantic: list[Any] = [FindExecutable(name='xacro'), ' ', *srdf]
         if 'hand' in mappings:
             semantic += [' hand:=', *substitutions(mappings['hand'])]
         params.append({'robot_description_semantic':
@@ -130,9 +131,15 @@ def robot_description_parameters(mappings: Mapping[str, str], moveit: bool) -> l
     return params
 
 
+def _not_shutting_down(context: Any) -> bool:
+    return not context.is_shutdown
+
+
 def _node_actions(graph: graph_mod.Graph, node: graph_mod.NodeSpec) -> list[Any]:
     from launch.actions import Shutdown
     from launch_ros.actions import LifecycleNode, Node
+
+    from launch import Condition
 
     declared = {a.name: a for a in graph.args}
     parameters: list[Any] = [_params_file(f) for f in node.params_files]
@@ -149,7 +156,10 @@ def _node_actions(graph: graph_mod.Graph, node: graph_mod.NodeSpec) -> list[Any]
         arguments=[substitutions(a) for a in node.arguments],
         output='screen', emulate_tty=True, condition=_condition(node.condition))
     if node.required:
-        kwargs['on_exit'] = Shutdown(reason=f'required node {node.name} exited')
+        # Once shut down, further exits must not emit Shutdown again (launch_ros raises
+        # 'Cannot shutdown a ROS adapter that is not running' on a second one).
+        kwargs['on_exit'] = Shutdown(reason=f'required node {node.name} exited',
+                                     condition=Condition(predicate=_not_shutting_down))
     if not node.lifecycle:
         return [Node(**kwargs)]
     action = LifecycleNode(**kwargs)

@@ -17,6 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from bringup_testing import (
+    TEST_PACKAGE,
+    ament_prefix_fixture,  # noqa: F401 (a fixture)
+    read_report,
+)
 
 from iflybot_bringup import graph as graph_mod
 from iflybot_bringup import launch_builder
@@ -37,7 +42,7 @@ class Recorded:
 
 
 _FAKES = {
-    'launch': ['LaunchDescription'],
+    'launch': ['LaunchDescription', 'Condition', 'LaunchDescriptionSource'],
     'launch.actions': ['DeclareLaunchArgument', 'IncludeLaunchDescription', 'Shutdown',
                        'EmitEvent', 'RegisterEventHandler'],
     'launch.substitutions': ['LaunchConfiguration', 'PathJoinSubstitution', 'Command',
@@ -272,3 +277,41 @@ def test_real_launch_files_load_where_launch_ros_is_installed() -> None:
         assert isinstance(description, LaunchDescription)
         nodes = [e for e in description.entities if isinstance(e, Node)]
         assert len(nodes) == len(graph_mod.load_graph(name).nodes)
+
+
+def test_real_launch_service_runs_a_graph_as_the_runner_does(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    """ros2 launch semantics end to end: typed parameters, remaps, lifecycle autostart, and the
+    exit of a required node shutting the launch down."""
+    pytest.importorskip('launch_ros', reason='launch_ros is not installed here (it is in the '
+                        'Docker image: docker/README.md)')
+    from launch.actions import IncludeLaunchDescription
+
+    from launch import LaunchDescription, LaunchDescriptionSource, LaunchService
+
+    managed, plain, ender = (tmp_path / f'{n}.json' for n in ('managed', 'plain', 'ender'))
+    path = tmp_path / 'g.yaml'
+    path.write_text(yaml.safe_dump({
+        'args': {'words': {'default': ''}, 'flag': {'default': True, 'type': 'bool'}},
+        'nodes': [
+            {'name': 'managed', 'package': TEST_PACKAGE, 'executable': 'dummy_node',
+             'lifecycle': True, 'arguments': ['--lifecycle'],
+             'params': {'report': str(managed)}},
+            {'name': 'plain', 'package': TEST_PACKAGE, 'executable': 'dummy_node',
+             'namespace': 'team', 'remaps': {'chatter': '/remapped/chatter'},
+             'params': {'report': str(plain), 'label': '$(arg words)', 'flag': '$(arg flag)',
+                        'values': [1.5, 2.5]}},
+            {'name': 'ender', 'package': TEST_PACKAGE, 'executable': 'dummy_node',
+             'params': {'report': str(ender), 'exit_after': 6.0}},
+        ]}))
+    service = LaunchService()
+    service.include_launch_description(LaunchDescription([IncludeLaunchDescription(
+        LaunchDescriptionSource(launch_builder.generate_from_graph(path)),
+        launch_arguments=[('flag', 'false')])]))   # as `ros2 launch ... flag:=false`
+    assert service.run() == 0
+    m, p = read_report(managed), read_report(plain)
+    assert m['events'][:3] == ['started', 'configure', 'activate']
+    assert (p['namespace'], p['chatter']) == ('/team', '/remapped/chatter')
+    assert p['params']['label'] == '' and p['params']['flag'] is False
+    assert p['params']['values'] == [1.5, 2.5]
+    assert read_report(ender)['events'][-1] == 'exit 0'
