@@ -35,8 +35,10 @@ SCENE_CAMERA_POS = (1.05, -0.6, 0.8)
 SCENE_CAMERA_TARGET = (0.4, 0.0, 0.1)
 SCENE_CAMERA_FOVY = 55.0
 WRIST_CAMERA_FOVY = 75.0
-WRIST_CAMERA_POS = (0.07, 0.0, 0.03)     # in the hand frame (z points to the fingertips)
-WRIST_CAMERA_TILT = 0.45                 # rad towards the TCP axis
+# In the hand frame (z points to the fingertips, x away from the robot at home): behind the
+# fingers, looking down and forward, tilted towards the TCP axis.
+WRIST_CAMERA_POS = (-0.07, 0.0, 0.03)
+WRIST_CAMERA_TILT = 0.45                 # rad
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ def _arm_link_geoms(robot: RobotSpec, i: int) -> str:
 def _hand_xml() -> str:
     """Franka Hand: body, two prismatic fingers along the hand y axis, TCP site, wrist camera."""
     c, s = math.cos(WRIST_CAMERA_TILT), math.sin(WRIST_CAMERA_TILT)
-    # Camera looks along its -z: towards the fingertips (+z of the hand), tilted to the TCP axis.
-    cam_axes = _fmt([0.0, 1.0, 0.0, c, 0.0, s])
+    # A camera looks along its -z: here (s, 0, c), i.e. to the fingertips and forward.
+    cam_axes = _fmt([0.0, 1.0, 0.0, c, 0.0, -s])   # image up = forward
     pad = ('<geom class="finger" type="box" size="0.01 0.006 0.027" pos="0 {y} 0.027" '
            'mass="{m}"/>')
     return f"""
