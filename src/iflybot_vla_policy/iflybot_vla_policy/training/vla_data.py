@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def _cached(path: Path | None, make: Any) -> np.ndarray:
     value = make()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + '.tmp.npy')
+        tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')
         np.save(tmp, value)
         tmp.replace(path)
     return value

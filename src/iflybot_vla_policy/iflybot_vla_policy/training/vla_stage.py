@@ -1,4 +1,4 @@
-"""Stage `vla`: flow matching + latent-action CE + FAST CE on robot data, with spatial VQA mixed in.
+"""Stage `vla`: flow matching + latent CE + FAST CE on robot data, with spatial VQA mixed in.
 
 Inputs: LeRobot datasets, the `lam` stage's model (latent targets) and the `fast` stage's
 tokenizer (FAST targets); a model preset. Normalisation statistics come from the datasets. The
@@ -9,6 +9,7 @@ on, norm_stats.json, tokenizer.json, fast/, lam/).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from iflybot_vla_policy.training.common import FINAL, model_config, open_datasets, output_dir
 from iflybot_vla_policy.training.config import TrainConfig
@@ -115,7 +117,9 @@ def _vqa(cfg: TrainConfig, transforms: Transforms, tokenizer: Any, image_hw: tup
         scenes = render_scenes(cfg.data.vqa_tasks, seeds, VQA_PER_SCENE, image_hw,
                                seed=cfg.trainer.seed)
         cache.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(scenes))
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+        tmp.write_bytes(pickle.dumps(scenes))
+        tmp.replace(path)
     return vqa_samples(scenes, transforms, tokenizer)
 
 
@@ -168,14 +172,16 @@ def run_vla(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.trainer.seed)
     model = VLA(mcfg)
     tokenizer = model.tokenizer
-    images = [model_images(ds, mcfg.cameras, mcfg.image_size, cache, progress)
-              for ds in datasets]
-    latents = [latent_codes(ds, lam, cfg.data.camera, cfg.data.frame_gap_s, cache, lam_id,
-                            progress) if lam is not None else None for ds in datasets]
+    # the main process fills the caches first; the others then read them
+    with PartialState(cpu=cfg.trainer.cpu or not torch.cuda.is_available()).main_process_first():
+        images = [model_images(ds, mcfg.cameras, mcfg.image_size, cache, progress)
+                  for ds in datasets]
+        latents = [latent_codes(ds, lam, cfg.data.camera, cfg.data.frame_gap_s, cache, lam_id,
+                                progress) if lam is not None else None for ds in datasets]
+        cam_shape = datasets[0].features[f'observation.images.{mcfg.cameras[0]}']['shape']
+        vqa = _vqa(cfg, transforms, tokenizer, (int(cam_shape[0]), int(cam_shape[1])), cache)
     robot, robot_info = robot_samples(frames, transforms, tokenizer, images, latents, fast,
                                       cfg.data.max_fast_tokens)
-    cam_shape = datasets[0].features[f'observation.images.{mcfg.cameras[0]}']['shape']
-    vqa = _vqa(cfg, transforms, tokenizer, (int(cam_shape[0]), int(cam_shape[1])), cache)
     data = VLADataset(robot, vqa)
     plan = MixedPlan(data.n_robot, data.n_vqa, cfg.trainer.batch_size, cfg.data.vqa_ratio,
                      cfg.trainer.seed)
