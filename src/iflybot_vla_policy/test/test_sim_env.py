@@ -147,3 +147,16 @@ def test_expert_emits_joint_and_end_effector_chunks() -> None:
 def test_expert_solves_pick_place_through_servo_twists() -> None:
     env = make_env('pick_place', seed=2, render=False)
     assert run_expert_episode(env, max_time=20.0, mode='twist')
+
+
+def test_snapshot_command_writes_a_png_per_task_and_camera(tmp_path) -> None:
+    from PIL import Image
+
+    from iflybot_vla_policy.cli import main
+
+    assert main(['sim', '--snapshot', str(tmp_path), '--tasks', 'push', 'drawer',
+                 '--image-size', '48', '64']) == 0
+    names = sorted(p.name for p in tmp_path.glob('*.png'))
+    assert names == ['drawer_scene_camera.png', 'drawer_wrist_camera.png',
+                     'push_scene_camera.png', 'push_wrist_camera.png']
+    assert Image.open(tmp_path / 'push_scene_camera.png').size == (64, 48)

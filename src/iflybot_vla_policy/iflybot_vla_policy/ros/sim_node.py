@@ -148,6 +148,11 @@ class SimNode(Node):
             try:
                 traj = trajectory_from_msg(msg, self._clock_offset)
                 self._env.command_joint_trajectory(traj)
+                ahead = traj.start_time - self._env.time
+                if ahead > 5.0:
+                    self.get_logger().warning(
+                        f'trajectory starts {ahead:.1f} s in the future on the sim clock; '
+                        f'stamp it 0 (now) or run the sender with use_sim_time:=true')
             except TrajectoryError as err:
                 self._rejected += 1
                 self.get_logger().error(f'rejected trajectory: {err}')
