@@ -166,3 +166,35 @@ def test_config_reads_yaml_exponents_and_overrides(tmp_path):
     cfg = load_train_config(path, {'trainer.steps': 7, 'data.vqa_ratio': 0.1})
     assert cfg.trainer.optim.lr == pytest.approx(3e-4)
     assert cfg.trainer.steps == 7 and cfg.data.vqa_ratio == pytest.approx(0.1)
+
+
+def test_shipped_training_and_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from iflybot_vla_policy.config import get_config
+
+    root = Path(__file__).resolve().parents[3] / 'config' / 'train'
+    stages = {}
+    for path in sorted(root.glob('*.yaml')):
+        if path.name.startswith('accelerate_'):
+            assert load_config_from_file(str(path)).num_processes >= 1
+            continue
+        cfg = load_train_config(path)
+        get_config(cfg.model, cfg.model_overrides or None)
+        stages[path.stem] = cfg.stage
+    assert stages['tiny_lam'] == 'lam' and stages['tiny_fast'] == 'fast'
+    assert stages['tiny_vla'] == 'vla' and stages['paper_vla'] == 'vla'
+    tiny = load_train_config(root / 'tiny_vla.yaml')
+    assert tiny.data.vqa_ratio == pytest.approx(0.07)
+
+
+def test_ema_weights_are_the_moving_average_of_the_trained_weights(tmp_path):
+    model = ToyModel()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, ToyRegression(), _cfg(steps=1, ema_decay=0.25), tmp_path)
+    trainer.fit()
+    raw = trainer.export_state_dict(use_ema=False)
+    ema = trainer.export_state_dict(use_ema=True)
+    for k in init:
+        assert not torch.allclose(raw[k], init[k])
+        torch.testing.assert_close(ema[k], 0.25 * init[k] + 0.75 * raw[k])
