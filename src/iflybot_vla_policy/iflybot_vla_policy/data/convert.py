@@ -126,6 +126,29 @@ class RecordedEpisode:
     t_origin_ns: int
 
 
+def receive_to_stamp_map(pairs: list[tuple[int, int]]) -> Callable[[int], int]:
+    """(stamp, receive time) pairs of one stream -> function receive time -> stamp (ns).
+
+    Piecewise linear through the pairs (sorted by receive time), slope 1 beyond them; the
+    identity when there are none.
+    """
+    if not pairs:
+        return lambda r: int(r)
+    arr = np.array(sorted(pairs, key=lambda p: p[1]), dtype=np.int64)   # (N, 2)
+    s0, r0 = int(arr[0, 0]), int(arr[0, 1])
+    stamps = (arr[:, 0] - s0).astype(np.float64)
+    received = (arr[:, 1] - r0).astype(np.float64)
+
+    def to_stamp(r: int) -> int:
+        x = float(r - r0)
+        if x <= received[0]:
+            return s0 + int(stamps[0] + x - received[0])
+        if x >= received[-1]:
+            return s0 + int(stamps[-1] + x - received[-1])
+        return s0 + int(np.interp(x, received, stamps))
+    return to_stamp
+
+
 def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
                  finger_joints: Sequence[str]) -> RecordedEpisode:
     """First pass over a bag: everything but the image pixels."""
@@ -173,19 +196,20 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
             topic = next(t for t, c in config.cameras.items() if c == cam)
             raise ConversionError(f'{bag}: no images on {topic} (camera {cam})')
     # Messages without a stamp (a JointTrajectory stamped 0 means "now") take their receive
-    # time, moved onto the stamp clock by the median receive delay of the joint states: the
-    # recorder may run on wall time while the simulator stamps with sim time.
-    stamped = [(s, r) for (s, r), _ in js if s]
-    delay = int(np.median([r - s for s, r in stamped])) if stamped else 0
-    when = lambda sr: sr[0] or sr[1] - delay  # noqa: E731
+    # time, mapped onto the stamp clock through the joint states (receive time -> stamp,
+    # interpolated): the recorder may run on wall time while the simulator stamps with a sim
+    # clock that runs slower or faster than real time.
+    to_stamp = receive_to_stamp_map([sr for sr, _ in js if sr[0]])
+    when = lambda sr: sr[0] or to_stamp(sr[1])  # noqa: E731
 
     def when_command(sr: tuple[int, int]) -> int:
         # A command stamped on another clock (a node on wall time while the simulator runs on
         # sim time) is placed by its receive time instead.
-        received = sr[1] - delay
+        received = to_stamp(sr[1])
         if sr[0] and abs(sr[0] - received) <= config.max_clock_skew_s * 1e9:
             return sr[0]
         return received
+
     js = sorted(((when(sr), q) for sr, q in js), key=lambda x: x[0])
     images = {cam: [when(sr) for sr in v] for cam, v in images.items()}
     trajs = [(when_command(sr), msg) for sr, msg in trajs]

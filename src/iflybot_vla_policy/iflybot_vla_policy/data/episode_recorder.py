@@ -54,6 +54,7 @@ class EpisodeResult:
     message_count: int                   # messages in the bag (EpisodeInfo included)
     dropped: dict[str, int] = field(default_factory=dict)   # topic -> dropped messages
     error: str = ''                      # writer failure, if any
+    lost: dict[str, int] = field(default_factory=dict)      # topic -> lost before arrival
 
     @property
     def dropped_total(self) -> int:
@@ -66,6 +67,9 @@ class EpisodeResult:
             text += f'; dropped {self.dropped_total} ({detail})'
         else:
             text += '; dropped 0'
+        if self.lost:
+            detail = ', '.join(f'{t}: {n}' for t, n in sorted(self.lost.items()))
+            text += f'; lost in transport {sum(self.lost.values())} ({detail})'
         if self.error:
             text += f'; writer error: {self.error}'
         return text
@@ -85,6 +89,7 @@ class _Episode:
         self.queue: queue.Queue = queue.Queue()
         self.queued_bytes = 0
         self.dropped: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
         self.error = ''
         self.thread: threading.Thread | None = None
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')
@@ -162,6 +167,12 @@ class EpisodeRecorder:
         ep.queue.put((topic, msgtype, timestamp_ns, data))
         return True
 
+    def note_lost(self, topic: str, count: int) -> None:
+        """Count messages the middleware reports lost before they reached the recorder."""
+        ep = self._episode
+        if ep is not None and count > 0:
+            ep.lost[topic] += count
+
     def _drain(self, ep: _Episode) -> None:
         while True:
             item = ep.queue.get()
@@ -197,14 +208,16 @@ class EpisodeRecorder:
             ep.writer.write_message(bags.EPISODE_INFO_TOPIC, bags.EPISODE_INFO_TYPE,
                                     max(now_ns, ep.start_ns), bags.episode_info_message(info))
             ep.writer.set_custom_data({**{k: str(v) for k, v in info.items()}, 'notes': notes,
-                                       'dropped': str(sum(ep.dropped.values()))})
+                                       'dropped': str(sum(ep.dropped.values())),
+                                       'lost': str(sum(ep.lost.values()))})
             ep.writer.close()
         except Exception as err:
             ep.error = ep.error or f'{type(err).__name__}: {err}'
         result = EpisodeResult(ep.episode_id, ep.path, duration, ep.writer.message_count,
-                               dict(ep.dropped), ep.error)
+                               dict(ep.dropped), ep.error, dict(ep.lost))
         entry = {**info, 'path': ep.path.name, 'message_count': result.message_count,
-                 'dropped': result.dropped_total, 'notes': notes,
+                 'dropped': result.dropped_total, 'lost': sum(result.lost.values()),
+                 'notes': notes,
                  'started_at': ep.started_at,
                  'error': ep.error}
         with (self.config.root / INDEX_FILE).open('a') as f:

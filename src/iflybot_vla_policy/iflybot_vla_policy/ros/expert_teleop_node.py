@@ -4,10 +4,11 @@ It uses only what a policy node uses (so recorded demos exercise the real path):
 resets `iflybot_sim` (`~/reset`), starts the recorder (`~/start_episode`), publishes the
 instruction, then each chunk: the expert plans on a local, render-free copy of the scene (same
 task and seed, arm and fingers synchronised from /joint_states), and the chunk goes out as a
-JointTrajectory (stamp 0 = now, JTC semantics), GripperCommands when the width changes, and an
-ActionChunk. It paces itself on the simulator's clock (the stamps of /joint_states), so a
-simulator faster or slower than real time is fine. The episode ends when the expert is done or
-after `max_episode_s`; the recorder is stopped with the simulator's /sim/task_success verdict.
+JointTrajectory (stamped with its start on the simulator clock, JTC semantics), GripperCommands
+when the width changes, and an ActionChunk. It paces itself on the simulator's clock (the
+stamps of /joint_states), so a simulator faster or slower than real time is fine. The episode
+ends when the expert is done or after `max_episode_s`; the recorder is stopped with the
+simulator's /sim/task_success verdict.
 
 Limit: the local copy sees objects where the scene placed them, not where contacts moved them,
 which is all pick_place and stack need; push and drawer re-plan from stale object poses.
@@ -57,7 +58,7 @@ class EpisodeOutcome:
 
 def trajectory_msg(joint_names: tuple[str, ...], positions: np.ndarray, times: np.ndarray,
                    velocities: np.ndarray) -> JointTrajectory:
-    """(P, 7) positions/velocities at times_from_start (P,) -> JointTrajectory, stamp 0 = now."""
+    """(P, 7) positions/velocities at times_from_start (P,) -> JointTrajectory (stamp 0 = now)."""
     msg = JointTrajectory()
     msg.joint_names = list(joint_names)
     for pos, vel, t in zip(positions, velocities, times, strict=True):
@@ -85,6 +86,7 @@ class ExpertTeleopNode(Node):
         self.declare_parameter('recorder', '/iflybot_recorder', d('recorder node name'))
         self.declare_parameter('success_topic', '/sim/task_success', d('std_msgs/Bool'))
         self.declare_parameter('operator_name', 'expert', d('operator stored with episodes'))
+        self.declare_parameter('settle_s', 0.6, d('sim seconds to wait after a reset'))
         self.declare_parameter('shutdown_when_done', True, d('exit after the last episode'))
         p = lambda name: self.get_parameter(name).value  # noqa: E731
         self.task = p('task')
@@ -95,6 +97,7 @@ class ExpertTeleopNode(Node):
             raise ValueError(f'horizon must be >= 1 and dt > 0, got {self.horizon}, {self.dt}')
         self.only_successful, self.record = bool(p('only_successful')), bool(p('record'))
         self.operator_name = p('operator_name')
+        self.settle_s = float(p('settle_s'))
         self.shutdown_when_done = bool(p('shutdown_when_done'))
         self.robot = load_robot()
         self._cv = threading.Condition()
@@ -188,6 +191,9 @@ class ExpertTeleopNode(Node):
             raise RuntimeError(f'simulator reset failed: {reply.message}')
         count = self._js_count
         self._wait(lambda: self._js_count >= count + 3, 30.0, 'joint states after the reset')
+        # A simulator paced in real time catches up on the wall time its reset took, a burst
+        # of messages; start the episode once the stream is steady again.
+        self.wait_sim_time(self.sim_time() + self.settle_s)
         if self._shadow is None or self._shadow.task_name != self.task:
             self._shadow = make_env(self.task, seed=seed, render=False)
         else:
@@ -204,15 +210,24 @@ class ExpertTeleopNode(Node):
             episode_id, recorded = start.episode_id, True
         self._publish(self.instruction_pub, String(data=instruction))
         t_start = self.sim_time()
+        # An explicit opening command first: every frame of the episode has a gripper target.
         width = self.robot.gripper.max_width
+        opening = GripperCommand(width=width, speed=self.robot.gripper.max_speed, force=30.0,
+                                 grasp=False)
+        opening.header.stamp = self._sim_stamp()
+        self._publish(self.gripper_pub, opening)
         while not expert.done and self.sim_time() - t_start < self.max_episode_s:
             self._sync_shadow()
             actions = expert.next_chunk()                       # (horizon, 8)
             t0 = self.sim_time()
             pos, times, vel = chunk_to_trajectory(actions[:, :7], self.dt, self._current_q(),
                                                   self.robot)
-            self._publish(self.traj_pub, trajectory_msg(self.robot.arm_joint_names, pos,
-                                                        times, vel))
+            traj = trajectory_msg(self.robot.arm_joint_names, pos, times, vel)
+            # Stamped with its start on the simulator's clock (not 0 = "whenever it arrives"),
+            # so the setpoint at every instant is defined by the message alone, as the JTC
+            # executes it, and the recorded bag says exactly what was commanded when.
+            traj.header.stamp = self._sim_stamp()
+            self._publish(self.traj_pub, traj)
             chunk = ActionChunk(joint_names=list(self.robot.arm_joint_names),
                                 horizon=self.horizon, action_dim=7, dt=self.dt,
                                 positions=pos.reshape(-1).tolist(),

@@ -16,6 +16,7 @@ from typing import Any
 import rclpy
 from iflybot_vla_msgs.srv import StartEpisode, StopEpisode
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_srvs.srv import Trigger
@@ -94,8 +95,10 @@ class RecorderNode(Node):
             qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(p('qos_depth')),
                              reliability=ReliabilityPolicy.BEST_EFFORT if best_effort
                              else ReliabilityPolicy.RELIABLE)
+            events = SubscriptionEventCallbacks(message_lost=self._lost_callback(topic))
             self._subs.append(self.create_subscription(
-                import_message(msgtype), topic, self._callback(topic, msgtype), qos, raw=True))
+                import_message(msgtype), topic, self._callback(topic, msgtype), qos, raw=True,
+                event_callbacks=events))
         self.create_service(StartEpisode, '~/start_episode', self._on_start)
         self.create_service(StopEpisode, '~/stop_episode', self._on_stop)
         self.create_service(Trigger, '~/discard_episode', self._on_discard)
@@ -113,6 +116,11 @@ class RecorderNode(Node):
                 self.received += 1
                 put(topic, msgtype, self._now_ns(), data)
         return on_message
+
+    def _lost_callback(self, topic: str):
+        def on_lost(info: Any) -> None:
+            self.recorder.note_lost(topic, int(info.total_count_change))
+        return on_lost
 
     def _on_start(self, request: Any, response: Any) -> Any:
         try:
@@ -139,7 +147,7 @@ class RecorderNode(Node):
         response.path = str(result.path)
         response.duration = result.duration
         response.message_count = result.message_count
-        log = self.get_logger().warning if result.dropped or result.error \
+        log = self.get_logger().warning if result.dropped or result.lost or result.error \
             else self.get_logger().info
         log(f'episode {result.episode_id} ({"success" if request.success else "failure"}): '
             f'{result.summary()}')
