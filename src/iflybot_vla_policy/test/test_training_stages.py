@@ -99,7 +99,8 @@ data: {{datasets: ['{toy_dataset}']}}
     return root
 
 
-def _vla_yaml(root: Path, out: Path, dataset: Path, steps: int = 4, extra: str = '') -> Path:
+def _vla_yaml(root: Path, out: Path, dataset: Path, steps: int = 4, extra: str = '',
+              vqa_ratio: float = 0.25) -> Path:
     path = out.with_suffix('.yaml')
     path.write_text(f"""
 stage: vla
@@ -107,7 +108,8 @@ output_dir: {out}
 model_overrides: {TINY_MODEL}
 lam_dir: {root / 'lam'}
 fast_dir: {root / 'fast'}
-data: {{datasets: ['{dataset}'], vqa_ratio: 0.25, vqa_tasks: [pick_place], vqa_scenes: 2}}
+data: {{datasets: ['{dataset}'], vqa_ratio: {vqa_ratio}, vqa_tasks: [pick_place],
+       vqa_scenes: 2}}
 trainer: {{steps: {steps}, batch_size: 8, checkpoint_every: 2, progress: false, ema_decay: 0.5,
           knowledge_insulation: true, optim: {{lr: 1.0e-3, warmup_steps: 1}}{extra}}}
 """)
@@ -151,9 +153,10 @@ def test_vla_resume_reproduces_the_uninterrupted_losses(tmp_path, toy_dataset, s
 
     straight = tmp_path / 'straight'
     assert main(['train', 'vla', '--config',
-                 str(_vla_yaml(stage_outputs, straight, toy_dataset))]) == 0
+                 str(_vla_yaml(stage_outputs, straight, toy_dataset, vqa_ratio=0.0))]) == 0
     split = tmp_path / 'split'
-    cfg = _vla_yaml(stage_outputs, split, toy_dataset, extra=', max_steps_per_run: 2')
+    cfg = _vla_yaml(stage_outputs, split, toy_dataset, extra=', max_steps_per_run: 2',
+                    vqa_ratio=0.0)
     assert main(['train', 'vla', '--config', str(cfg)]) == 0          # stops at step 2
     assert len(list(csv.DictReader((split / 'metrics.csv').open()))) == 2
     assert main(['train', 'vla', '--config', str(cfg)]) == 0          # resumes, runs 3-4
@@ -170,3 +173,24 @@ def test_vla_stage_without_fast_dir_names_the_missing_key(tmp_path, toy_dataset,
     path.write_text(path.read_text().replace(f"fast_dir: {stage_outputs / 'fast'}", ''))
     with pytest.raises(ValueError, match='fast_dir'):
         run_vla(load_train_config(path))
+
+
+def test_mixed_plan_puts_seven_percent_vqa_in_every_batch_spread_over_processes():
+    from iflybot_vla_policy.training.trainer import shard
+    from iflybot_vla_policy.training.vla_data import MixedPlan
+
+    plan = MixedPlan(n_robot=1000, n_vqa=300, batch_size=32, ratio=0.07, seed=0)
+    counts = []
+    for step in range(500):
+        batch = plan.global_indices(step)
+        assert len(batch) == 32
+        vqa = [i for i in batch if i >= 1000]
+        assert all(i < 1300 for i in vqa)
+        counts.append(len(vqa))
+        for rank in range(2):   # each of 2 processes gets one or two of them
+            assert any(i >= 1000 for i in shard(batch, rank, 2))
+    assert set(counts) == {2, 3}
+    assert sum(counts) / (500 * 32) == pytest.approx(0.07, abs=0.0005)
+    # robot items walk whole epochs: the first 1000 robot items are all distinct
+    robot = [i for s in range(40) for i in plan.global_indices(s) if i < 1000][:1000]
+    assert len(set(robot)) == 1000
