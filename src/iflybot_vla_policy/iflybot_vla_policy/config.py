@@ -46,7 +46,7 @@ class BackboneConfig:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 64
-    intermediate: int = 768
+    intermediate: int = 512
     text_vocab: int = 1024     # text-token id capacity; latent and FAST token ids follow it
     max_text_tokens: int = 24  # instructions are padded/truncated to this many tokens
     rope_theta: float = 10000.0
@@ -65,7 +65,7 @@ class BackboneConfig:
 class ExpertConfig:
     """DiT action expert: one block per VLM layer, each cross-attending that layer's KV cache."""
 
-    width: int = 192           # tiny: 4 heads of 48; the VLM's 64-wide KV heads are projected
+    width: int = 128           # tiny: 4 heads of 32; the VLM's 64-wide KV heads are projected
     heads: int = 4
     mlp_ratio: float = 4.0
     direct_vision: bool = True  # also cross-attend the vision features (bypasses LM fusion)

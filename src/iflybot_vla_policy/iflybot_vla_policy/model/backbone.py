@@ -173,10 +173,12 @@ class Backbone(nn.Module):
     # decoders whose layers are plain Llama/Qwen2 blocks (1-D RoPE) take the lean decode path
     lean_decode = False
 
-    def append_tokens(self, prefix: PrefixCache, ids: torch.Tensor) -> PrefixCache:
-        """Feed ids (B, k) after the cached prefix; returns the extended cache."""
+    def append_tokens(self, prefix: PrefixCache, ids: torch.Tensor,
+                      rows: slice | None = None) -> PrefixCache:
+        """Feed ids (B, k) after the cached prefix; returns the extended cache. `rows` limits
+        next_logits to a slice of the vocabulary (ids outside it then read as -inf)."""
         if self.lean_decode:
-            return self._append_lean(prefix, ids)
+            return self._append_lean(prefix, ids, rows)
         k = ids.shape[1]
         positions = prefix.next_pos[:, None] + torch.arange(k, device=ids.device)   # (B, k)
         axes = 3 if isinstance(self, Qwen25VLBackbone) else 1
@@ -185,11 +187,22 @@ class Backbone(nn.Module):
                         prefix.cache)
         return PrefixCache(kv=self._kv(out.past_key_values), mask=mask.bool(),
                            next_pos=prefix.next_pos + k,
-                           next_logits=self.lm_head(out.last_hidden_state[:, -1]),
+                           next_logits=self._logits(out.last_hidden_state[:, -1], rows),
                            features=prefix.features, summary=prefix.summary,
                            cache=out.past_key_values)
 
-    def _append_lean(self, prefix: PrefixCache, ids: torch.Tensor) -> PrefixCache:
+    def _logits(self, h: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """h (B, D) -> logits (B, V); with rows, only those are computed (others -inf)."""
+        if rows is None:
+            return self.lm_head(h)
+        w = self.lm_head.weight[rows]
+        b = None if self.lm_head.bias is None else self.lm_head.bias[rows]
+        out = h.new_full((h.shape[0], self.lm_head.out_features), float('-inf'))
+        out[:, rows] = F.linear(h, w, b)
+        return out
+
+    def _append_lean(self, prefix: PrefixCache, ids: torch.Tensor,
+                     rows: slice | None = None) -> PrefixCache:
         """The same computation as the transformers decoder layers, without its per-call
         cache/mask machinery (which dominates when decoding 8 tokens of a tiny model on CPU)."""
         dec = self.decoder
@@ -219,7 +232,7 @@ class Backbone(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = dec.norm(h)
         return PrefixCache(kv=new_kv, mask=keys, next_pos=prefix.next_pos + k,
-                           next_logits=self.lm_head(h[:, -1]), features=prefix.features,
+                           next_logits=self._logits(h[:, -1], rows), features=prefix.features,
                            summary=prefix.summary, cache=None)
 
     def generate_latents(self, prefix: PrefixCache, n: int) -> tuple[torch.Tensor, PrefixCache]:
@@ -230,7 +243,8 @@ class Backbone(nn.Module):
         for _ in range(n):
             code = prefix.next_logits[:, offset:offset + size].argmax(-1)           # (B,)
             codes.append(code)
-            prefix = self.append_tokens(prefix, (code + offset)[:, None])
+            prefix = self.append_tokens(prefix, (code + offset)[:, None],
+                                        rows=slice(offset, offset + size))
         if not codes:
             return torch.zeros(prefix.mask.shape[0], 0, dtype=torch.long), prefix
         return torch.stack(codes, dim=1), prefix
