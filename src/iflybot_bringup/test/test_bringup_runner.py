@@ -233,6 +233,23 @@ def test_a_missing_parameter_file_is_named_before_anything_starts(
     assert not (tmp_path / 'a.json').exists()
 
 
+def test_dry_run_prints_each_node_command_line_of_the_sim_graph(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    missing = [p for p in ('config/sim.yaml', 'config/policy.yaml')
+               if not (graph_mod.bringup_dir() / p).is_file()]
+    if missing:
+        pytest.skip(f'not landed yet: {missing}')
+    assert runner.up('sim', ['checkpoint:=/ckpt', 'instruction:=stack the cubes'],
+                     dry_run=True) == 0
+    lines = dict(line.split(': ', 1) for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == {'iflybot_sim', 'iflybot_policy'}
+    policy = lines['iflybot_policy']
+    assert policy.split()[0].endswith('lib/iflybot_vla_policy/iflybot_policy')
+    assert '-r __node:=iflybot_policy' in policy and 'config/policy.yaml' in policy
+    assert '-p checkpoint:=/ckpt' in policy and '"instruction:=stack the cubes"' in policy
+    assert '-p use_sim_time:=true' in policy
+
+
 @pytest.mark.parametrize('value, text', [
     ('', "''"), ('true', "'true'"), ('pick up the cube', 'pick up the cube'), (True, 'true'),
     (3, '3'), (0.25, '0.25'), ([1.5, 2.0], '[1.5, 2.0]'), ('1.0', "'1.0'")])
