@@ -10,11 +10,11 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
-from iflybot_vla_policy.policy import Policy
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.sync.client import connect
 
+from iflybot_vla_policy.policy import Policy
 from iflybot_vla_policy.serving import codec
 from iflybot_vla_policy.serving.background import ServerThread
 from iflybot_vla_policy.serving.process import ServerProcess
@@ -38,26 +38,25 @@ def observation(seed: int = 0, size: int = 96) -> dict:
 
 
 class GatedPolicy:
-    """The real policy, but every forward pass waits until the test opens the gate, so a test
-    can hold the server busy and know exactly which requests queue up meanwhile."""
+    """The real policy with a fixed noise seed (so a test can recompute the expected answers),
+    whose every forward pass waits until the test opens the gate: a test can hold the server
+    busy and know exactly which requests queue up meanwhile."""
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
-        self.metadata = getattr(policy, 'metadata', {})
+        self.cfg = policy.cfg
         self.gate = threading.Event()
         self.entered = threading.Event()
-        if hasattr(policy, 'infer_batch'):
-            self.infer_batch = self._infer_batch
 
     def infer(self, obs: dict) -> dict:
         self.entered.set()
-        assert self.gate.wait(60), 'test never opened the gate'
-        return self._policy.infer(obs)
+        assert self.gate.wait(120), 'test never opened the gate'
+        return self._policy.infer(obs, seed=0)
 
-    def _infer_batch(self, observations: list[dict]) -> list[dict]:
+    def infer_batch(self, observations: list[dict]) -> dict:
         self.entered.set()
-        assert self.gate.wait(60), 'test never opened the gate'
-        return self._policy.infer_batch(observations)
+        assert self.gate.wait(120), 'test never opened the gate'
+        return self._policy.infer_batch(observations, seed=0)
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +66,7 @@ def policy() -> Policy:
 
 @pytest.fixture(scope='module')
 def expected_shape(policy: Policy) -> tuple[int, ...]:
-    return policy.infer(observation())['actions'].shape
+    return (policy.cfg.action.horizon, policy.cfg.robot_action_dim)
 
 
 @pytest.fixture(scope='module')
@@ -92,17 +91,21 @@ def health(uri: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_openpi_client_gets_action_chunk_from_iflybot_serve_process(expected_shape):
+def test_openpi_client_gets_action_chunk_from_iflybot_serve_process(policy):
     server = ServerProcess(preset='tiny', api_key=KEY)
     try:
         uri = server.start()
         client = WebsocketClientPolicy(uri, api_key=KEY)
-        assert client.get_server_metadata()['server']['protocol'] == 'openpi-websocket-msgpack'
+        metadata = client.get_server_metadata()
+        assert metadata['server']['protocol'] == 'openpi-websocket-msgpack'
         result = client.infer(observation())
         assert result['actions'].dtype == np.float32
-        assert result['actions'].shape == expected_shape
-        assert np.isfinite(result['actions']).all()
+        assert result['actions'].shape == (metadata['action_horizon'], metadata['action_dim'])
         assert result['server_timing']['infer_ms'] > 0
+        # The server's first answer is what the same preset computes here with the same noise
+        # (its generator is seeded 0 and this is its first draw).
+        local = policy.infer(observation(), seed=0)
+        np.testing.assert_allclose(result['actions'], local['actions'], atol=1e-4)
         # SIGTERM is a clean shutdown: exit code 0, the client sees 1001 'going away'.
         assert server.stop() == 0, server.log_tail()
         with pytest.raises(websockets.ConnectionClosedOK) as closed:
@@ -205,31 +208,30 @@ def test_clients_over_the_connection_limit_get_http_503(policy):
 
 
 def test_requests_that_queue_during_a_forward_pass_run_as_one_batch(policy, wait):
-    if not hasattr(policy, 'infer_batch'):
-        pytest.skip('policy has no infer_batch: the server runs requests one by one')
     gated = GatedPolicy(policy)
     with ServerThread(gated, ServerConfig(port=0, max_batch=8)) as s:
         clients = [WebsocketClientPolicy(s.uri) for _ in range(4)]
         results: dict[int, dict] = {}
-
-        def ask(i: int) -> None:
-            results[i] = clients[i].infer(observation(seed=i))
-
-        threads = [threading.Thread(target=ask, args=(0,))]
+        threads = [threading.Thread(target=lambda i=i: results.update(
+            {i: clients[i].infer(observation(seed=i))})) for i in range(4)]
         threads[0].start()
-        assert gated.entered.wait(30)               # request 0 is in the forward pass
-        threads += [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
-        for t in threads[1:]:
-            t.start()
-        assert wait(lambda: health(s.uri)[1]['queued'] == 3, timeout=30)   # 1..3 queue up
+        assert gated.entered.wait(60)               # request 0 is in the forward pass
+        for i in (1, 2, 3):                         # 1, 2, 3 queue up behind it, in this order
+            threads[i].start()
+            assert wait(lambda i=i: health(s.uri)[1]['queued'] == i, timeout=60)
         gated.gate.set()
         for t in threads:
-            t.join(60)
+            t.join(120)
     assert results[0]['server_timing']['batch_size'] == 1
     assert [results[i]['server_timing']['batch_size'] for i in (1, 2, 3)] == [3, 3, 3]
-    for i in range(4):   # each client got the answer to its own observation
-        alone = policy.infer(observation(seed=i))['actions']
-        np.testing.assert_allclose(results[i]['actions'], alone, rtol=1e-4, atol=1e-4)
+    # Each client got the row of the batch computed from its own observation.
+    np.testing.assert_allclose(results[0]['actions'],
+                               policy.infer(observation(seed=0), seed=0)['actions'], atol=1e-5)
+    batch = policy.infer_batch([observation(seed=i) for i in (1, 2, 3)], seed=0)['actions']
+    for row, i in enumerate((1, 2, 3)):
+        assert results[i]['actions'].shape == batch[row].shape
+        np.testing.assert_allclose(results[i]['actions'], batch[row], atol=1e-5)
+    assert not np.allclose(results[1]['actions'], results[2]['actions'])
 
 
 def test_shutdown_lets_the_running_request_answer_then_closes_clients_with_1001(policy, wait):

@@ -16,11 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 
 class ServablePolicy(Protocol):
-    """What the server needs from a policy; ``infer_batch`` and ``metadata`` are optional."""
+    """What the server needs from a policy; ``infer_batch`` and ``metadata`` are optional.
+
+    ``infer_batch(observations)`` returns either one dict per observation or, like
+    ``Policy.infer_batch``, one dict whose arrays are stacked along a leading batch axis (other
+    values, such as 'dt' or a timing dict, are shared by all observations).
+    """
 
     def infer(self, obs: dict) -> dict: ...
 
@@ -143,7 +150,7 @@ class InferenceBatcher:
         """Worker thread: one batched call, or per-request calls (which isolate a bad request)."""
         if self._batch_fn is not None and len(observations) > 1:
             try:
-                results = [dict(r) for r in self._batch_fn(observations)]
+                results = split_batch(self._batch_fn(observations), len(observations))
                 if len(results) == len(observations):
                     return results
                 logger.error('infer_batch returned %d results for %d observations',
@@ -161,6 +168,18 @@ class InferenceBatcher:
         return outcomes
 
 
+def split_batch(output: Mapping | Sequence[Mapping], size: int) -> list[dict]:
+    """infer_batch output -> one dict per observation (see ServablePolicy)."""
+    if not isinstance(output, Mapping):
+        return [dict(item) for item in output]
+    per_item: list[dict] = [{} for _ in range(size)]
+    for key, value in output.items():
+        stacked = isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == size
+        for i, item in enumerate(per_item):
+            item[key] = value[i] if stacked else value
+    return per_item
+
+
 def _fail(requests: list[_Request], exc: BaseException) -> None:
     for request in requests:
         if not request.future.done():
@@ -168,12 +187,22 @@ def _fail(requests: list[_Request], exc: BaseException) -> None:
 
 
 def policy_metadata(policy: Any) -> dict:
-    """The policy's ``metadata`` (attribute, property or method), or {} if it has none."""
+    """What a client needs to know before its first request.
+
+    The policy's own ``metadata`` (attribute, property or method) if it has one; else, for our
+    ``Policy``, the action contract read from its config (``cfg``); else {}.
+    """
     metadata = getattr(policy, 'metadata', None)
     if callable(metadata):
         metadata = metadata()
     if metadata is None:
-        return {}
+        cfg = getattr(policy, 'cfg', None)
+        if cfg is None or not hasattr(cfg, 'action'):
+            return {}
+        return {'policy': 'iflybot-vla', 'config': cfg.name,
+                'action_space': cfg.action.space, 'action_dim': int(cfg.robot_action_dim),
+                'action_horizon': int(cfg.action.horizon), 'dt': float(cfg.action.dt),
+                'cameras': list(cfg.cameras), 'image_size': int(cfg.image_size)}
     if not isinstance(metadata, Mapping):
         raise TypeError(f'policy.metadata must be a mapping, got {type(metadata).__name__}')
     return dict(metadata)

@@ -54,7 +54,7 @@ class ServerProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout: float = 180.0) -> str:
+    def start(self, timeout: float = 300.0) -> str:
         """Start the server and wait for its ready line; returns the URI."""
         if self.running:
             raise RuntimeError(f'server already running on {self.uri}')
@@ -99,7 +99,7 @@ class ServerProcess:
             self._proc.kill()
             self._proc.wait()
 
-    def restart(self, timeout: float = 180.0) -> str:
+    def restart(self, timeout: float = 300.0) -> str:
         """Stop if running, then start again on the same port."""
         self.stop()
         return self.start(timeout)
