@@ -1,0 +1,913 @@
+"""`iflybot_policy`: lifecycle node that runs the VLA at control rate and moves the arm safely.
+
+configure: validate parameters (a bad one fails the transition naming it), load the checkpoint
+(or build `preset` with random weights) or connect to a policy server, warm up.
+activate: control starts; deactivate: hold position. Threads: a control timer (watchdog, status,
+gripper, ee_delta twists) that never waits for the model, and one inference worker that takes
+the newest observation, runs the model, vets the chunk (safety.py), splices it onto what is
+executing (chunking.py) and publishes one JointTrajectory per chunk. Model math, safety and
+splicing live in the core; this module converts and wires.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TwistStamped
+from iflybot_vla_msgs.action import RunPolicy
+from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, PolicyStatus
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Bool, String
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+from visualization_msgs.msg import MarkerArray
+
+from iflybot_vla_policy.chunking import STRATEGIES, ChunkExecutor, ChunkPlan, ExecutionConfig
+from iflybot_vla_policy.robot import RobotSpec, load_robot
+from iflybot_vla_policy.ros.conversions import (
+    action_chunk_msg,
+    gripper_command_msg,
+    image_to_rgb,
+    joint_positions,
+    path_markers,
+    robot_state,
+    trajectory_msg,
+    twist_msg,
+)
+from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter, Watchdog
+
+IDLE, RUNNING, HOLD, ERROR = (PolicyStatus.STATE_IDLE, PolicyStatus.STATE_RUNNING,
+                              PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR)
+STATE_NAMES = {IDLE: 'IDLE', RUNNING: 'RUNNING', HOLD: 'HOLD', ERROR: 'ERROR'}
+
+
+# --------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated parameters of the node (see src/iflybot_bringup/config/policy.yaml)."""
+
+    checkpoint: str = ''
+    preset: str = 'tiny'
+    seed: int = 0
+    device: str = 'cpu'
+    inference_backend: str = 'local'
+    server_uri: str = 'ws://127.0.0.1:8000'
+    api_key: str = ''
+    instruction: str = ''
+    action_mode: str = 'joint'
+    control_rate_hz: float = 50.0
+    inference_rate_hz: float = 5.0
+    status_rate_hz: float = 5.0
+    warmup_inferences: int = 1
+    execution_strategy: str = 'rtc'
+    commit_latency_s: float = 0.05
+    ensemble_decay: float = 0.01
+    camera_names: tuple[str, ...] = ('scene_camera', 'wrist_camera')
+    camera_topics: tuple[str, ...] = ('/scene_camera/color/image_raw',
+                                      '/wrist_camera/color/image_raw')
+    joint_state_topic: str = '/joint_states'
+    arm_joint_names: tuple[str, ...] = ()
+    finger_joint_names: tuple[str, ...] = ()
+    trajectory_topic: str = '/fr3_arm_controller/joint_trajectory'
+    twist_topic: str = '/servo_node/delta_twist_cmds'
+    twist_frame: str = 'fr3_link0'
+    gripper_topic: str = '/vla/gripper_command'
+    task_success_topic: str = '/sim/task_success'
+    gripper_speed: float = 0.05
+    gripper_force: float = 20.0
+    gripper_deadband: float = 0.005
+    grasp_width: float = 0.01
+    velocity_scale: float = 0.5
+    acceleration_scale: float = 0.5
+    position_margin: float = 0.05
+    max_step: float = 0.5
+    hold_on_large_step: bool = False
+    max_tracking_error: float = 0.3
+    workspace_margin: float = 0.0
+    joint_state_timeout_s: float = 0.25
+    camera_timeout_s: float = 0.5
+
+
+DESCRIPTIONS: dict[str, str] = {
+    'checkpoint': 'checkpoint directory (Policy.from_checkpoint); empty: build `preset`',
+    'preset': 'model preset built with random weights when checkpoint is empty (tiny, ...)',
+    'seed': 'seed of the random weights (preset) and of the sampling noise',
+    'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
+    'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
+    'server_uri': 'websocket URI of the policy server (inference_backend: remote)',
+    'api_key': 'API key sent as "Authorization: Api-Key <key>" (remote); empty: none',
+    'instruction': 'instruction to start with; empty waits for /vla/instruction or a goal',
+    'action_mode': 'joint (JointTrajectory) or ee_delta (TwistStamped to MoveIt Servo)',
+    'control_rate_hz': 'rate of the control timer (watchdog, gripper, ee_delta twists)',
+    'inference_rate_hz': 'chunks requested per second (one JointTrajectory each)',
+    'status_rate_hz': 'rate of /vla/status (>= 2) ; /diagnostics runs at 1 Hz',
+    'warmup_inferences': 'inferences run on a blank observation during configure',
+    'execution_strategy': 'how a new chunk joins the executing one: rtc, ensemble or naive',
+    'commit_latency_s': 's after a splice before the new command acts (rtc freezes it)',
+    'ensemble_decay': 'temporal ensembling weight exp(-m i) of the i-th oldest chunk',
+    'camera_names': 'camera names the model expects, in the order of camera_topics',
+    'camera_topics': 'sensor_msgs/Image topics, one per camera name',
+    'joint_state_topic': 'sensor_msgs/JointState topic with arm and finger joints',
+    'arm_joint_names': 'arm joints in action order; empty: from config/robot/fr3.yaml',
+    'finger_joint_names': 'finger joints summed into the gripper width; empty: fr3.yaml',
+    'trajectory_topic': 'JointTrajectoryController topic (joint mode)',
+    'twist_topic': 'MoveIt Servo twist topic (ee_delta mode)',
+    'twist_frame': 'frame of the twist commands (the robot base)',
+    'gripper_topic': 'iflybot_vla_msgs/GripperCommand topic, published on change',
+    'task_success_topic': 'std_msgs/Bool that ends a run_policy goal with success',
+    'gripper_speed': 'finger speed of gripper commands, m/s',
+    'gripper_force': 'grasp force of gripper commands, N',
+    'gripper_deadband': 'm the width target must change by before a new gripper command',
+    'grasp_width': 'targets at or below this width (m) are sent as grasps',
+    'velocity_scale': 'fraction of the joint velocity limits (fr3.yaml) trajectories may use',
+    'acceleration_scale': 'fraction of the joint acceleration limits',
+    'position_margin': 'rad kept clear of every joint position limit',
+    'max_step': 'rad a target may lie from the measured state beyond the velocity allowance',
+    'hold_on_large_step': 'true: hold on a target beyond max_step; false: clamp it',
+    'max_tracking_error': 'rad between command and measurement before ERROR and hold',
+    'workspace_margin': 'm the TCP workspace box of fr3.yaml is shrunk by',
+    'joint_state_timeout_s': 'hold when the newest joint state is older than this',
+    'camera_timeout_s': 'hold when the newest image of a camera is older than this',
+}
+
+_CHOICES = {'inference_backend': ('local', 'remote'), 'action_mode': ('joint', 'ee_delta'),
+            'execution_strategy': STRATEGIES}
+_POSITIVE = ('control_rate_hz', 'inference_rate_hz', 'gripper_speed', 'max_step',
+             'max_tracking_error', 'joint_state_timeout_s', 'camera_timeout_s')
+_NON_NEGATIVE = ('commit_latency_s', 'ensemble_decay', 'gripper_force', 'gripper_deadband',
+                 'grasp_width', 'position_margin', 'workspace_margin', 'warmup_inferences')
+
+
+def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
+    """Parameter values -> NodeConfig; ValueError naming the parameter on any bad value."""
+    out: dict[str, Any] = {}
+    for f in fields(NodeConfig):
+        default = getattr(NodeConfig, f.name)
+        value = values.get(f.name, default)
+        try:
+            out[f.name] = _coerce(value, default)
+        except (TypeError, ValueError):
+            raise ValueError(f'parameter {f.name}: expected {type(default).__name__}, got '
+                             f'{value!r}') from None
+    for name, choices in _CHOICES.items():
+        if out[name] not in choices:
+            raise ValueError(f'parameter {name}: {out[name]!r} is not one of {list(choices)}')
+    for name in _POSITIVE:
+        if not out[name] > 0:
+            raise ValueError(f'parameter {name}: must be > 0, got {out[name]}')
+    for name in _NON_NEGATIVE:
+        if not out[name] >= 0:
+            raise ValueError(f'parameter {name}: must be >= 0, got {out[name]}')
+    if out['status_rate_hz'] < 2.0:
+        raise ValueError(f'parameter status_rate_hz: must be >= 2, got {out["status_rate_hz"]}')
+    if out['inference_rate_hz'] > out['control_rate_hz']:
+        raise ValueError('parameter inference_rate_hz: must not exceed control_rate_hz')
+    for name in ('velocity_scale', 'acceleration_scale'):
+        if not 0 < out[name] <= 1:
+            raise ValueError(f'parameter {name}: must be in (0, 1], got {out[name]}')
+    if len(out['camera_names']) != len(out['camera_topics']) or not out['camera_names']:
+        raise ValueError('parameter camera_topics: needs one topic per camera_names entry, got '
+                         f'{list(out["camera_topics"])} for {list(out["camera_names"])}')
+    if not out['arm_joint_names']:
+        out['arm_joint_names'] = robot.arm_joint_names
+    if not out['finger_joint_names']:
+        out['finger_joint_names'] = robot.finger_joint_names
+    if len(out['arm_joint_names']) != robot.n_joints:
+        raise ValueError(f'parameter arm_joint_names: needs {robot.n_joints} names, got '
+                         f'{list(out["arm_joint_names"])}')
+    if out['inference_backend'] == 'local' and not (out['checkpoint'] or out['preset']):
+        raise ValueError('parameter checkpoint: set checkpoint or preset')
+    if out['inference_backend'] == 'remote' and not out['server_uri'].startswith(('ws://',
+                                                                                 'wss://')):
+        raise ValueError(f'parameter server_uri: must start with ws:// or wss://, got '
+                         f'{out["server_uri"]!r}')
+    return NodeConfig(**out)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        raise ValueError(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError(value)
+        return int(float(value))
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError(value)
+        result = float(value)
+        if not math.isfinite(result):
+            raise ValueError(value)
+        return result
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace(',', ' ').split() if v]
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(value)
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
+def safety_config(cfg: NodeConfig) -> SafetyConfig:
+    return SafetyConfig(velocity_scale=cfg.velocity_scale,
+                        acceleration_scale=cfg.acceleration_scale,
+                        position_margin=cfg.position_margin, max_step=cfg.max_step,
+                        hold_on_large_step=cfg.hold_on_large_step,
+                        max_tracking_error=cfg.max_tracking_error,
+                        workspace_margin=cfg.workspace_margin)
+
+
+# ------------------------------------------------------------------------------------ worker
+@dataclass
+class _Request:
+    generation: int
+    t_obs: float                 # time.monotonic() of the snapshot
+    obs_stamp: float             # oldest image header stamp (s, ROS clock), 0 if unknown
+    images: dict[str, Image]
+    joint_state: JointState
+    instruction: str
+
+
+class _InferenceWorker:
+    """One background thread running `handle(request)`; submit() never blocks."""
+
+    def __init__(self, handle: Callable[[_Request], None]) -> None:
+        self._handle = handle
+        self._cv = threading.Condition()
+        self._request: _Request | None = None
+        self._busy = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name='inference', daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, request: _Request) -> bool:
+        with self._cv:
+            if self._busy:
+                return False
+            self._busy = True
+            self._request = request
+            self._cv.notify()
+            return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._request is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                request, self._request = self._request, None
+            try:
+                self._handle(request)
+            except Exception:  # noqa: BLE001 - the worker must outlive any single request
+                traceback.print_exc()
+            finally:
+                with self._cv:
+                    self._busy = False
+
+
+# -------------------------------------------------------------------------------------- node
+class PolicyNode(LifecycleNode):
+    """See the module docstring. `policy_factory(config) -> object with infer(obs)` replaces
+    model loading (tests inject wrappers through it)."""
+
+    def __init__(self, policy_factory: Callable[[NodeConfig], Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__('iflybot_policy', **kwargs)
+        self._policy_factory = policy_factory
+        self.robot = load_robot()
+        for f in fields(NodeConfig):
+            default = getattr(NodeConfig, f.name)
+            if isinstance(default, tuple):
+                default = list(default) or ['']   # an empty list has no type in ROS
+            self.declare_parameter(f.name, default, ParameterDescriptor(
+                description=DESCRIPTIONS[f.name], dynamic_typing=True))
+        self.config: NodeConfig | None = None
+        self.configure_error = ''
+        self._lock = threading.Lock()
+        self._handles: list[Any] = []
+        self._worker: _InferenceWorker | None = None
+        self._policy: Any = None
+        self._active = False
+        self._state = IDLE
+        self._last_error = ''
+        self._hold_cause = ''          # what the current HOLD waits for: input|server|user|''
+        self._generation = 0
+        self._instruction = ''
+        self._images: dict[str, Image] = {}
+        self._image_stamps: dict[str, float] = {}
+        self._joint_state: JointState | None = None
+        self._q_measured: np.ndarray | None = None
+        self._last_request = -math.inf
+        self._gripper_sent: tuple[float, bool] | None = None
+        self._twist = np.zeros(6)
+        self._chunk_dt = 0.1
+        self._chunks = 0
+        self._success_since = -math.inf   # monotonic time of the last task_success=True
+        self._goal_token = 0
+        self.inference_ms: deque[float] = deque(maxlen=200)
+        self.e2e_latency_ms: deque[float] = deque(maxlen=200)
+        self.round_trip_ms: deque[float] = deque(maxlen=200)
+        self.tick_times: deque[float] = deque(maxlen=1000)
+        self._model_id = ''
+
+    # ------------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        values = {f.name: self.get_parameter(f.name).value for f in fields(NodeConfig)}
+        for name in ('arm_joint_names', 'finger_joint_names'):
+            values[name] = [v for v in (values[name] or []) if v]
+        try:
+            cfg = parse_config(values, self.robot)
+            self.safety = SafetyFilter(self.robot, safety_config(cfg))
+            execution = ExecutionConfig(strategy=cfg.execution_strategy,
+                                        commit_latency=cfg.commit_latency_s,
+                                        ensemble_decay=cfg.ensemble_decay)
+        except ValueError as exc:
+            return self._fail_configure(str(exc))
+        self.config = cfg
+        self.executor_ = ChunkExecutor(self.safety, execution)
+        self.delta_plan = ChunkPlan(execution)
+        self.watchdog = Watchdog({'joint_states': cfg.joint_state_timeout_s,
+                                  **{c: cfg.camera_timeout_s for c in cfg.camera_names}})
+        try:
+            self._policy = self._load_policy(cfg)
+        except Exception as exc:  # noqa: BLE001 - any loading failure fails configure
+            self._policy = None
+            name = 'server_uri' if cfg.inference_backend == 'remote' else (
+                'checkpoint' if cfg.checkpoint else 'preset')
+            return self._fail_configure(f'parameter {name}: cannot load the policy: '
+                                        f'{type(exc).__name__}: {exc}')
+        self._instruction = cfg.instruction
+        self._create_interfaces(cfg)
+        self._worker = _InferenceWorker(self._run_inference)
+        self.configure_error = ''
+        self.get_logger().info(f'configured: {self._model_id}, {cfg.action_mode} mode, '
+                               f'{cfg.execution_strategy}, {cfg.inference_backend} inference')
+        return TransitionCallbackReturn.SUCCESS
+
+    def _fail_configure(self, message: str) -> TransitionCallbackReturn:
+        self.configure_error = message
+        self.get_logger().error(f'configure failed: {message}')
+        return TransitionCallbackReturn.FAILURE
+
+    def _load_policy(self, cfg: NodeConfig) -> Any:
+        if self._policy_factory is not None:
+            policy = self._policy_factory(cfg)
+            self._model_id = getattr(policy, 'model_id', type(policy).__name__)
+        elif cfg.inference_backend == 'remote':
+            from iflybot_vla_policy.remote import RemotePolicy
+            policy = RemotePolicy(cfg.server_uri, api_key=cfg.api_key or None)
+            self._model_id = cfg.server_uri
+            try:
+                meta = policy.connect()
+                self._chunk_dt = float(meta.get('dt', self._chunk_dt))
+            except ConnectionError as exc:   # hold until it answers; do not fail configure
+                self.get_logger().warning(f'policy server not reachable yet: {exc}')
+            return policy
+        else:
+            from iflybot_vla_policy.policy import Policy
+            device = {'device': cfg.device}
+            if cfg.checkpoint:
+                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **device)
+                self._model_id = cfg.checkpoint
+            else:
+                policy = Policy.from_config(cfg.preset, seed=cfg.seed, **device)
+                self._model_id = f'{cfg.preset} (random weights)'
+        for _ in range(cfg.warmup_inferences):
+            out = policy.infer(self._blank_observation(cfg))
+            self._chunk_dt = float(out.get('dt', self._chunk_dt))
+        return policy
+
+    def _blank_observation(self, cfg: NodeConfig) -> dict:
+        blank = np.zeros((64, 64, 3), dtype=np.uint8)
+        state = np.append(self.robot.home, self.robot.gripper.max_width / 2)
+        return {'images': {c: blank for c in cfg.camera_names},
+                'state': state.astype(np.float32), 'instruction': 'warm up'}
+
+    def _create_interfaces(self, cfg: NodeConfig) -> None:
+        sensors = ReentrantCallbackGroup()
+        control = MutuallyExclusiveCallbackGroup()
+        calls = ReentrantCallbackGroup()
+        h = self._handles
+        self.trajectory_pub = self.create_publisher(JointTrajectory, cfg.trajectory_topic, 10)
+        self.twist_pub = self.create_publisher(TwistStamped, cfg.twist_topic, 10)
+        self.gripper_pub = self.create_publisher(GripperCommand, cfg.gripper_topic, 10)
+        self.chunk_pub = self.create_publisher(ActionChunk, '/vla/action_chunk', 10)
+        self.status_pub = self.create_publisher(PolicyStatus, '/vla/status', 10)
+        self.marker_pub = self.create_publisher(MarkerArray, '/vla/markers', 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        h += [self.trajectory_pub, self.twist_pub, self.gripper_pub, self.chunk_pub,
+              self.status_pub, self.marker_pub, self.diag_pub]
+        for name, topic in zip(cfg.camera_names, cfg.camera_topics, strict=True):
+            h.append(self.create_subscription(
+                Image, topic, lambda msg, n=name: self._on_image(n, msg),
+                qos_profile_sensor_data, callback_group=sensors))
+        h.append(self.create_subscription(JointState, cfg.joint_state_topic,
+                                          self._on_joint_state, qos_profile_sensor_data,
+                                          callback_group=sensors))
+        h.append(self.create_subscription(String, '/vla/instruction', self._on_instruction, 10,
+                                          callback_group=sensors))
+        h.append(self.create_subscription(Bool, cfg.task_success_topic, self._on_success, 10,
+                                          callback_group=sensors))
+        h.append(self.create_timer(1.0 / cfg.control_rate_hz, self._on_control_tick,
+                                   callback_group=control))
+        h.append(self.create_timer(1.0 / cfg.status_rate_hz, self._publish_status,
+                                   callback_group=calls))
+        h.append(self.create_timer(1.0, self._publish_diagnostics, callback_group=calls))
+        h.append(self.create_service(Trigger, '~/estop', self._on_estop, callback_group=calls))
+        self.action_server = ActionServer(
+            self, RunPolicy, '~/run_policy', execute_callback=self._execute_goal,
+            goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            callback_group=calls)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            q = self._q_measured
+            if q is None:
+                self.get_logger().warning('activating without a joint state: holding until one '
+                                          'arrives')
+            self._reset_command(q)
+            self._active = True
+            self._generation += 1
+            self._last_request = -math.inf
+            self._set_state(RUNNING if self._instruction else HOLD,
+                            '' if self._instruction else 'waiting for an instruction',
+                            '' if self._instruction else 'user')
+        self.get_logger().info('active')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self._hold('deactivated', cause='user')
+            self._active = False
+            self._state = IDLE
+        self.get_logger().info('deactivated: holding position')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            if self._active and self.config is not None:
+                self._hold('shutdown', cause='user')
+            self._active = False
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _teardown(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+        if getattr(self, 'action_server', None) is not None:
+            self.action_server.destroy()
+            self.action_server = None
+        for handle in self._handles:
+            destroy = {'Publisher': self.destroy_publisher,
+                       'Subscription': self.destroy_subscription,
+                       'Timer': self.destroy_timer, 'Service': self.destroy_service}
+            destroy[type(handle).__name__](handle)
+        self._handles.clear()
+        close = getattr(self._policy, 'close', None)
+        if callable(close):
+            close()
+        self._policy = None
+        self.config = None
+
+    # ------------------------------------------------------------------------- inputs
+    def _on_image(self, name: str, msg: Image) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._images[name] = msg
+            self._image_stamps[name] = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            if self.config is not None:
+                self.watchdog.feed(name, now)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        now = time.monotonic()
+        try:
+            q = joint_positions(msg, self.config.arm_joint_names)
+            joint_positions(msg, self.config.finger_joint_names)
+        except (KeyError, ValueError) as exc:
+            self.get_logger().warning(f'ignoring joint state: {exc}',
+                                      throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            self._joint_state = msg
+            self._q_measured = q
+            self.watchdog.feed('joint_states', now)
+
+    def _on_instruction(self, msg: String) -> None:
+        with self._lock:
+            self._start_instruction(msg.data)
+
+    def _on_success(self, msg: Bool) -> None:
+        if msg.data:
+            self._success_since = time.monotonic()
+
+    def _start_instruction(self, text: str) -> None:
+        """(lock held) Run with a new instruction; resumes from a user hold."""
+        self._instruction = text
+        self._generation += 1
+        if self._active and self._state in (HOLD, ERROR, RUNNING):
+            if text:
+                self._set_state(RUNNING, '', '')
+                self._last_request = -math.inf
+            else:
+                self._hold('waiting for an instruction', cause='user')
+
+    # ------------------------------------------------------------------------- control
+    def _on_control_tick(self) -> None:
+        now = time.monotonic()
+        self.tick_times.append(now)
+        if not self._lock.acquire(blocking=False):
+            return   # the worker is splicing; the controller keeps executing the trajectory
+        try:
+            if not self._active or self.config is None:
+                return
+            if self._q_measured is not None and self.executor_.command is None:
+                self._reset_command(self._q_measured)
+            stale = self.watchdog.stale_reason(now)
+            if stale:
+                if self._state == RUNNING:
+                    self._hold(stale, cause='input')
+                elif self._state == HOLD and self._hold_cause not in ('user', 'input'):
+                    self._set_state(HOLD, stale, 'input')
+                return
+            if self._state == HOLD and self._hold_cause == 'input':
+                self._set_state(RUNNING, '', '')   # inputs fresh again: resume
+            command = self.executor_.command
+            if self.config.action_mode == 'joint' and command is not None:
+                if self._state != RUNNING and now > command.end:
+                    # At rest and not running: the measurement is the truth (a sim reset or
+                    # a person may have moved the arm); the next run starts from it.
+                    self.executor_.reset(self._q_measured, now)
+                q_cmd, _ = self.executor_.commanded(now)
+                reason = self.safety.tracking_error_reason(q_cmd, self._q_measured)
+                if reason and self._state == RUNNING:
+                    self._hold(reason, cause='error', state=ERROR)
+                    return
+            if self._state == RUNNING and not self._worker.busy and \
+                    now - self._last_request >= 1.0 / self.config.inference_rate_hz:
+                self._submit(now)
+            self._command_gripper_and_twist(now)
+        finally:
+            self._lock.release()
+
+    def _submit(self, now: float) -> None:
+        """(lock held) Hand the newest observation to the worker."""
+        cfg = self.config
+        stamps = [self._image_stamps.get(c, 0.0) for c in cfg.camera_names]
+        request = _Request(self._generation, now, min(stamps),
+                           {c: self._images[c] for c in cfg.camera_names}, self._joint_state,
+                           self._instruction)
+        if self._worker.submit(request):
+            self._last_request = now
+
+    def _command_gripper_and_twist(self, now: float) -> None:
+        """(lock held) Gripper on change; ee_delta twist at control rate."""
+        cfg = self.config
+        if cfg.action_mode == 'joint':
+            width = self.executor_.gripper_at(now) if self._state == RUNNING else None
+        else:
+            values = self.delta_plan.at(now) if self._state == RUNNING else None
+            twist = np.zeros(6)
+            if values is not None and now <= self.delta_plan.end:
+                twist = values[:6] / self._chunk_dt
+            self._twist = self.safety.limit_twist(self._twist, twist, 1.0 / cfg.control_rate_hz)
+            self.twist_pub.publish(twist_msg(self._twist, self.get_clock().now().to_msg(),
+                                             cfg.twist_frame))
+            width = None if values is None else float(values[6])
+        if width is None:
+            return
+        grasp = width <= cfg.grasp_width
+        last = self._gripper_sent
+        if last is None or grasp != last[1] or abs(width - last[0]) > cfg.gripper_deadband:
+            self._gripper_sent = (width, grasp)
+            self.gripper_pub.publish(gripper_command_msg(
+                width, cfg.gripper_speed, cfg.gripper_force, grasp,
+                self.get_clock().now().to_msg()))
+
+    # ------------------------------------------------------------------------- holding
+    def _reset_command(self, q: np.ndarray | None) -> None:
+        self.executor_.plan.clear()
+        self.delta_plan.clear()
+        if q is not None:
+            self.executor_.reset(q, time.monotonic())
+
+    def _set_state(self, state: int, error: str, cause: str) -> None:
+        if state != self._state or error != self._last_error:
+            text = f'{STATE_NAMES[state]}' + (f': {error}' if error else '')
+            if state == ERROR:   # rclpy wants one severity per call site
+                self.get_logger().error(text)
+            else:
+                self.get_logger().info(text)
+        self._state, self._last_error, self._hold_cause = state, error, cause
+
+    def _hold(self, reason: str, cause: str, state: int = HOLD) -> None:
+        """(lock held) Stop from the current command and drop in-flight chunks."""
+        self._generation += 1
+        self._set_state(state, reason, cause)
+        self._twist = np.zeros(6)
+        self.delta_plan.clear()
+        if self.config is None:
+            return
+        if self.config.action_mode == 'ee_delta':
+            self.twist_pub.publish(twist_msg(self._twist, self.get_clock().now().to_msg(),
+                                             self.config.twist_frame))
+            return
+        if self.executor_.command is None:
+            return
+        trajectory = self.executor_.hold(time.monotonic())
+        self.trajectory_pub.publish(trajectory_msg(trajectory, self.config.arm_joint_names))
+        self.marker_pub.publish(path_markers(self.robot, trajectory.positions,
+                                             self.get_clock().now().to_msg()))
+
+    # ------------------------------------------------------------------------- inference
+    def _run_inference(self, request: _Request) -> None:
+        """Worker thread: observation -> model -> safety -> splice -> publish."""
+        cfg = self.config
+        if cfg is None:
+            return
+        try:
+            obs = {'images': {name: image_to_rgb(msg) for name, msg in request.images.items()},
+                   'state': robot_state(request.joint_state, cfg.arm_joint_names,
+                                        cfg.finger_joint_names),
+                   'instruction': request.instruction}
+        except (KeyError, ValueError, RuntimeError) as exc:
+            with self._lock:
+                if request.generation == self._generation:
+                    self._hold(f'bad observation: {exc}', cause='input')
+            return
+        start = time.perf_counter()
+        try:
+            out = self._policy.infer(obs)
+            actions = np.asarray(out['actions'], dtype=np.float64)
+            dt = float(out.get('dt', self._chunk_dt))
+        except ConnectionError as exc:
+            with self._lock:
+                if self._active and self._state != ERROR:
+                    if self._hold_cause != 'server':
+                        self._hold(f'inference server unreachable: {exc}', cause='server')
+                    self._last_request = time.monotonic() - 1.0 / cfg.inference_rate_hz + \
+                        getattr(exc, 'retry_in_s', 0.0)
+            return
+        except Exception as exc:  # noqa: BLE001 - any model failure holds the robot
+            self.get_logger().error('inference failed:\n' + traceback.format_exc())
+            with self._lock:
+                if self._active:
+                    self._hold(f'inference failed: {type(exc).__name__}: {exc}', cause='error',
+                               state=ERROR)
+            return
+        latency_ms = (time.perf_counter() - start) * 1e3
+        round_trip = (out.get('client_timing') or {}).get('round_trip_ms')
+        with self._lock:
+            if not self._active or request.generation != self._generation:
+                if self._hold_cause == 'server' and self._active:   # server back: resume
+                    self._set_state(RUNNING, '', '')
+                return
+            if self._hold_cause == 'server':
+                self._set_state(RUNNING, '', '')
+            self.inference_ms.append(latency_ms)
+            if round_trip is not None:
+                self.round_trip_ms.append(float(round_trip))
+            self._chunk_dt = dt
+            if cfg.action_mode == 'joint':
+                self._splice_joint(request, actions, dt, latency_ms)
+            else:
+                self._splice_delta(request, actions, dt, latency_ms)
+
+    def _splice_joint(self, request: _Request, actions: np.ndarray, dt: float,
+                      latency_ms: float) -> None:
+        """(lock held) Vet, splice and publish one joint-mode chunk."""
+        cfg = self.config
+        q_obs = joint_positions(request.joint_state, cfg.arm_joint_names)
+        check = self.safety.check_chunk(actions, dt, q_obs)
+        if not check.ok:
+            self._hold(f'chunk rejected: {check.hold_reason}', cause='chunk')
+            self._set_state(RUNNING, self._last_error, '')   # the next chunk may be fine
+            return
+        values = np.hstack([check.positions, check.gripper[:, None]])
+        now = time.monotonic()
+        trajectory, reason = self.executor_.splice(values, dt, request.t_obs, now)
+        self.trajectory_pub.publish(trajectory_msg(trajectory, cfg.arm_joint_names))
+        stamp = self.get_clock().now()
+        self._record_e2e(stamp, request.obs_stamp)
+        self._chunks += 1
+        self.chunk_pub.publish(action_chunk_msg(values, dt, cfg.arm_joint_names,
+                                                _to_time(request.obs_stamp), self._model_id,
+                                                latency_ms))
+        self.marker_pub.publish(path_markers(self.robot, trajectory.positions, stamp.to_msg()))
+        if reason:
+            self.get_logger().warning(f'holding: {reason}', throttle_duration_sec=2.0)
+            self._last_error = reason
+
+    def _splice_delta(self, request: _Request, actions: np.ndarray, dt: float,
+                      latency_ms: float) -> None:
+        """(lock held) Vet and splice one ee_delta chunk; the control timer streams twists."""
+        q_obs = joint_positions(request.joint_state, self.config.arm_joint_names)
+        values, reason = self.safety.check_delta_chunk(actions, dt, self.robot.tcp_position(q_obs))
+        if reason:
+            self._hold(f'chunk rejected: {reason}', cause='chunk')
+            self._set_state(RUNNING, self._last_error, '')
+            return
+        self.delta_plan.splice(values, dt, request.t_obs, time.monotonic())
+        self._record_e2e(self.get_clock().now(), request.obs_stamp)
+        self._chunks += 1
+        self.chunk_pub.publish(action_chunk_msg(values, dt, ['x', 'y', 'z', 'rx', 'ry', 'rz'],
+                                                _to_time(request.obs_stamp), self._model_id,
+                                                latency_ms))
+
+    def _record_e2e(self, now: Any, obs_stamp: float) -> None:
+        """Image stamp -> publish; skipped when the stamps are on another clock (sim time
+        without use_sim_time)."""
+        latency = now.nanoseconds * 1e-9 - obs_stamp
+        if obs_stamp > 0.0 and 0.0 <= latency < 60.0:
+            self.e2e_latency_ms.append(latency * 1e3)
+
+    # ------------------------------------------------------------------------- monitoring
+    def status(self) -> PolicyStatus:
+        with self._lock:
+            latencies = np.asarray(self.inference_ms, dtype=np.float64)
+            ticks = np.asarray(self.tick_times, dtype=np.float64)[-100:]
+            msg = PolicyStatus(state=self._state if self._active else IDLE,
+                               instruction=self._instruction, chunks_produced=self._chunks,
+                               last_error=self._last_error)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        if len(latencies):
+            msg.inference_latency_p50_ms = float(np.percentile(latencies, 50))
+            msg.inference_latency_p99_ms = float(np.percentile(latencies, 99))
+        if len(ticks) > 1 and ticks[-1] > ticks[0]:
+            msg.control_rate_hz = float((len(ticks) - 1) / (ticks[-1] - ticks[0]))
+        return msg
+
+    def _publish_status(self) -> None:
+        if self.config is not None:
+            self.status_pub.publish(self.status())
+
+    def _publish_diagnostics(self) -> None:
+        if self.config is None:
+            return
+        status = self.status()
+        level = {IDLE: DiagnosticStatus.OK, RUNNING: DiagnosticStatus.OK,
+                 HOLD: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}[status.state]
+        values = {'state': STATE_NAMES[status.state], 'model': self._model_id,
+                  'backend': self.config.inference_backend,
+                  'strategy': self.config.execution_strategy,
+                  'chunks_produced': str(status.chunks_produced),
+                  'inference_latency_p50_ms': f'{status.inference_latency_p50_ms:.1f}',
+                  'inference_latency_p99_ms': f'{status.inference_latency_p99_ms:.1f}',
+                  'control_rate_hz': f'{status.control_rate_hz:.1f}'}
+        for name, window in (('e2e_latency', self.e2e_latency_ms),
+                             ('round_trip', self.round_trip_ms)):
+            if len(window):
+                values[f'{name}_p50_ms'] = f'{np.percentile(list(window), 50):.1f}'
+        diag = DiagnosticStatus(level=level, name='iflybot_policy', hardware_id='fr3',
+                                message=status.last_error or STATE_NAMES[status.state],
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        array = DiagnosticArray(status=[diag])
+        array.header.stamp = status.header.stamp
+        self.diag_pub.publish(array)
+
+    # ------------------------------------------------------------------------- services
+    def _on_estop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            was_active = self._active
+            if self.config is not None and self._active:
+                self._hold('e-stop', cause='user')
+            self._goal_token += 1   # running goals end with reason 'estop'
+        if was_active:
+            self.trigger_deactivate()
+        self.get_logger().warning('e-stop: holding and deactivated')
+        response.success = True
+        response.message = 'holding; node deactivated' if was_active else 'holding (inactive)'
+        return response
+
+    def _on_goal(self, goal: RunPolicy.Goal) -> GoalResponse:
+        if not self._active:
+            self.get_logger().warning('run_policy rejected: node is not active')
+            return GoalResponse.REJECT
+        if not goal.instruction.strip():
+            self.get_logger().warning('run_policy rejected: empty instruction')
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _execute_goal(self, goal_handle: Any) -> RunPolicy.Result:
+        goal = goal_handle.request
+        with self._lock:
+            self._goal_token += 1
+            token = self._goal_token
+            self._start_instruction(goal.instruction)
+            chunks0 = self._chunks
+        start = time.monotonic()
+        result = RunPolicy.Result()
+        last_feedback = 0.0
+        while True:
+            now = time.monotonic()
+            elapsed = now - start
+            with self._lock:
+                state, error, active = self._state, self._last_error, self._active
+                chunks = self._chunks - chunks0
+                preempted = token != self._goal_token
+            reason = ''
+            if preempted:
+                reason = 'estop' if not active else 'preempted'
+            elif goal_handle.is_cancel_requested:
+                with self._lock:
+                    self._instruction = ''
+                    self._hold('run_policy canceled', cause='user')
+                goal_handle.canceled()
+                result.reason = 'canceled'
+                break
+            elif self._success_since > start:
+                result.success, reason = True, 'success'
+            elif not active:
+                reason = 'deactivated'
+            elif state == ERROR:
+                reason = f'error: {error}'
+            elif goal.max_duration > 0 and elapsed >= goal.max_duration:
+                reason = 'timeout'
+            if reason:
+                with self._lock:
+                    if token == self._goal_token and self._active:
+                        self._instruction = ''
+                        self._hold(f'run_policy ended: {reason}', cause='user')
+                result.reason = reason
+                if result.success:
+                    goal_handle.succeed()
+                else:
+                    goal_handle.abort()
+                break
+            if now - last_feedback >= 0.5:
+                last_feedback = now
+                goal_handle.publish_feedback(RunPolicy.Feedback(elapsed=elapsed, chunks=chunks,
+                                                                state=state))
+            time.sleep(0.02)
+        result.duration = time.monotonic() - start
+        return result
+
+
+def _to_time(seconds: float) -> Any:
+    from builtin_interfaces.msg import Time
+    nanos = int(round(seconds * 1e9))
+    return Time(sec=nanos // 1_000_000_000, nanosec=nanos % 1_000_000_000)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rclpy.init(args=list(sys.argv if argv is None else argv))
+    node = None
+    try:
+        node = PolicyNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            with node._lock:
+                if node._active and node.config is not None:
+                    node._hold('shutting down', cause='user')
+                node._active = False
+            if node._worker is not None:
+                node._worker.stop(timeout=2.0)
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

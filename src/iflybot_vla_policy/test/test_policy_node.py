@@ -1,0 +1,415 @@
+"""The policy node over real DDS: lifecycle, output contract, watchdog, NaN guard, continuity,
+cancel and e-stop. The arm test drives the MuJoCo sim node (a subprocess); the others feed the
+node from in-test publishers so inputs can be stopped at will. The model is the `tiny` preset
+with random weights (its chunks are wild: the safety layer clamps them)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip('rclpy')
+
+from iflybot_vla_msgs.action import RunPolicy  # noqa: E402
+from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, PolicyStatus  # noqa: E402
+from lifecycle_msgs.msg import State  # noqa: E402
+from rclpy.action import ActionClient  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Bool  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
+
+from iflybot_vla_policy.robot import load_robot  # noqa: E402
+from iflybot_vla_policy.ros.conversions import rgb_to_image, trajectory_from_msg  # noqa: E402
+from iflybot_vla_policy.ros.policy_node import NodeConfig, PolicyNode, parse_config  # noqa: E402
+from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+ROBOT = load_robot()
+SAFETY = SafetyFilter(ROBOT, SafetyConfig())
+YAML = Path(__file__).resolve().parents[2] / 'iflybot_bringup' / 'config' / 'policy.yaml'
+TRAJECTORY_TOPIC = '/fr3_arm_controller/joint_trajectory'
+# A shared 2-core test machine delivers messages late at times: generous timeouts in tests.
+RELAXED = {'joint_state_timeout_s': 1.0, 'camera_timeout_s': 1.5}
+
+
+@pytest.fixture(scope='module')
+def tiny_policy():
+    from iflybot_vla_policy.policy import Policy
+    return Policy.from_config('tiny', seed=0)
+
+
+class Harness:
+    """The node under test plus a test node (inputs and taps) on one executor in a context."""
+
+    def __init__(self, context: object, params: dict, factory: Callable | None,
+                 inputs: bool = True) -> None:
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        self.node = PolicyNode(policy_factory=factory, context=context,
+                               parameter_overrides=overrides)
+        self.tap = rclpy.create_node('policy_node_test', context=context)
+        self.lock = threading.Lock()
+        self.trajectories: list[tuple[float, JointTrajectory]] = []
+        self.chunks: list[ActionChunk] = []
+        self.markers: list[MarkerArray] = []
+        self.grippers: list[GripperCommand] = []
+        self.statuses: list[PolicyStatus] = []
+        self.joint_states: list[JointState] = []
+        self.publish_joints = inputs
+        self.publish_images = inputs
+        self.q = ROBOT.home.copy()
+        tap = self.tap
+        tap.create_subscription(JointTrajectory, TRAJECTORY_TOPIC, self._on_trajectory, 50)
+        tap.create_subscription(ActionChunk, '/vla/action_chunk', self._keep(self.chunks), 50)
+        tap.create_subscription(MarkerArray, '/vla/markers', self._keep(self.markers), 50)
+        tap.create_subscription(GripperCommand, '/vla/gripper_command',
+                                self._keep(self.grippers), 50)
+        tap.create_subscription(PolicyStatus, '/vla/status', self._keep(self.statuses), 50)
+        tap.create_subscription(JointState, '/joint_states', self._keep(self.joint_states), 50)
+        if inputs:
+            self.js_pub = tap.create_publisher(JointState, '/joint_states', 10)
+            self.image_pubs = [tap.create_publisher(
+                type(rgb_to_image(np.zeros((1, 1, 3), np.uint8))),
+                f'/{c}/color/image_raw', 10) for c in ('scene_camera', 'wrist_camera')]
+            self.image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            tap.create_timer(0.02, self._publish_joint_state)
+            tap.create_timer(0.1, self._publish_images)
+        self.success_pub = tap.create_publisher(Bool, '/sim/task_success', 10)
+        self.executor = MultiThreadedExecutor(num_threads=6, context=context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(tap)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _keep(self, store: list) -> Callable:
+        def callback(msg: object) -> None:
+            with self.lock:
+                store.append(msg)
+        return callback
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        with self.lock:
+            self.trajectories.append((time.monotonic(), msg))
+
+    def _publish_joint_state(self) -> None:
+        if self.publish_joints:
+            msg = JointState(name=list(ROBOT.arm_joint_names) + list(ROBOT.finger_joint_names),
+                             position=list(self.q) + [0.02, 0.02])
+            msg.header.stamp = self.tap.get_clock().now().to_msg()
+            self.js_pub.publish(msg)
+
+    def _publish_images(self) -> None:
+        if self.publish_images:
+            stamp = self.tap.get_clock().now().to_msg()
+            for pub in self.image_pubs:
+                pub.publish(rgb_to_image(self.image, 'bgr8', stamp=stamp))
+
+    def configure_and_activate(self, wait: Callable) -> None:
+        assert self.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
+            self.node.configure_error
+        assert wait(lambda: self.node._q_measured is not None, timeout=60)
+        assert self.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def received(self) -> list[JointTrajectory]:
+        with self.lock:
+            return [m for _, m in self.trajectories]
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5)
+        self.node.destroy_node()
+        self.tap.destroy_node()
+
+
+@pytest.fixture
+def harness(ros_context: object) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(params: dict, factory: Callable | None = None, inputs: bool = True) -> Harness:
+        made.append(Harness(ros_context, params, factory, inputs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def arm_positions(msg: JointState) -> np.ndarray:
+    names = list(msg.name)
+    return np.array([msg.position[names.index(n)] for n in ROBOT.arm_joint_names])
+
+
+def assert_valid_trajectory(msg: JointTrajectory) -> None:
+    """The output contract: our joints, finite, increasing times, within limits, ends at rest."""
+    assert list(msg.joint_names) == list(ROBOT.arm_joint_names)
+    traj = trajectory_from_msg(msg)
+    assert np.all(np.isfinite(traj.positions)) and np.all(np.isfinite(traj.velocities))
+    assert SAFETY.verify(traj, traj.positions[0], traj.velocities[0]) == '', msg
+
+
+# ------------------------------------------------------------------------------- parameters
+def test_every_node_parameter_is_in_the_yaml_with_a_comment_and_parses():
+    params = yaml.safe_load(YAML.read_text())['iflybot_policy']['ros__parameters']
+    assert set(params) == {f for f in NodeConfig.__dataclass_fields__}
+    text = YAML.read_text()
+    for name in params:   # each parameter is documented: a comment line or a trailing comment
+        lines = text.splitlines()
+        i = next(k for k, line in enumerate(lines) if line.strip().startswith(f'{name}:'))
+        assert '#' in lines[i] or lines[i - 1].strip().startswith('#'), name
+    values = {k: [x for x in v if x] if isinstance(v, list) else v for k, v in params.items()}
+    assert parse_config(values, ROBOT) == parse_config({}, ROBOT)
+
+
+@pytest.mark.parametrize('name, value', [
+    ('execution_strategy', 'smooth'), ('control_rate_hz', -5.0), ('action_mode', 'cartesian'),
+    ('camera_topics', ['/only_one']), ('velocity_scale', 2.0), ('server_uri', 'http://x'),
+    ('seed', 'seven')])
+def test_bad_parameter_fails_configure_naming_it(harness, name, value):
+    params = {name: value}
+    if name == 'server_uri':
+        params['inference_backend'] = 'remote'
+    h = harness(params, factory=lambda cfg: pytest.fail('must not load a model'), inputs=False)
+    assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert f'parameter {name}' in h.node.configure_error
+
+
+def test_unloadable_checkpoint_fails_configure_naming_it(harness, tmp_path):
+    h = harness({'checkpoint': str(tmp_path / 'missing')}, inputs=False)
+    assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert 'parameter checkpoint' in h.node.configure_error
+
+
+# ------------------------------------------------------------------------------- with the sim
+@pytest.fixture
+def sim_process() -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'iflybot_vla_policy.ros.sim_node', '--ros-args',
+         '-p', 'image_width:=64', '-p', 'image_height:=48', '-p', 'camera_rate:=10.0',
+         '-p', 'joint_state_rate:=50.0', '-p', 'home_noise:=0.0'],
+        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_configure_activate_sends_trajectories_at_the_configured_rate_and_the_sim_arm_moves(
+        harness, sim_process, wait):
+    rate = 2.0
+    # Random weights propose wild chunks: small steps and speeds keep the TCP in the box. The
+    # sim falls behind real time on a loaded machine, so it lags the (wall-clock) command.
+    h = harness({'preset': 'tiny', 'instruction': 'put the red block in the bowl',
+                 'inference_rate_hz': rate, 'max_step': 0.05, 'velocity_scale': 0.1,
+                 'max_tracking_error': 2.0, **RELAXED}, inputs=False)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 2, timeout=60), h.node.status()
+    first_q = arm_positions(h.joint_states[-1])
+    t0, n0 = time.monotonic(), len(h.received())
+    assert wait(lambda: len(h.received()) >= n0 + 6, timeout=60), h.node.status()
+    elapsed = time.monotonic() - t0
+    sent = len(h.received()) - n0
+    assert sent / elapsed <= rate * 1.5            # never faster than configured
+    assert sent / elapsed >= rate * 0.25           # and not starved (loaded CI: wide margin)
+    for msg in h.received():
+        assert_valid_trajectory(msg)
+    with h.lock:
+        q_now = arm_positions(h.joint_states[-1])
+    assert np.abs(q_now - first_q).max() > 0.01, 'the simulated arm did not move'
+    assert h.statuses and h.statuses[-1].chunks_produced >= 6
+    assert len(h.chunks) >= 6 and h.chunks[-1].horizon > 0 and h.markers
+
+
+# ----------------------------------------------------------------------- with test publishers
+def test_stale_joint_state_holds_within_the_timeout_and_fresh_input_resumes(
+        harness, tiny_policy, wait):
+    timeout = 0.5
+    h = harness({'instruction': 'pick', 'inference_rate_hz': 4.0, 'max_tracking_error': 10.0,
+                 'joint_state_timeout_s': timeout, 'camera_timeout_s': 2.0},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    h.publish_joints = False
+    stopped = time.monotonic()
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=10)
+    held_after = time.monotonic() - stopped
+    status = h.node.status()
+    assert 'joint_states' in status.last_error
+    # The hold itself is a trajectory that brakes to rest within the limits.
+    assert wait(lambda: any(t > stopped for t, _ in h.trajectories), timeout=5)
+    with h.lock:
+        hold = [m for t, m in h.trajectories if t > stopped][0]
+    assert_valid_trajectory(hold)
+    # Deadline: the timeout plus a few control ticks on a loaded machine.
+    assert held_after < timeout + 2.0, held_after
+    time.sleep(1.0)
+    with h.lock:
+        after_hold = [t for t, _ in h.trajectories if t > stopped]
+    assert len(after_hold) == 1, 'nothing but the hold is sent while input is stale'
+    h.publish_joints = True
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_RUNNING, timeout=10)
+    assert wait(lambda: len(h.received()) >= len(after_hold) + 3, timeout=60)
+
+
+def test_stale_camera_holds(harness, tiny_policy, wait):
+    h = harness({'instruction': 'pick', 'inference_rate_hz': 4.0, 'max_tracking_error': 10.0,
+                 'joint_state_timeout_s': 2.0, 'camera_timeout_s': 0.5},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 1, timeout=60)
+    h.publish_images = False
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=10)
+    assert 'camera' in h.node.status().last_error
+
+
+class NaNEveryOtherChunk:
+    """Wraps a policy; every other chunk carries a NaN (and one an inf)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.model_id = 'tiny+nan'
+
+    def infer(self, obs: dict) -> dict:
+        out = dict(self.inner.infer(obs))
+        self.calls += 1
+        if self.calls % 2 == 0:
+            actions = np.array(out['actions'], copy=True)
+            actions[self.calls % len(actions), self.calls % 8] = np.nan
+            actions[-1, 0] = np.inf
+            out['actions'] = actions
+        return out
+
+
+def test_nan_from_the_model_never_reaches_a_publisher(harness, tiny_policy, wait):
+    wrapper = NaNEveryOtherChunk(tiny_policy)
+    h = harness({'instruction': 'pick', 'inference_rate_hz': 5.0, 'max_tracking_error': 10.0,
+                 **RELAXED}, factory=lambda cfg: wrapper)
+    h.configure_and_activate(wait)
+    assert wait(lambda: wrapper.calls >= 9, timeout=90)
+    time.sleep(0.5)
+    with h.lock:
+        trajectories = [m for _, m in h.trajectories]
+        chunks, markers, grippers = list(h.chunks), list(h.markers), list(h.grippers)
+    assert len(trajectories) >= 3 and chunks
+    for msg in trajectories:
+        assert_valid_trajectory(msg)
+    for chunk in chunks:
+        assert np.all(np.isfinite(chunk.positions)) and np.all(np.isfinite(chunk.gripper))
+    for array in markers:
+        for marker in array.markers:
+            assert all(np.isfinite([p.x, p.y, p.z]).all() for p in marker.points)
+    assert all(np.isfinite(g.width) for g in grippers)
+    assert any('non-finite' in s.last_error for s in h.statuses)
+
+
+@pytest.mark.parametrize('strategy', ['rtc', 'ensemble', 'naive'])
+def test_commanded_motion_is_continuous_across_chunk_boundaries(harness, tiny_policy, wait,
+                                                                 strategy):
+    """Each trajectory starts on the one it replaces: its first point (position and velocity)
+    is a point of the previous trajectory, and every trajectory is within the limits."""
+    h = harness({'instruction': 'pick', 'inference_rate_hz': 5.0, 'max_tracking_error': 10.0,
+                 'execution_strategy': strategy, **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 5, timeout=90), h.node.status()
+    msgs = h.received()[:5]
+    for msg in msgs:
+        assert_valid_trajectory(msg)
+    for previous, current in zip(msgs, msgs[1:], strict=False):
+        before, after = trajectory_from_msg(previous), trajectory_from_msg(current)
+        t = np.arange(0.0, before.end + 1e-3, 1e-3)
+        samples = [before.sample(x) for x in t]
+        gap = min(np.abs(p - after.positions[0]).max() + 0.01 * np.abs(v - after.velocities[0])
+                  .max() for p, v in samples)
+        assert gap < 2e-3, f'{strategy}: trajectory starts {gap:.4f} off the previous one'
+
+
+def test_cancel_of_run_policy_holds(harness, tiny_policy, wait):
+    h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert h.node.status().state == PolicyStatus.STATE_HOLD   # no instruction yet
+    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    assert client.wait_for_server(timeout_sec=10)
+    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
+    assert wait(future.done, timeout=10) and future.result().accepted
+    handle = future.result()
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    cancel = handle.cancel_goal_async()
+    assert wait(cancel.done, timeout=10)
+    canceled_at = time.monotonic()
+    result = handle.get_result_async()
+    assert wait(result.done, timeout=10)
+    assert result.result().result.reason == 'canceled'
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
+    time.sleep(1.0)
+    with h.lock:
+        late = [m for t, m in h.trajectories if t > canceled_at]
+    assert len(late) <= 1   # at most the hold itself (it may have arrived before `canceled_at`)
+    for msg in late:
+        traj = trajectory_from_msg(msg)
+        assert np.all(traj.velocities[-1] == 0.0)
+
+
+def test_run_policy_ends_with_success_when_the_task_succeeds(harness, tiny_policy, wait):
+    h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    assert client.wait_for_server(timeout_sec=10)
+    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
+    assert wait(future.done, timeout=10) and future.result().accepted
+    assert wait(lambda: len(h.received()) >= 1, timeout=60)
+    h.success_pub.publish(Bool(data=True))
+    result = future.result().get_result_async()
+    assert wait(result.done, timeout=10)
+    assert result.result().result.success and result.result().result.reason == 'success'
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
+
+
+def test_estop_holds_and_deactivates(harness, tiny_policy, wait):
+    h = harness({'instruction': 'pick', 'inference_rate_hz': 5.0, 'max_tracking_error': 10.0,
+                 **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    client = h.tap.create_client(Trigger, '/iflybot_policy/estop')
+    assert client.wait_for_service(timeout_sec=10)
+    future = client.call_async(Trigger.Request())
+    assert wait(future.done, timeout=10) and future.result().success
+    stopped = time.monotonic()
+    assert h.node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE
+    assert h.node.status().state == PolicyStatus.STATE_IDLE
+    time.sleep(1.5)
+    with h.lock:
+        late = [m for t, m in h.trajectories if t > stopped]
+    assert len(late) <= 1
+    for msg in late:
+        assert np.all(trajectory_from_msg(msg).velocities[-1] == 0.0)
+
+
+def test_remote_backend_holds_while_the_server_is_unreachable(harness, wait):
+    h = harness({'inference_backend': 'remote', 'server_uri': 'ws://127.0.0.1:9',
+                 'instruction': 'pick', **RELAXED})
+    h.configure_and_activate(wait)
+    assert wait(lambda: 'unreachable' in h.node.status().last_error, timeout=30), \
+        h.node.status()
+    assert h.node.status().state == PolicyStatus.STATE_HOLD
+    time.sleep(1.0)
+    for msg in h.received():   # only holds of the arm at rest: no motion is commanded
+        traj = trajectory_from_msg(msg)
+        assert np.all(traj.velocities == 0.0) and np.ptp(traj.positions, axis=0).max() == 0.0
