@@ -45,15 +45,15 @@ class LAMConfig:
 
     image_size: int = 64          # frames are image_size x image_size RGB
     patch: int = 8                # square patch side in pixels
-    width: int = 128              # transformer hidden size
-    depth: int = 3                # spatial-temporal encoder blocks
-    decoder_depth: int = 3        # decoder blocks
+    width: int = 64               # transformer hidden size
+    depth: int = 2                # spatial-temporal encoder blocks
+    decoder_depth: int = 2        # decoder blocks
     readout_depth: int = 1        # query cross-attention blocks that form the latent tokens
     heads: int = 4
     mlp_ratio: float = 4.0
     n_tokens: int = 8             # latent action tokens per frame pair (paper: 8)
     codebook_size: int = 32       # codes (paper: 32)
-    code_dim: int = 32            # dimension of the quantised vectors
+    code_dim: int = 16            # dimension of the quantised vectors
     commitment: float = 0.02      # weight of the commitment loss (0.25 over-contracts codes)
     ema_decay: float = 0.95       # EMA decay of the codebook statistics
     dead_fraction: float = 0.1    # a code is dead below this fraction of the mean usage
