@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'iflybot COMMAND --help' for the options of a command.")
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, _module, help_text in COMMANDS:
-        sub.add_parser(name, help=help_text, add_help=False)
+        # argparse %-formats help strings: a literal '95%' must reach it as '95%%'.
+        sub.add_parser(name, help=help_text.replace('%', '%%'), add_help=False)
     return parser
 
 
