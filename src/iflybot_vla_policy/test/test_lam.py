@@ -215,3 +215,36 @@ def test_load_errors_name_the_file_and_key(tmp_path) -> None:
     with pytest.raises(ValueError, match=WEIGHTS_FILE):
         LatentActionModel.load(tmp_path)
 
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        centres = torch.randn(2, 8)
+        torch.manual_seed(100 + rank)             # each rank sees different encoder outputs
+        quantizer = _EMAQuantizer(LAMConfig(code_dim=8, codebook_size=16, restart_every=3,
+                                            ema_decay=0.5))
+        for step in range(7):                     # spread out first, then 2 tight clusters
+            z = torch.randn(40, 8) if step == 0 else (centres[torch.randint(2, (40,))]
+                                                      + 0.05 * torch.randn(40, 8))
+            quantizer(torch.nn.functional.normalize(z, dim=-1)[None], update=True)
+        torch.save({k: v for k, v in quantizer.state_dict().items() if k != 'recent'},
+                   f'{out_dir}/rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_stays_identical_across_data_parallel_ranks(tmp_path) -> None:
+    """Under DDP every rank updates its own codebook copy: statistics are all-reduced and
+    restarts broadcast from rank 0, so the copies must not drift apart."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2)
+    states = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    assert int(states[0]['restarts']) > 0
+    for key in ('embed', 'cluster_size', 'embed_sum'):
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=1e-6)
