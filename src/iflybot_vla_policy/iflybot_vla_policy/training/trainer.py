@@ -26,6 +26,8 @@ from iflybot_vla_policy.training.config import TrainerConfig
 
 CHECKPOINT_PREFIX = 'step_'
 STATE_FILE = 'trainer_state.json'   # written last: its presence marks a complete checkpoint
+# metrics.csv columns that are not losses (left out of loss.png)
+NOT_LOSSES = frozenset({'step', 'lr', 'grad_norm', 'time_s', 'usage', 'perplexity', 'restarts'})
 
 
 class LossModel(Protocol):
@@ -203,8 +205,7 @@ class MetricsLog:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
 
-        names = [k for k in self.rows[-1] if k == 'loss' or k.endswith(('_loss', '_mse', '_ce'))
-                 or k.startswith('loss_')]
+        names = [k for k in self.rows[-1] if k not in NOT_LOSSES]
         steps = np.array([r['step'] for r in self.rows])
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for name in names:
