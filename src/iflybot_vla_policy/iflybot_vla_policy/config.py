@@ -31,7 +31,7 @@ class VisionConfig:
 
     channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 conv stage each
     token_grid: int = 6        # each camera's feature map pooled to grid x grid image tokens
-    film: bool = True          # instruction (bag of words) FiLM-modulates every stage
+    film: bool = True          # the instruction (small text encoder) FiLM-modulates each stage
     coord_channels: bool = True  # x/y coordinate planes appended to the input (CoordConv)
 
 

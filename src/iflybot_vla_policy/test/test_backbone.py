@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _vla_fixtures import INSTRUCTIONS, robot_batch, small_config, small_model
+from _vla_fixtures import INSTRUCTIONS, robot_batch, small_config, small_model, wake
 from iflybot_vla_policy.config import get_config
 from iflybot_vla_policy.model.backbone import build_backbone
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
@@ -152,3 +152,17 @@ def test_paper_preset_shapes_on_the_meta_device():
     # the prefix of two 224 px cameras: 2 x (224 / 28)^2 = 128 image tokens (+ 4 markers)
     grid = cfg.image_size // (cfg.backbone.patch_size * cfg.backbone.spatial_merge)
     assert 2 * grid * grid == 128
+
+
+def test_instruction_film_depends_on_word_order():
+    """'red cube into the blue bowl' and 'blue cube into the red bowl' share a bag of words but
+    must condition the vision tower differently."""
+    model = wake(small_model())
+    vision, tok = model.backbone.vision, model.tokenizer
+    images = torch.rand(1, 2, 3, 64, 64)
+    feats = []
+    for text in ('put the red cube in the blue bowl', 'put the blue cube in the red bowl'):
+        ids, mask = tok.encode(text, 12)
+        with torch.no_grad():
+            feats.append(vision(images, torch.tensor([ids]), torch.tensor([mask]))[1])
+    assert not torch.allclose(feats[0], feats[1], atol=1e-4)
