@@ -10,7 +10,7 @@ from iflybot_vla_policy import cli
 
 def test_tiny_random_policy_gives_a_well_formed_report(tmp_path: Path) -> None:
     rc = cli.main(['eval', '--preset', 'tiny', '--tasks', 'pick_place', '--episodes', '2',
-                   '--max-time', '2', '--image-size', '96', '--videos', '1',
+                   '--max-time', '1', '--image-size', '64', '--videos', '1',
                    '--out', str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / 'report.json').read_text())
@@ -33,10 +33,10 @@ def test_tiny_random_policy_gives_a_well_formed_report(tmp_path: Path) -> None:
 
 def test_scripted_expert_as_policy_scores_at_least_95_percent(tmp_path: Path) -> None:
     rc = cli.main(['eval', '--expert', '--tasks', 'pick_place,stack,push,drawer',
-                   '--episodes', '3', '--videos', '0', '--out', str(tmp_path)])
+                   '--episodes', '2', '--videos', '0', '--out', str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / 'report.json').read_text())
-    assert report['overall']['episodes'] == 12
+    assert report['overall']['episodes'] == 8
     assert report['overall']['success_rate'] >= 0.95
     for task in ('pick_place', 'stack', 'push', 'drawer'):
         assert report['tasks'][task]['limit_violations']['position'] == 0
