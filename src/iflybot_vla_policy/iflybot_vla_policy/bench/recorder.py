@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -131,8 +132,10 @@ def _throughput(seconds: float, repeats: int) -> dict[str, Any]:
 
 def _dds(kind: str, seconds: float) -> dict[str, Any]:
     env = dict(os.environ)
-    env.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    env.setdefault('ROS_DOMAIN_ID', str(150 + os.getpid() % 60))
+    # A domain of its own (in the Linux-safe 215-232 range that tests do not use): another
+    # graph on the same domain would answer the recorder's services and add traffic.
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env['ROS_DOMAIN_ID'] = str(215 + os.getpid() % 17)
     proc = subprocess.run(
         [sys.executable, '-m', 'iflybot_vla_policy.ros.recorder_bench', 'measure', '--kind',
          kind, '--duration', str(seconds), '--width', str(WIDTH), '--height', str(HEIGHT),
@@ -141,7 +144,12 @@ def _dds(kind: str, seconds: float) -> dict[str, Any]:
     if proc.returncode != 0:
         return {'error': proc.stderr.strip().splitlines()[-1] if proc.stderr else 'failed'}
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    data.pop('stop_reply', None)
+    reply = data.pop('stop_reply', '')
+    if reply:   # the recorder's own account: queue drops and middleware-reported losses
+        dropped = re.search(r'dropped (\d+)', reply)
+        lost = re.search(r'lost in transport (\d+)', reply)
+        data['recorder_queue_dropped'] = int(dropped.group(1)) if dropped else None
+        data['recorder_reported_lost'] = int(lost.group(1)) if lost else 0
     data['recorder_cpu_percent_of_one_core'] = round(data['recorder_cpu_percent_of_one_core'], 1)
     data['bag_mb'] = round(data['bag_mb'], 1)
     return data

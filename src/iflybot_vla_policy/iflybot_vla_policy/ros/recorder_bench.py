@@ -195,6 +195,10 @@ def measure(kind: str, duration: float, width: int, height: int, cam_hz: float,
         if kind == 'recorder':
             stop = call(StopEpisode, '/iflybot_recorder/stop_episode',
                         StopEpisode.Request(success=True))
+            if not stop.success:
+                rec.kill()
+                raise RuntimeError(f'stop_episode failed: {stop.message}; recorder output: '
+                                   f'{rec.communicate()[0][-2000:]}')
             bag = Path(stop.path)
             result['stop_reply'] = stop.message
             rec.send_signal(signal.SIGINT)
