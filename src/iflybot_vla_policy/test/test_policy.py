@@ -163,3 +163,25 @@ def test_images_are_letterboxed_to_the_model_size():
     out = resize_pad(img, 64)
     assert out.shape == (3, 64, 64)
     assert torch.all(out[:, 16:48] > 0.99) and torch.all(out[:, :16] == 0)
+
+
+def test_checkpoint_carries_the_fast_tokenizer_and_the_lam(tmp_path: Path):
+    from iflybot_vla_policy.model.fast import FastConfig, FastTokenizer
+    from iflybot_vla_policy.model.lam import LAMConfig, LatentActionModel
+
+    cfg = small_config()
+    rng = np.random.default_rng(0)
+    chunks = np.cumsum(rng.normal(0, 0.05, (64, cfg.action.horizon, 8)), axis=1)
+    fast = FastTokenizer(FastConfig(vocab_size=cfg.tokens.fast_vocab)).fit(chunks)
+    torch.manual_seed(0)
+    lam = LatentActionModel(LAMConfig(image_size=32, patch=8, width=32, depth=1,
+                                      decoder_depth=1))
+    base = Policy.from_config(cfg)
+    assert base.fast is None and base.lam is None
+    policy = Policy(cfg, base.model, fast=fast, lam=lam)
+    ckpt = policy.save(tmp_path / 'ckpt')
+    assert (ckpt / 'fast').is_dir() and (ckpt / 'lam').is_dir()
+    loaded = Policy.from_checkpoint(ckpt)
+    assert loaded.fast.encode(chunks[0]) == fast.encode(chunks[0])
+    for key, value in lam.state_dict().items():
+        torch.testing.assert_close(loaded.lam.state_dict()[key], value)
