@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--checkpoint', metavar='DIR', help='trained checkpoint directory')
     source.add_argument('--preset', metavar='NAME',
                         help="model preset with random weights, for testing (e.g. 'tiny')")
-    parser.add_argument('--seed', type=int, default=0, help='weight seed for --preset')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='weight seed for --preset; also seeds the sampling noise')
+    parser.add_argument('--device', default='auto',
+                        help="torch device for inference: 'auto' (cuda if available), 'cpu', "
+                             "'cuda', 'cuda:1', ...")
     parser.add_argument('--host', default='127.0.0.1',
                         help="address to bind; '0.0.0.0' exposes the server to the network "
                              '(use an API key then)')
@@ -43,6 +47,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _warm_up(policy) -> None:
+    """One forward pass before the first client (allocator, CUDA context, kernel selection).
+
+    It draws its noise from a fixed seed, not the policy's generator, so the answers clients get
+    are the same as from a fresh Policy in-process.
+    """
+    import numpy as np
+
+    from iflybot_vla_policy.config import ROBOT_STATE_DIM
+
+    size = policy.cfg.image_size
+    obs = {'images': {cam: np.zeros((size, size, 3), np.uint8) for cam in policy.cfg.cameras},
+           'state': np.zeros(ROBOT_STATE_DIM, np.float32), 'instruction': 'warm up'}
+    policy.infer(obs, seed=0)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
@@ -61,14 +81,27 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         logging.warning('serving on %s without an API key: anyone on the network can drive '
                         'this policy (set --api-key or $%s)', args.host, API_KEY_ENV)
+    device = args.device
+    if device == 'auto':
+        import torch
+
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         if args.checkpoint:
-            policy = Policy.from_checkpoint(args.checkpoint)
+            policy = Policy.from_checkpoint(args.checkpoint, seed=args.seed, device=device)
         else:
-            policy = Policy.from_config(args.preset, seed=args.seed)
+            policy = Policy.from_config(args.preset, seed=args.seed, device=device)
     except (FileNotFoundError, ValueError) as exc:   # bad directory, unknown preset
         print(f'iflybot serve: cannot load the policy: {exc}', file=sys.stderr)
         return 2
+
+    try:
+        _warm_up(policy)
+    except Exception as exc:   # a policy that cannot answer a plain observation is not served
+        print(f'iflybot serve: warm-up inference failed: {type(exc).__name__}: {exc}',
+              file=sys.stderr)
+        return 1
+    logging.info('policy %s ready on %s', policy.cfg.name, device)
 
     def ready(server: PolicyServer) -> None:
         print(f'{READY_PREFIX}{server.uri}', flush=True)
