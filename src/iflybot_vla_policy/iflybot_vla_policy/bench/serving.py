@@ -2,7 +2,9 @@
 
 Round trip: the same observations alternately through the local policy and a RemotePolicy
 talking to an `iflybot serve` child process (same preset, seed and thread count), so both see the
-same machine load; the overhead is remote minus local (ms) and their ratio. Throughput: 1, 4 and
+same machine load; the overhead is remote minus local (ms) and their ratio. On a busy machine
+that difference is noisy, so we also report the transport cost per request: its round trip minus
+the forward pass the server timed for it (encode, send, decode, both ways). Throughput: 1, 4 and
 8 concurrent clients against a server that batches requests queued during a forward pass and
 against one that runs them one by one (`--max-batch 1`, the naive baseline).
 """
@@ -34,14 +36,14 @@ def observation(seed: int) -> dict:
 
 def _ms(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {'median_ms': statistics.median(ordered) * 1e3,
+    return {'median_ms': statistics.median(ordered) * 1e3, 'min_ms': ordered[0] * 1e3,
             'p90_ms': ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))] * 1e3}
 
 
 def round_trip(policy, uri: str, repeats: int) -> dict:
     """Alternate local and remote calls on the same observations."""
     obs = [observation(i) for i in range(repeats)]
-    local_s, remote_s, server_ms = [], [], []
+    local_s, remote_s, server_ms, transport_ms = [], [], [], []
     with RemotePolicy(uri, timeout=120.0) as remote:
         remote.infer(obs[0])
         policy.infer(obs[0])                      # warm both paths
@@ -52,7 +54,10 @@ def round_trip(policy, uri: str, repeats: int) -> dict:
             start = time.perf_counter()
             result = remote.infer(o)
             remote_s.append(time.perf_counter() - start)
-            server_ms.append(result['server_timing']['infer_ms'])
+            timing = result['server_timing']
+            server_ms.append(timing['infer_ms'])
+            # What the wire costs this request: its round trip minus the server's own work.
+            transport_ms.append(remote_s[-1] * 1e3 - timing['infer_ms'] - timing['queue_ms'])
     encode_s = []
     for o in obs:
         start = time.perf_counter()
@@ -66,6 +71,7 @@ def round_trip(policy, uri: str, repeats: int) -> dict:
         'server_infer_median_ms': statistics.median(server_ms),
         'overhead_ms': remote['median_ms'] - local['median_ms'],
         'ratio_remote_over_local': remote['median_ms'] / local['median_ms'],
+        'transport_median_ms': statistics.median(transport_ms),
         'codec_pack_unpack_median_ms': statistics.median(encode_s) * 1e3,
     }
 
