@@ -185,7 +185,7 @@ class PolicyServer:
                 await connection.send(reply)
                 prev_total_ms = (time.perf_counter() - start) * 1e3
         except websockets.ConnectionClosed as exc:
-            if exc.rcvd is None and exc.sent is not None and exc.sent.code == 1009:
+            if exc.sent is not None and exc.sent.code == 1009:   # over max_message_bytes
                 self.errors += 1
                 logger.warning('closed %s: %s', peer, exc.sent.reason)
         finally:
