@@ -179,9 +179,12 @@ class GraphRunner:
     def log(self, text: str, name: str = 'up', colour: str = '') -> None:
         reset = _RESET if colour else ''
         with self._lock:
-            for line in text.splitlines() or ['']:
-                self.out.write(f'{colour}[{name:<{self._width}}]{reset} {line}\n')
-            self.out.flush()
+            try:
+                for line in text.splitlines() or ['']:
+                    self.out.write(f'{colour}[{name:<{self._width}}]{reset} {line}\n')
+                self.out.flush()
+            except (OSError, ValueError):
+                pass   # our output is gone (a closed pipe): keep draining the nodes' pipes
 
     def _pump(self, child: _Child) -> None:
         assert child.proc is not None and child.proc.stdout is not None
@@ -275,18 +278,26 @@ class GraphRunner:
         env.setdefault('PYTHONUNBUFFERED', '1')
         env.setdefault('RCUTILS_LOGGING_BUFFERED_STREAM', '0')
         env.setdefault('RCUTILS_COLORIZED_OUTPUT', '1' if self._colour else '0')
+        prctl = _prctl()
+        # every fork first, then the log threads (forking is safest before threads start)
         for child in self._children:
             if self._stop.is_set():
-                return
+                break
             child.proc = subprocess.Popen(
                 child.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=None if prctl is None else
+                (lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)))
             child.started = time.monotonic()
+        for child in self._children:
+            if child.proc is None:
+                continue
             child.pump = threading.Thread(target=self._pump, args=(child,), daemon=True,
                                           name=f'log-{child.node.name}')
             child.pump.start()
             self.log(f'started {child.node.fqn} (pid {child.proc.pid})')
+        if self._stop.is_set():
+            return
         lifecycle = [c for c in self._children if c.node.spec.lifecycle and c.node.spec.autostart]
         if lifecycle:
             self._ros = _LifecycleClient()
@@ -402,13 +413,13 @@ def _signame(num: int) -> str:
         return f'signal {num}'
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the runner dies without shutting it down."""
+def _prctl() -> Any:
+    """Linux prctl, resolved in the parent: the child asks for SIGTERM if the runner dies
+    without shutting it down (PR_SET_PDEATHSIG). None where unavailable."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 # ----------------------------------------------------------------------------------- lifecycle

@@ -141,6 +141,22 @@ def test_a_node_that_ignores_sigint_is_killed_and_shutdown_stays_under_5_s(
         up.close()
 
 
+def test_nodes_do_not_outlive_a_runner_killed_with_sigkill(
+        ament_prefix: Path, tmp_path: Path) -> None:
+    report = tmp_path / 'orphan.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[_dummy('orphan', report)])
+    up = Up(graph, tmp_path)
+    try:
+        assert wait_for(lambda: read_report(report), timeout=60), up.output()
+        pid = int(up.output().split('(pid ', 1)[1].split(')', 1)[0])
+        up.proc.kill()
+        up.proc.wait()
+        assert wait_for(lambda: not _alive(pid), timeout=10)
+        assert read_report(report)['events'][-1] == 'clean shutdown'   # SIGTERM, handled
+    finally:
+        up.close()
+
+
 def test_death_of_a_required_node_ends_the_graph_with_nonzero_exit(
         ament_prefix: Path, tmp_path: Path) -> None:
     crash, other, optional = tmp_path / 'crash.json', tmp_path / 'other.json', tmp_path / 'o.json'
