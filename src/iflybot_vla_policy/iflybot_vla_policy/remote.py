@@ -18,6 +18,7 @@ import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from iflybot_vla_policy.serving import codec
+from iflybot_vla_policy.serving.batching import SHUTTING_DOWN
 
 
 class ServerUnavailableError(ConnectionError):
@@ -109,6 +110,10 @@ class RemotePolicy:
                                              self._retry_in()) from exc
             round_trip = time.perf_counter() - start
         if isinstance(reply, str):
+            if reply.startswith(SHUTTING_DOWN):   # transient: another server may take over
+                with self._lock:
+                    self._disconnect(reply, backoff=True)
+                raise ServerUnavailableError(f'{self.uri}: {reply}', self._retry_in())
             raise RemoteInferenceError(f'{self.uri}: {reply}')
         try:
             result = codec.unpack(reply)

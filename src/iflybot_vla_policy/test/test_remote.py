@@ -150,3 +150,29 @@ def test_reply_slower_than_timeout_raises_connection_error_and_next_call_reconne
         remote.timeout = 120.0                                # the forward pass itself is slow
         assert remote.infer(observation())['actions'].size   # fresh connection, right answer
         assert remote.reconnects == 1
+
+
+def test_request_during_server_shutdown_raises_connection_error_not_a_policy_error(policy, wait):
+    class Gated:
+        cfg = policy.cfg
+        gate = threading.Event()
+
+        def infer(self, obs: dict) -> dict:
+            assert self.gate.wait(120)
+            return policy.infer(obs)
+
+    gated = Gated()
+    s = ServerThread(gated, ServerConfig(port=0)).start()
+    busy, late = RemotePolicy(s.uri, timeout=120.0), RemotePolicy(s.uri)
+    late.connect()
+    running = threading.Thread(target=busy.infer, args=(observation(),))
+    running.start()
+    assert wait(lambda: s.server.health()['busy'], timeout=60)
+    stopping = threading.Thread(target=s.stop)
+    stopping.start()
+    assert wait(lambda: s.server.health()['status'] == 'shutting_down', timeout=60)
+    with pytest.raises(ServerUnavailableError, match='shutting down'):
+        late.infer(observation())   # the node holds and retries instead of failing
+    gated.gate.set()
+    running.join(120)
+    stopping.join(120)

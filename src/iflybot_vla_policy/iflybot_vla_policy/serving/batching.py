@@ -32,6 +32,9 @@ class ServablePolicy(Protocol):
     def infer(self, obs: dict) -> dict: ...
 
 
+SHUTTING_DOWN = 'server is shutting down'   # start of the error reply; clients may retry
+
+
 class ServerClosingError(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
@@ -92,7 +95,7 @@ class InferenceBatcher:
     async def infer(self, obs: dict) -> tuple[dict, InferenceTiming]:
         """Queue one observation and wait for its result (exceptions of the policy propagate)."""
         if self._closing or self._queue is None:
-            raise ServerClosingError('server is shutting down')
+            raise ServerClosingError(SHUTTING_DOWN)
         request = _Request(obs, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(request)
         return await request.future
@@ -110,7 +113,7 @@ class InferenceBatcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         while self._queue is not None and not self._queue.empty():
-            _fail([self._queue.get_nowait()], ServerClosingError('server is shutting down'))
+            _fail([self._queue.get_nowait()], ServerClosingError(SHUTTING_DOWN))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _work(self) -> None:
@@ -129,7 +132,7 @@ class InferenceBatcher:
                 outcomes = await loop.run_in_executor(
                     self._executor, self._run, [r.obs for r in batch])
             except asyncio.CancelledError:
-                _fail(batch, ServerClosingError('server shut down during inference'))
+                _fail(batch, ServerClosingError(f'{SHUTTING_DOWN} (dropped during inference)'))
                 raise
             finally:
                 self._busy = False
