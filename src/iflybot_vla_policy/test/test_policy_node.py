@@ -413,3 +413,88 @@ def test_remote_backend_holds_while_the_server_is_unreachable(harness, wait):
     for msg in h.received():   # only holds of the arm at rest: no motion is commanded
         traj = trajectory_from_msg(msg)
         assert np.all(traj.velocities == 0.0) and np.ptp(traj.positions, axis=0).max() == 0.0
+
+
+class EeDeltaFromTiny:
+    """ee_delta stand-in built on the real tiny model: its joint output squashed into small TCP
+    deltas (horizon, 6) + the gripper column."""
+
+    model_id = 'tiny as ee_delta'
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def infer(self, obs: dict) -> dict:
+        out = self.inner.infer(obs)
+        actions = np.asarray(out['actions'], dtype=np.float64)
+        deltas = 0.01 * np.tanh(actions[:, :6] - np.asarray(obs['state'][:6]))
+        return {'actions': np.hstack([deltas, actions[:, 7:8]]), 'dt': out['dt']}
+
+
+def test_ee_delta_mode_streams_bounded_twists_at_control_rate_and_zero_on_hold(
+        harness, tiny_policy, wait):
+    from geometry_msgs.msg import TwistStamped
+
+    h = harness({'instruction': 'pick', 'action_mode': 'ee_delta', 'control_rate_hz': 20.0,
+                 'inference_rate_hz': 5.0, **RELAXED},
+                factory=lambda cfg: EeDeltaFromTiny(tiny_policy))
+    twists: list[tuple[float, TwistStamped]] = []
+    h.tap.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds',
+                              lambda m: twists.append((time.monotonic(), m)), 50)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.chunks) >= 2 and len(twists) >= 20, timeout=90)
+    linear = np.array([[m.twist.linear.x, m.twist.linear.y, m.twist.linear.z]
+                       for _, m in twists])
+    assert np.all(np.isfinite(linear))
+    limit = ROBOT.max_linear_velocity * SafetyConfig().linear_velocity_scale
+    assert np.linalg.norm(linear, axis=1).max() <= limit + 1e-9
+    assert np.abs(linear).max() > 0.0, 'the deltas of the chunks became motion'
+    assert h.trajectories == [], 'ee_delta mode publishes no joint trajectories'
+    h.publish_joints = False
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=10)
+    held = time.monotonic()
+    time.sleep(0.5)
+    after = [m for t, m in twists if t > held]
+    assert after and all(m.twist.linear.x == m.twist.linear.y == m.twist.linear.z == 0.0
+                         for m in after[-3:])
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _serve(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, '-m', 'iflybot_vla_policy.cli', 'serve',
+                             '--preset', 'tiny', '--port', str(port), '--device', 'cpu'],
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+@pytest.mark.slow
+def test_remote_backend_drives_the_arm_holds_when_the_server_dies_and_resumes(harness, wait):
+    port = _free_port()
+    server = _serve(port)
+    try:
+        h = harness({'inference_backend': 'remote', 'server_uri': f'ws://127.0.0.1:{port}',
+                     'instruction': 'pick', 'inference_rate_hz': 5.0,
+                     'max_tracking_error': 10.0, **RELAXED})
+        h.configure_and_activate(wait)
+        assert wait(lambda: h.node.status().chunks_produced >= 2, timeout=180), \
+            h.node.status()
+        assert h.node.round_trip_ms, 'round trips are measured'
+        server.kill()
+        server.wait()
+        assert wait(lambda: 'unreachable' in h.node.status().last_error, timeout=30)
+        assert h.node.status().state == PolicyStatus.STATE_HOLD
+        chunks = h.node.status().chunks_produced
+        server = _serve(port)
+        assert wait(lambda: h.node.status().chunks_produced >= chunks + 2, timeout=180), \
+            h.node.status()
+        assert h.node.status().state == PolicyStatus.STATE_RUNNING
+        for msg in h.received():
+            assert_valid_trajectory(msg)
+    finally:
+        server.kill()
+        server.wait()

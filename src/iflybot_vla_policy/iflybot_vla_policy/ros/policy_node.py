@@ -579,7 +579,11 @@ class PolicyNode(LifecycleNode):
                 if reason and self._state == RUNNING:
                     self._hold(reason, cause='error', state=ERROR)
                     return
-            if self._state == RUNNING and not self._worker.busy and \
+            # While the server is down the robot holds but requests go on: they reconnect
+            # (the remote client paces them with its backoff).
+            wants_chunks = self._state == RUNNING or (self._state == HOLD
+                                                      and self._hold_cause == 'server')
+            if wants_chunks and not self._worker.busy and \
                     now - self._last_request >= 1.0 / self.config.inference_rate_hz:
                 self._submit(now)
             self._command_gripper_and_twist(now)
