@@ -59,6 +59,7 @@ def test_remote_policy_returns_the_policy_output_and_measures_the_round_trip(ser
     assert rtt_ms >= result['server_timing']['infer_ms'] > 0
 
 
+@pytest.mark.slow   # starts `iflybot serve` processes (torch import, model build)
 def test_remote_policy_raises_connection_error_while_server_is_down_and_resumes_after_restart(
         wait):
     server = ServerProcess(preset='tiny')

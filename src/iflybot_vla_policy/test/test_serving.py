@@ -91,6 +91,7 @@ def health(uri: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+@pytest.mark.slow   # starts `iflybot serve` processes (torch import, model build)
 def test_openpi_client_gets_action_chunk_from_iflybot_serve_process(policy):
     server = ServerProcess(preset='tiny', api_key=KEY)
     try:
