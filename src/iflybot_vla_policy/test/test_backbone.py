@@ -2,6 +2,8 @@
 families, and the paper preset's shapes without allocating its weights."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -166,3 +168,26 @@ def test_instruction_film_depends_on_word_order():
         with torch.no_grad():
             feats.append(vision(images, torch.tensor([ids]), torch.tensor([mask]))[1])
     assert not torch.allclose(feats[0], feats[1], atol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['tiny', 'qwen2_5_vl', 'smolvlm'])
+def test_backbone_loads_from_a_local_model_directory(kind, tmp_path):
+    """save_pretrained -> `backbone.path` -> the same prefix readout (no hub involved)."""
+    if kind == 'tiny':
+        cfg = small_config()
+    else:
+        size, patch = (56, 14) if kind == 'qwen2_5_vl' else (64, 16)
+        cfg = get_config('paper', {**FAMILY, 'backbone.kind': kind, 'image_size': size,
+                                   'backbone.patch_size': patch})
+    torch.manual_seed(0)
+    original = build_backbone(cfg)
+    original.save_pretrained(tmp_path / 'vlm')
+    loaded = build_backbone(dataclasses.replace(
+        cfg, backbone=dataclasses.replace(cfg.backbone, path=str(tmp_path / 'vlm'))))
+    ids, mask = original.tokenizer.encode(INSTRUCTIONS[0], cfg.backbone.max_text_tokens)
+    assert loaded.tokenizer.encode(INSTRUCTIONS[0], cfg.backbone.max_text_tokens)[0] == ids
+    images = torch.rand(1, 2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        a, b = (bb.eval().encode_prefix(images, torch.tensor([ids]), torch.tensor([mask]))
+                for bb in (original, loaded))
+    torch.testing.assert_close(a.next_logits, b.next_logits)

@@ -109,6 +109,15 @@ class Backbone(nn.Module):
         """Width of `features`/`summary` for the expert's direct path (the LM width here)."""
         return self.hidden
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a local model directory (transformers format + tokenizer.json) that a config
+        with `backbone.path` pointing at it loads."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(d)
+        self.tokenizer.save(d / 'tokenizer.json')
+        return d
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
 
@@ -291,6 +300,9 @@ class TinyBackbone(Backbone):
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         b = cfg.backbone
+        path = Path(b.path) if b.path else None
+        if tokenizer is None and path is not None:
+            tokenizer = _pretrained_tokenizer(cfg, path)
         self.tokenizer = tokenizer or TextTokenizer.train(
             b.text_vocab, cfg.tokens.latent_codebook, cfg.tokens.fast_vocab)
         lm_cfg = Qwen2Config(
@@ -300,11 +312,29 @@ class TinyBackbone(Backbone):
             rope_parameters={'rope_type': 'default', 'rope_theta': b.rope_theta},
             tie_word_embeddings=b.tie_embeddings, pad_token_id=self.tokenizer.pad_id)
         lm_cfg._attn_implementation = 'sdpa'
-        lm = Qwen2ForCausalLM(lm_cfg)
+        if path is not None:
+            lm = Qwen2ForCausalLM.from_pretrained(path, local_files_only=True,
+                                                  attn_implementation='sdpa')
+            _check_loaded(lm.config, lm_cfg, path)
+        else:
+            lm = Qwen2ForCausalLM(lm_cfg)
+        object.__setattr__(self, 'hf', lm)  # for save_pretrained; not a second submodule
         self.decoder, self.lm_head = lm.model, lm.lm_head
         self.lean_decode = lm_cfg.hidden_act == 'silu'
         self.vision = ConvVisionTower(b.vision, cfg.image_size, len(cfg.cameras), b.hidden,
                                       b.text_vocab)
+        if path is not None:
+            _load_extra(self.vision, path / VISION_FILE)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A local model directory that `backbone.path` loads: the Qwen2 LM in transformers
+        format, the conv tower and the tokenizer."""
+        from safetensors.torch import save_file
+
+        d = super().save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.vision.state_dict().items()},
+                  str(d / VISION_FILE))
+        return d
 
     def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> _Inputs:
@@ -323,6 +353,33 @@ def _pretrained_tokenizer(cfg: VLAConfig, path: Path) -> TextTokenizer:
     file = path / 'tokenizer.json'
     return TextTokenizer.load(file, cfg.backbone.text_vocab, cfg.tokens.latent_codebook,
                               cfg.tokens.fast_vocab)
+
+
+VISION_FILE = 'vision.safetensors'
+
+
+def _check_loaded(loaded, expected, path: Path) -> None:
+    """A local tiny LM must have the shapes the config asks for; name the first mismatch."""
+    pairs = (('hidden_size', 'backbone.hidden'), ('num_hidden_layers', 'backbone.layers'),
+             ('num_attention_heads', 'backbone.heads'),
+             ('num_key_value_heads', 'backbone.kv_heads'),
+             ('intermediate_size', 'backbone.intermediate'), ('vocab_size', 'vocab size'))
+    for attr, key in pairs:
+        if getattr(loaded, attr) != getattr(expected, attr):
+            raise ValueError(f'{path}/config.json: {attr} = {getattr(loaded, attr)} but config '
+                             f"key '{key}' asks for {getattr(expected, attr)}")
+
+
+def _load_extra(module: nn.Module, file: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f'local model directory is missing {file}')
+    state = load_file(str(file))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise ValueError(f"{file}: {'missing' if missing else 'unexpected'} key '{key}'")
 
 
 def _template_tokenizer(cfg: VLAConfig) -> TextTokenizer:
@@ -346,7 +403,7 @@ class Qwen25VLBackbone(Backbone):
         if b.path:
             path = Path(b.path)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, local_files_only=True, torch_dtype=torch.float32, attn_implementation='sdpa')
+                path, local_files_only=True, dtype=torch.float32, attn_implementation='sdpa')
             self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
             model.resize_token_embeddings(cfg.vocab_size)
         else:
@@ -374,6 +431,7 @@ class Qwen25VLBackbone(Backbone):
             mcfg._attn_implementation = 'sdpa'
             model = Qwen2_5_VLForConditionalGeneration(mcfg)
             self.tokenizer = tokenizer or _template_tokenizer(cfg)
+        object.__setattr__(self, 'hf', model)  # for save_pretrained; not a second submodule
         self.vlm = model.model
         self.decoder, self.lm_head = model.model.language_model, model.lm_head
         mc = model.config
@@ -448,7 +506,7 @@ class SmolVLMBackbone(Backbone):
         if b.path:
             path = Path(b.path)
             model = Idefics3ForConditionalGeneration.from_pretrained(
-                path, local_files_only=True, torch_dtype=torch.float32, attn_implementation='sdpa')
+                path, local_files_only=True, dtype=torch.float32, attn_implementation='sdpa')
             self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
             model.resize_token_embeddings(cfg.vocab_size)
         else:
@@ -469,6 +527,7 @@ class SmolVLMBackbone(Backbone):
             mcfg._attn_implementation = 'sdpa'
             model = Idefics3ForConditionalGeneration(mcfg)
             self.tokenizer = tokenizer or _template_tokenizer(cfg)
+        object.__setattr__(self, 'hf', model)  # for save_pretrained; not a second submodule
         self.vlm = model.model
         self.decoder, self.lm_head = model.model.text_model, model.lm_head
         self.lean_decode = self.decoder.config.hidden_act == 'silu'
