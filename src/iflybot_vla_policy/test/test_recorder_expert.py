@@ -31,7 +31,7 @@ def recording(tmp_path_factory):
         [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '3',
          '--out', str(out), '--task', 'pick_place', '--first-seed', '0',
          '--image-size', '64', '64', '--camera-rate', str(CAMERA_RATE),
-         '--max-episode-s', '20'],
+         '--max-episode-s', '20', '--isolated'],
         capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:] + (out / 'logs' / 'sim.log').read_text()
     episodes = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
