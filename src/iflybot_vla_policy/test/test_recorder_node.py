@@ -223,3 +223,22 @@ def test_signal_mid_episode_leaves_a_finalised_readable_bag(ros_context, wait, t
     assert info['success'] is False and info['task'] == 'pick_place'
     entry = json.loads((out / 'episodes.jsonl').read_text().splitlines()[-1])
     assert entry['episode_id'] == reply.episode_id and 'shut down' in entry['notes']
+
+
+def test_stop_replies_report_losses_and_clean_episodes_alike(ros_context, tmp_path):
+    rec = RecorderNode(context=ros_context, parameter_overrides=[
+        rclpy.parameter.Parameter('output_dir', value=str(tmp_path)),
+        rclpy.parameter.Parameter('min_free_disk_gb', value=0.0)])
+    try:
+        replies = []
+        for lost in (3, 0, 2):      # warning, info, warning from the same node
+            assert rec._on_start(StartEpisode.Request(), StartEpisode.Response()).success
+            rec.recorder.note_lost('/joint_states', lost)
+            replies.append(rec._on_stop(StopEpisode.Request(success=True),
+                                        StopEpisode.Response()))
+        assert all(r.success for r in replies)
+        assert 'lost in transport 3 (/joint_states: 3)' in replies[0].message
+        assert 'lost' not in replies[1].message
+        assert [e['lost'] for e in read_index(tmp_path)] == [3, 0, 2]
+    finally:
+        rec.destroy_node()
