@@ -28,8 +28,8 @@ class EngineOutput:
 class InferenceEngine:
     """Batched, deterministic (given a seed or generator) chunk sampling under inference_mode.
 
-    dtype: 'float32' (CPU default) or 'bfloat16'/'float16' (GPU); compile: torch.compile the
-    expert (off by default: compile time dominates on CPU and it is not needed for correctness).
+    dtype: 'float32' (CPU default) or 'bfloat16'/'float16' (GPU; the model is cast in place).
+    compile: torch.compile the expert (off by default: compile time dominates on CPU).
     """
 
     def __init__(self, model: VLA, dtype: str = 'float32', compile: bool = False,

@@ -69,3 +69,12 @@ def test_more_euler_steps_are_a_runtime_option():
     ten = _sample(engine, batch, seed=0, steps=10)
     assert five.actions.shape == ten.actions.shape
     assert not torch.allclose(five.actions, ten.actions)
+
+
+def test_bfloat16_engine_stays_close_to_float32():
+    engine, batch = _engine()
+    ref = _sample(engine, batch, seed=0).actions
+    low = InferenceEngine(engine.model, dtype='bfloat16')  # casts the model in place
+    out = _sample(low, batch, seed=0).actions
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()

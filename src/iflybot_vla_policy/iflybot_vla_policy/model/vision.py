@@ -97,8 +97,8 @@ class ConvVisionTower(nn.Module):
         if not self.cfg.film:
             return None
         ids = text_ids.clamp(max=self.word_embed.num_embeddings - 1)
-        words = self.word_embed(ids) + _sinusoid(ids.shape[1], self.word_embed.embedding_dim,
-                                                 ids.device)              # (B, T, film_dim)
+        words = self.word_embed(ids)                                     # (B, T, film_dim)
+        words = words + _sinusoid(ids.shape[1], words.shape[-1], ids.device).to(words.dtype)
         pad = text_mask < 0.5
         pad = pad & ~pad.all(dim=1, keepdim=True)   # an empty instruction attends to its pads
         words = self.text_encoder(words, src_key_padding_mask=pad)
