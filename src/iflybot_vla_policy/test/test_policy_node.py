@@ -129,6 +129,7 @@ class Harness:
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=5)
+        self.thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         self.node.destroy_node()
         self.tap.destroy_node()
 

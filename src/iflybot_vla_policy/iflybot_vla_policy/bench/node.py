@@ -158,6 +158,7 @@ def bench_node(quick: bool) -> dict:
         chunks = node.status().chunks_produced
     finally:
         executor.shutdown(timeout_sec=5)
+        thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         node.destroy_node()
         feeder.destroy_node()
         rclpy.shutdown(context=context)

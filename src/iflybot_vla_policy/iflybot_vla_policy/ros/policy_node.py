@@ -565,6 +565,8 @@ class PolicyNode(LifecycleNode):
                     self._hold(stale, cause='input')
                 elif self._state == HOLD and self._hold_cause not in ('user', 'input'):
                     self._set_state(HOLD, stale, 'input')
+                if self.config.action_mode == 'ee_delta':   # Servo gets explicit zeros
+                    self._command_gripper_and_twist(now)
                 return
             if self._state == HOLD and self._hold_cause == 'input':
                 self._set_state(RUNNING, '', '')   # inputs fresh again: resume
