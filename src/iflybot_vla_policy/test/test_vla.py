@@ -117,3 +117,11 @@ def test_out_of_range_fast_ids_are_rejected():
     batch['fast_tokens'][0, 0] = model.cfg.tokens.fast_vocab
     with pytest.raises(ValueError, match="'fast_tokens'"):
         model(batch)
+
+
+def test_unpadded_actions_are_a_clear_error():
+    model = small_model()
+    batch = robot_batch(model)
+    batch['actions'] = batch['actions'][..., :7]
+    with pytest.raises(ValueError, match=r"'actions' must have shape \(2, 8, 8\)"):
+        model(batch)

@@ -127,8 +127,8 @@ class VLA(nn.Module):
         if is_robot is None:
             is_robot = torch.full((b,), has_actions, dtype=torch.bool)
         is_robot = is_robot.to(images.device).bool()
-        if bool(is_robot.any()) and not has_actions:
-            raise ValueError("batch has robot samples but no 'actions'")
+        if bool(is_robot.any()):
+            self._check_robot_batch(batch, b)
         suffix = self._suffix(batch, is_robot)
         out = self.backbone.forward_train(images, batch['text_ids'], batch['text_mask'],
                                           suffix['ids'], suffix['mask'])
@@ -140,9 +140,20 @@ class VLA(nn.Module):
                 losses[kind] = masked_ce(out.logits, suffix[kind])
         if bool(is_robot.any()):
             losses['flow'] = self._flow_loss(batch, out, suffix, is_robot)
+        if not losses:
+            raise ValueError("batch has no robot samples and no 'answer_ids': nothing to learn")
         losses['total'] = sum(weights[k] * v for k, v in losses.items())
         return losses
 
+    def _check_robot_batch(self, batch: dict, b: int) -> None:
+        a = self.cfg.action
+        want = {'state': (b, a.state_dim), 'actions': (b, a.horizon, a.action_dim)}
+        for key, shape in want.items():
+            if key not in batch:
+                raise ValueError(f"batch has robot samples but no '{key}'")
+            if tuple(batch[key].shape) != shape:
+                raise ValueError(f"batch key '{key}' must have shape {shape} (padded model "
+                                 f'dims), got {tuple(batch[key].shape)}')
     def _flow_loss(self, batch: dict, out, suffix: dict, is_robot: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         idx = is_robot.nonzero()[:, 0]
