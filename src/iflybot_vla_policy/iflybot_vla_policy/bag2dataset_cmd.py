@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--camera', action='append', metavar='TOPIC=NAME',
                         help='image topic and camera name (repeatable; default: '
                              '/scene_camera/color/image_raw=scene_camera and the wrist camera)')
+    parser.add_argument('--max-image-age', type=float, default=0.5, metavar='S',
+                        help='a frame whose nearest image of some camera is further than this '
+                             '(s) makes the episode fail (frames repeat the nearest image)')
     parser.add_argument('--skip-bad', action='store_true',
                         help='skip unreadable or unconvertible bags instead of stopping')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             fps=args.fps, action_source=args.action_source,
             action_lead_frames=args.action_lead_frames, success_only=args.success_only,
             image_size=tuple(args.image_size) if args.image_size else None,
+            max_image_age_s=args.max_image_age,
             **({'cameras': cameras} if cameras else {}))
         report = bags_to_dataset(args.bags, args.out, config, overwrite=args.overwrite,
                                  skip_bad=args.skip_bad, progress=not args.no_progress)

@@ -43,7 +43,7 @@ class ConvertConfig:
     trajectory_topic: str = '/fr3_arm_controller/joint_trajectory'
     gripper_topic: str = '/vla/gripper_command'
     instruction_topic: str = '/vla/instruction'
-    max_image_age_s: float = 0.25         # a frame without an image this close is an error
+    max_image_age_s: float = 0.5          # a frame without an image this close is an error
     max_clock_skew_s: float = 1.0         # command stamps further than this from their receive
                                           # time are on another clock: use the receive time
     min_frames: int = 2
@@ -350,7 +350,8 @@ def align(rec: RecordedEpisode, config: ConvertConfig) -> dict[str, Any]:
         if age.max() > config.max_image_age_s:
             f = int(age.argmax())
             raise ConversionError(f'{rec.bag}: camera {cam} has no image within '
-                                  f'{config.max_image_age_s} s of frame {f} (gap {age[f]:.3f} s)')
+                                  f'{config.max_image_age_s} s of frame {f} (gap {age[f]:.3f} s;'
+                                  ' --max-image-age accepts it, --skip-bad skips the episode)')
         chosen[cam] = nearest
     return {'t': t, 'state': interpolate_state(rec, t).astype(np.float32),
             'action': action.astype(np.float32), 'images': chosen, 'source': source}
