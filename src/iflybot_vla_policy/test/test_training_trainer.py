@@ -198,3 +198,14 @@ def test_ema_weights_are_the_moving_average_of_the_trained_weights(tmp_path):
     for k in init:
         assert not torch.allclose(raw[k], init[k])
         torch.testing.assert_close(ema[k], 0.25 * init[k] + 0.75 * raw[k])
+
+
+def test_train_command_refuses_a_config_of_another_stage_and_bad_keys(tmp_path, capsys):
+    from iflybot_vla_policy.cli import main
+
+    path = tmp_path / 'lam.yaml'
+    path.write_text('stage: lam\noutput_dir: out\n')
+    assert main(['train', 'vla', '--config', str(path)]) == 2
+    assert "'lam' config, not 'vla'" in capsys.readouterr().err
+    assert main(['train', 'lam', '--config', str(path), '--set', 'trainer.stpes=3']) == 2
+    assert "did you mean 'trainer.steps'" in capsys.readouterr().err
