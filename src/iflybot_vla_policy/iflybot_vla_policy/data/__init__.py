@@ -7,4 +7,5 @@
 - `convert`: bag -> aligned frames (state, commanded actions, images) -> `EpisodeData`.
 - `lerobot_format`, `lerobot_writer`, `lerobot_reader`, `video`: the dataset format.
 - `loader`: torch Datasets (action chunks, frame pairs) that training uses.
+- `vqa`: spatial question-answer pairs from the simulator's ground truth (training's module).
 """
