@@ -499,3 +499,37 @@ def test_remote_backend_drives_the_arm_holds_when_the_server_dies_and_resumes(ha
     finally:
         server.kill()
         server.wait()
+
+
+def test_run_policy_times_out_and_holds(harness, tiny_policy, wait):
+    h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    assert client.wait_for_server(timeout_sec=10)
+    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=1.0))
+    assert wait(future.done, timeout=10) and future.result().accepted
+    result = future.result().get_result_async()
+    assert wait(result.done, timeout=30)
+    assert result.result().result.reason == 'timeout' and not result.result().result.success
+    assert result.result().result.duration >= 1.0
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
+
+
+def test_status_and_diagnostics_are_published_while_active(harness, tiny_policy, wait):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    h = harness({'instruction': 'pick', 'status_rate_hz': 4.0, 'max_tracking_error': 10.0,
+                 **RELAXED}, factory=lambda cfg: tiny_policy)
+    diagnostics: list[DiagnosticArray] = []
+    h.tap.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(diagnostics) >= 2 and len(h.statuses) >= 8, timeout=30)
+    with h.lock:
+        stamps = [s.header.stamp.sec + s.header.stamp.nanosec * 1e-9 for s in h.statuses]
+    assert np.median(np.diff(stamps)) <= 0.5            # >= 2 Hz
+    status = diagnostics[-1].status[0]
+    assert status.name == 'iflybot_policy'
+    assert status.level in (DiagnosticStatus.OK, DiagnosticStatus.WARN)
+    assert {'state', 'inference_latency_p50_ms', 'control_rate_hz'} <= \
+        {kv.key for kv in status.values}
