@@ -197,18 +197,22 @@ def track(p0: np.ndarray, v0: np.ndarray, reference: np.ndarray, h: float,
     brake_a = 0.5 * a_max
     positions, velocities = [p.copy()], [v.copy()]
 
+    minimum, maximum = np.minimum, np.maximum   # (np.clip costs ~5x more per call)
+    two_brake_a, neg_v_max, neg_a_max, half_h2 = 2.0 * brake_a, -v_max, -a_max, 0.5 * h * h
+
     def step(target: np.ndarray, target_vel: np.ndarray, target_acc: np.ndarray) -> None:
         nonlocal p, v
         error = target - p
-        correction = np.sign(error) * np.minimum(bandwidth * np.abs(error),
-                                                 np.sqrt(2.0 * brake_a * np.abs(error)))
-        v_target = np.clip(target_vel + correction, -v_max, v_max)
-        a = np.clip(target_acc + gain * (v_target - v), -a_max, a_max)
-        a = np.clip(a, (-v_max - v) / h, (v_max - v) / h)   # never past the velocity limit
-        p = p + v * h + 0.5 * a * h * h
+        size = np.abs(error)
+        correction = np.copysign(minimum(bandwidth * size, np.sqrt(two_brake_a * size)), error)
+        v_target = minimum(maximum(target_vel + correction, neg_v_max), v_max)
+        a = minimum(maximum(target_acc + gain * (v_target - v), neg_a_max), a_max)
+        # never past the velocity limit within the step
+        a = minimum(maximum(a, (neg_v_max - v) / h), (v_max - v) / h)
+        p = p + v * h + half_h2 * a
         v = v + a * h
-        positions.append(p.copy())
-        velocities.append(v.copy())
+        positions.append(p)
+        velocities.append(v)
 
     for k in range(len(reference)):
         step(reference[k], ref_vel[k], ref_acc[k])
