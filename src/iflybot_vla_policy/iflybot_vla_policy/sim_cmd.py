@@ -68,6 +68,9 @@ def expert_eval(tasks: list[str], episodes: int, seed: int, mode: str) -> dict[s
             env.reset(s)
             if not run_expert_episode(env, max_time=20.0, mode=mode):
                 failures.append(s)
+            done = s - seed + 1
+            if done % 10 == 0 and done < episodes:
+                print(f'{task}: {done - len(failures)}/{done} so far', flush=True)
         wall = time.perf_counter() - start
         rate = 1.0 - len(failures) / episodes
         results[task] = {'episodes': episodes, 'success_rate': rate, 'failed_seeds': failures,

@@ -95,6 +95,7 @@ class ScriptedExpert:
         self.grip = OPEN
         self.v = 0.0
         self.phases = self._build_phases()
+        self._twist_started = False
         self.index = 0
         self._enter(0)
 
@@ -335,7 +336,7 @@ class ScriptedExpert:
         """A Servo command for the next `dt`: feed-forward plan velocity plus a pull towards the
         plan from the measured TCP. Returns linear (3,) m/s, angular (3,) rad/s, gripper width.
         """
-        if not hasattr(self, '_twist_started'):
+        if not self._twist_started:
             self._twist_started = True
             self._chunk_start()
         prev_pos, prev_rot = self.pos.copy(), self.rot.copy()
