@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='tasks for --snapshot / --expert-eval')
     parser.add_argument('--mode', default='joint', choices=('joint', 'twist'),
                         help='--expert-eval: command joint chunks or Servo twists')
+    parser.add_argument('--horizon', type=int, default=10,
+                        help='--expert-eval: actions per chunk')
+    parser.add_argument('--dt', type=float, default=0.05,
+                        help='--expert-eval: seconds between actions (and twists)')
     parser.add_argument('--json', default=None, help='--expert-eval: also write results here')
 
 
@@ -56,7 +60,8 @@ def snapshot(directory: Path, tasks: list[str], seed: int, size: tuple[int, int]
     return written
 
 
-def expert_eval(tasks: list[str], episodes: int, seed: int, mode: str) -> dict[str, dict]:
+def expert_eval(tasks: list[str], episodes: int, seed: int, mode: str, horizon: int = 10,
+                dt: float = 0.05) -> dict[str, dict]:
     """Success rate of the scripted expert per task over seeds seed .. seed + episodes - 1."""
     from iflybot_vla_policy.sim import make_env, run_expert_episode
 
@@ -66,16 +71,18 @@ def expert_eval(tasks: list[str], episodes: int, seed: int, mode: str) -> dict[s
         failures, start = [], time.perf_counter()
         for s in range(seed, seed + episodes):
             env.reset(s)
-            if not run_expert_episode(env, max_time=20.0, mode=mode):
+            if not run_expert_episode(env, max_time=20.0, mode=mode, horizon=horizon, dt=dt):
                 failures.append(s)
             done = s - seed + 1
             if done % 10 == 0 and done < episodes:
                 print(f'{task}: {done - len(failures)}/{done} so far', flush=True)
         wall = time.perf_counter() - start
         rate = 1.0 - len(failures) / episodes
-        results[task] = {'episodes': episodes, 'success_rate': rate, 'failed_seeds': failures,
+        results[task] = {'episodes': episodes, 'mode': mode, 'horizon': horizon, 'dt': dt,
+                         'success_rate': rate, 'failed_seeds': failures,
                          'wall_s_per_episode': wall / episodes}
-        print(f'{task}: {rate:.1%} of {episodes} ({mode}); failed seeds {failures}; '
+        print(f'{task}: {rate:.1%} of {episodes} ({mode}, horizon {horizon}, dt {dt}); '
+              f'failed seeds {failures}; '
               f'{wall / episodes:.1f} s/episode', flush=True)
     return results
 
@@ -88,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.expert_eval:
-        results = expert_eval(args.tasks, args.expert_eval, seed, args.mode)
+        results = expert_eval(args.tasks, args.expert_eval, seed, args.mode, args.horizon,
+                              args.dt)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0

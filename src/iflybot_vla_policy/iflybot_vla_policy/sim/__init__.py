@@ -25,14 +25,16 @@ camera_sizes={'wrist_camera': (H, W)}, home_noise=0.05)`):
   quaternion wxyz (4,), size = half extents (3,), opening for drawers); `instruction`.
 - `time` (sim s), `joint_positions` / `joint_velocities` / `joint_efforts` (9,) in
   `joint_names` order (fr3_joint1..7, fr3_finger_joint1/2), `gripper_width`, `tcp_pose()`,
-  `desired` (the arm reference), `camera_info(name) -> CameraInfo` (pinhole intrinsics).
+  `desired` (the arm reference), `gripper_command` (the one in effect),
+  `camera_info(name) -> CameraInfo` (pinhole intrinsics).
 - Commands, as the real stack takes them:
   `command_joint_trajectory(positions (N, 7), times (N,), velocities=None,
   accelerations=None, joint_names=None, start_time=0.0)` with JointTrajectoryController
   semantics (`sim/trajectory.py`; raises `TrajectoryError(reason)` when rejected);
   `command_twist(linear (3,), angular (3,), frame='base'|'tcp')` (MoveIt-Servo-like, velocity
   and acceleration limited, stops 0.2 s after the last twist);
-  `command_gripper(width, speed=None, force=None, grasp=False)`;
+  `command_gripper(width, speed=None, force=None, grasp=False)` (grasp closes fully with at
+  most `force` N per finger; a move goes to `width` with at most 40 N);
   `execute_actions(actions (horizon, 8), dt)`: a joint-mode action chunk as one trajectory
   plus per-step gripper widths, then steps horizon * dt.
 

@@ -181,6 +181,11 @@ class SimEnv:
         return float(np.sum(self.data.qpos[self._finger_qpos]))
 
     @property
+    def gripper_command(self) -> GripperCommand:
+        """The gripper command in effect (width target, speed, force, grasp)."""
+        return self._gripper
+
+    @property
     def desired(self) -> DesiredState:
         """The arm's current reference (positions, velocities, accelerations; each (7,))."""
         return self._desired

@@ -377,7 +377,7 @@ def run_expert_episode(env: SimEnv, max_time: float = 20.0, mode: str = 'joint',
         while env.time < end and not expert.done:
             linear, angular, width = expert.next_twist()
             env.command_twist(linear, angular)
-            if abs(width - env._gripper.width) > 1e-4:
+            if abs(width - env.gripper_command.width) > 1e-4:
                 env.command_gripper(width)
             env.step(dt)
     else:
