@@ -89,7 +89,8 @@ class InferenceEngine:
 
             def ctx_fn(_step: int):
                 return ctx
-        actions = euler_sample(expert, state, noise, ctx_fn, steps)
+        actions = euler_sample(expert, state, noise, ctx_fn, steps,
+                               reuse_context=not recompute_prefix_every_step)
         t3 = time.perf_counter()
         timing['denoise'] = (t3 - t2) * 1e3
         timing['total'] = (t3 - t0) * 1e3

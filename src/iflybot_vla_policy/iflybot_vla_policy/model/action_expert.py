@@ -12,6 +12,7 @@ t ~ t_min + (1 - t_min) * Beta(1.5, 1); sampling integrates from t = 1 to 0 in N
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,19 @@ class ExpertContext:
     values: list[torch.Tensor]
     mask: torch.Tensor           # (B, 1, 1, S') bool: True = attend
     summary: torch.Tensor | None  # (B, width) projected vision readout
+
+
+@dataclass
+class Conditioning:
+    """Timestep (+ vision summary) modulations: per block (B, 9 * width), final (B, 2 * width)."""
+
+    blocks: list[torch.Tensor]
+    final: torch.Tensor
+
+    def step(self, i: int, batch: int) -> Conditioning:
+        """Rows of step i from a conditioning computed for all steps stacked step-major."""
+        rows = slice(i * batch, (i + 1) * batch)
+        return Conditioning([m[rows] for m in self.blocks], self.final[rows])
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -93,10 +107,10 @@ class DiTBlock(nn.Module):
             v = torch.cat([v, self._heads(self.v_feat(f), self.kv_heads)], dim=2)
         return k, v
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, x: torch.Tensor, mods: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        mods = self.ada(cond).chunk(9, dim=-1)
-        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
+        """mods = ada(cond) (B, 9 * width): shift/scale/gate of the three sub-layers."""
+        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods.chunk(9, dim=-1)
         h = _modulate(self.norm1(x), sh1, sc1)
         q, kk, vv = (self._heads(t, self.heads) for t in self.qkv(h).chunk(3, dim=-1))
         a = F.scaled_dot_product_attention(q, kk, vv)                 # bidirectional
@@ -153,21 +167,28 @@ class ActionExpert(nn.Module):
             summ = summary
         return ExpertContext(keys, values, mask[:, None, None, :].bool(), summ)
 
-    def forward(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                ctx: ExpertContext) -> torch.Tensor:
-        """state (B, Ds), x_t (B, H, Da), t (B,) -> velocity (B, H, Da)."""
+    def conditioning(self, t: torch.Tensor, ctx: ExpertContext) -> Conditioning:
+        """adaLN modulations of every block for timesteps t (B,): the part of a denoising step
+        that does not depend on x_t, so a sampler can compute it for all steps in one go."""
         w = self.pos.shape[-1]
+        cond = self.time_mlp(timestep_embedding(t, w).to(self.pos.dtype))
+        if ctx.summary is not None:
+            cond = cond + self.summary_cond(ctx.summary.to(cond.dtype))
+        return Conditioning([b.ada(cond) for b in self.blocks], self.final_ada(cond))
+
+    def forward(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                ctx: ExpertContext, cond: Conditioning | None = None) -> torch.Tensor:
+        """state (B, Ds), x_t (B, H, Da), t (B,) -> velocity (B, H, Da)."""
         dtype = self.pos.dtype
-        cond = self.time_mlp(timestep_embedding(t, w).to(dtype))
+        cond = cond if cond is not None else self.conditioning(t, ctx)
         s_tok = self.state_in(state.to(dtype))
         if ctx.summary is not None:
-            summ = ctx.summary.to(dtype)
-            cond = cond + self.summary_cond(summ)
-            s_tok = s_tok + self.summary_state(summ)
+            s_tok = s_tok + self.summary_state(ctx.summary.to(dtype))
         x = torch.cat([s_tok[:, None], self.action_in(x_t.to(dtype))], dim=1) + self.pos
-        for block, k, v in zip(self.blocks, ctx.keys, ctx.values, strict=True):
-            x = block(x, cond, k, v, ctx.mask)
-        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        for block, mods, k, v in zip(self.blocks, cond.blocks, ctx.keys, ctx.values,
+                                     strict=True):
+            x = block(x, mods, k, v, ctx.mask)
+        shift, scale = cond.final.chunk(2, dim=-1)
         return self.out(_modulate(self.final_norm(x[:, 1:]), shift, scale))
 
 
@@ -193,16 +214,30 @@ def flow_targets(actions: torch.Tensor, noise: torch.Tensor,
 
 
 def euler_sample(expert: ActionExpert, state: torch.Tensor, noise: torch.Tensor,
-                 ctx_fn, steps: int) -> torch.Tensor:
+                 ctx_fn, steps: int, reuse_context: bool = True) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps.
 
-    ctx_fn(step) -> ExpertContext lets a caller reuse one cached context (the normal path) or
-    rebuild it every step (the equality check against recomputing the prefix).
+    ctx_fn(step) -> ExpertContext. With reuse_context (the normal path) it is called once and
+    the adaLN modulations of all steps are computed in one batched pass (the timesteps are known
+    in advance); otherwise the context is rebuilt every step (the equality check against
+    recomputing the prefix, and any caller that needs a fresh context).
     """
     x = noise
+    b = x.shape[0]
     dt = -1.0 / steps
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device, dtype=torch.float32)
-        v = expert(state, x, t, ctx_fn(i))
+    times = [1.0 + i * dt for i in range(steps)]
+    ctx = ctx_fn(0) if reuse_context else None
+    all_cond = None
+    if reuse_context and isinstance(expert, ActionExpert):
+        t_all = torch.tensor(times, device=x.device).repeat_interleave(b)          # (N * B,)
+        summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)  # step-major
+        all_cond = expert.conditioning(t_all, dataclasses.replace(ctx, summary=summary))
+    for i, t_i in enumerate(times):
+        t = torch.full((b,), t_i, device=x.device, dtype=torch.float32)
+        step_ctx = ctx if reuse_context else ctx_fn(i)
+        if all_cond is not None:
+            v = expert(state, x, t, step_ctx, all_cond.step(i, b))
+        else:
+            v = expert(state, x, t, step_ctx)
         x = x + dt * v.to(x.dtype)
     return x

@@ -251,9 +251,9 @@ class Backbone(nn.Module):
         for layer, (k_old, v_old), (w_qkv, b_qkv, w_gu, n1, n2, eps) in zip(
                 dec.layers, prefix.kv, fused, strict=True):
             x = F.rms_norm(h, (width,), n1, eps)
-            q, kk, vv = F.linear(x, w_qkv, b_qkv).split([n_q, n_kv, n_kv], dim=-1)
-            q = _rope(q.view(b, k, -1, hd).transpose(1, 2), cos, sin)
-            kk = _rope(kk.view(b, k, -1, hd).transpose(1, 2), cos, sin)
+            qk, vv = F.linear(x, w_qkv, b_qkv).split([n_q + n_kv, n_kv], dim=-1)
+            qk = _rope(qk.view(b, k, -1, hd).transpose(1, 2), cos, sin)  # q and k heads at once
+            q, kk = qk.split([n_q // hd, n_kv // hd], dim=1)
             kk = torch.cat([k_old, kk], dim=2)
             vv = torch.cat([v_old, vv.view(b, k, -1, hd).transpose(1, 2)], dim=2)
             new_kv.append((kk, vv))
