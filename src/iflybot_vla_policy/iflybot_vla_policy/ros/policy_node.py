@@ -517,9 +517,12 @@ class PolicyNode(LifecycleNode):
 
     def _on_joint_state(self, msg: JointState) -> None:
         now = time.monotonic()
+        cfg = self.config
+        if cfg is None:
+            return
         try:
-            q = joint_positions(msg, self.config.arm_joint_names)
-            joint_positions(msg, self.config.finger_joint_names)
+            q = joint_positions(msg, cfg.arm_joint_names)
+            joint_positions(msg, cfg.finger_joint_names)
         except (KeyError, ValueError) as exc:
             self.get_logger().warning(f'ignoring joint state: {exc}',
                                       throttle_duration_sec=5.0)
@@ -646,6 +649,16 @@ class PolicyNode(LifecycleNode):
         """(lock held) Stop from the current command and drop in-flight chunks."""
         self._generation += 1
         self._set_state(state, reason, cause)
+        self._brake()
+
+    def _reject_chunk(self, reason: str) -> None:
+        """(lock held) A chunk failed vetting: brake, report, and keep asking for chunks."""
+        self._last_error = f'chunk rejected: {reason}'
+        self.get_logger().warning(self._last_error, throttle_duration_sec=2.0)
+        self._brake()
+
+    def _brake(self) -> None:
+        """(lock held) Publish a stop from the current command (twist zero in ee_delta)."""
         self._twist = np.zeros(6)
         self.delta_plan.clear()
         if self.config is None:
@@ -722,8 +735,7 @@ class PolicyNode(LifecycleNode):
         q_obs = joint_positions(request.joint_state, cfg.arm_joint_names)
         check = self.safety.check_chunk(actions, dt, q_obs)
         if not check.ok:
-            self._hold(f'chunk rejected: {check.hold_reason}', cause='chunk')
-            self._set_state(RUNNING, self._last_error, '')   # the next chunk may be fine
+            self._reject_chunk(check.hold_reason)
             return
         values = np.hstack([check.positions, check.gripper[:, None]])
         now = time.monotonic()
@@ -746,8 +758,7 @@ class PolicyNode(LifecycleNode):
         q_obs = joint_positions(request.joint_state, self.config.arm_joint_names)
         values, reason = self.safety.check_delta_chunk(actions, dt, self.robot.tcp_position(q_obs))
         if reason:
-            self._hold(f'chunk rejected: {reason}', cause='chunk')
-            self._set_state(RUNNING, self._last_error, '')
+            self._reject_chunk(reason)
             return
         self.delta_plan.splice(values, dt, request.t_obs, time.monotonic())
         self._record_e2e(self.get_clock().now(), request.obs_stamp)
