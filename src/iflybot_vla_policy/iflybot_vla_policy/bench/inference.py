@@ -69,6 +69,27 @@ def _measure(policy, obs: list, reps: int, baseline: bool) -> dict:
     return result
 
 
+def _cost(policy, obs) -> dict:
+    """Machine-independent cost of one chunk: GFLOP (matmul/conv/attention) and aten op calls
+    (on a small model, per-op overhead rather than arithmetic sets the CPU latency)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with FlopCounterMode(display=False) as flops:
+        policy.infer(obs)
+    with _Count():
+        policy.infer(obs)
+    return {'gflop_per_chunk': round(flops.get_total_flops() / 1e9, 3),
+            'aten_ops_per_chunk': _Count.calls}
+
+
 def _child(quick: bool) -> dict:
     import resource
 
@@ -84,7 +105,7 @@ def _child(quick: bool) -> dict:
     obs = [_observation(cfg, 224, s) for s in range(4)]
     out['tiny'] = {'parameters': policy.num_parameters(), 'image_size': cfg.image_size,
                    'chunk': [cfg.action.horizon, cfg.robot_action_dim],
-                   'denoise_steps': cfg.flow.denoise_steps}
+                   'denoise_steps': cfg.flow.denoise_steps, **_cost(policy, obs[0])}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out['tiny'][f'threads_{threads}'] = _measure(policy, obs, reps, baseline=True)
@@ -96,7 +117,8 @@ def _child(quick: bool) -> dict:
     out['peer_shape'] = {'parameters': peer.num_parameters(), 'camera_size': 224,
                          'chunk': [peer_cfg.action.horizon, peer_cfg.robot_action_dim],
                          'denoise_steps': peer_cfg.flow.denoise_steps,
-                         'reference': 'LeRobot SmolVLA 7.3 M params: ~95 ms/chunk, 1 thread'}
+                         'reference': 'LeRobot SmolVLA 7.3 M params: ~95 ms/chunk, 1 thread',
+                         **_cost(peer, obs[0])}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out['peer_shape'][f'threads_{threads}'] = _measure(peer, obs, reps, baseline=False)
