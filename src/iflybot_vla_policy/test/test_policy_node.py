@@ -531,3 +531,15 @@ def test_status_and_diagnostics_are_published_while_active(harness, tiny_policy,
     assert status.level in (DiagnosticStatus.OK, DiagnosticStatus.WARN)
     assert {'state', 'inference_latency_p50_ms', 'control_rate_hz'} <= \
         {kv.key for kv in status.values}
+
+
+def test_trajectories_carry_their_start_time_when_stamping_is_on(harness, tiny_policy, wait):
+    h = harness({'instruction': 'pick', 'stamp_trajectories': True, 'max_tracking_error': 10.0,
+                 **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    with h.lock:
+        received_at, msg = h.trajectories[-1]
+    now = h.tap.get_clock().now().nanoseconds * 1e-9 - (time.monotonic() - received_at)
+    stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+    assert 0.0 <= now - stamp < 0.5   # stamped at its start, just before it was received

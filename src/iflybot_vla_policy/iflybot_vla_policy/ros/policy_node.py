@@ -29,6 +29,7 @@ from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, PolicyStatus
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
@@ -50,7 +51,7 @@ from iflybot_vla_policy.ros.conversions import (
     trajectory_msg,
     twist_msg,
 )
-from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter, Watchdog
+from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter, Trajectory, Watchdog
 
 IDLE, RUNNING, HOLD, ERROR = (PolicyStatus.STATE_IDLE, PolicyStatus.STATE_RUNNING,
                               PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR)
@@ -85,6 +86,7 @@ class NodeConfig:
     arm_joint_names: tuple[str, ...] = ()
     finger_joint_names: tuple[str, ...] = ()
     trajectory_topic: str = '/fr3_arm_controller/joint_trajectory'
+    stamp_trajectories: bool = False
     twist_topic: str = '/servo_node/delta_twist_cmds'
     twist_frame: str = 'fr3_link0'
     gripper_topic: str = '/vla/gripper_command'
@@ -127,6 +129,8 @@ DESCRIPTIONS: dict[str, str] = {
     'arm_joint_names': 'arm joints in action order; empty: from config/robot/fr3.yaml',
     'finger_joint_names': 'finger joints summed into the gripper width; empty: fr3.yaml',
     'trajectory_topic': 'JointTrajectoryController topic (joint mode)',
+    'stamp_trajectories': 'stamp trajectories with their start time (controller on this '
+                          'clock) instead of zero (start on receipt)',
     'twist_topic': 'MoveIt Servo twist topic (ee_delta mode)',
     'twist_frame': 'frame of the twist commands (the robot base)',
     'gripper_topic': 'iflybot_vla_msgs/GripperCommand topic, published on change',
@@ -651,6 +655,16 @@ class PolicyNode(LifecycleNode):
         self._set_state(state, reason, cause)
         self._brake()
 
+    def _publish_trajectory(self, trajectory: Trajectory) -> None:
+        """Stamp zero (the controller starts on receipt) or, with stamp_trajectories, the
+        node-clock time of the trajectory's start, which removes the transport delay."""
+        stamp = None
+        if self.config.stamp_trajectories:
+            offset = trajectory.start - time.monotonic()
+            stamp = (self.get_clock().now() + Duration(nanoseconds=int(offset * 1e9))).to_msg()
+        self.trajectory_pub.publish(trajectory_msg(trajectory, self.config.arm_joint_names,
+                                                   stamp))
+
     def _reject_chunk(self, reason: str) -> None:
         """(lock held) A chunk failed vetting: brake, report, and keep asking for chunks."""
         self._last_error = f'chunk rejected: {reason}'
@@ -670,7 +684,7 @@ class PolicyNode(LifecycleNode):
         if self.executor_.command is None:
             return
         trajectory = self.executor_.hold(time.monotonic())
-        self.trajectory_pub.publish(trajectory_msg(trajectory, self.config.arm_joint_names))
+        self._publish_trajectory(trajectory)
         self.marker_pub.publish(path_markers(self.robot, trajectory.positions,
                                              self.get_clock().now().to_msg()))
 
@@ -740,7 +754,7 @@ class PolicyNode(LifecycleNode):
         values = np.hstack([check.positions, check.gripper[:, None]])
         now = time.monotonic()
         trajectory, reason = self.executor_.splice(values, dt, request.t_obs, now)
-        self.trajectory_pub.publish(trajectory_msg(trajectory, cfg.arm_joint_names))
+        self._publish_trajectory(trajectory)
         stamp = self.get_clock().now()
         self._record_e2e(stamp, request.obs_stamp)
         self._chunks += 1
