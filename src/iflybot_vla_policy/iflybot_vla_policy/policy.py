@@ -24,6 +24,7 @@ from iflybot_vla_policy.engine import InferenceEngine
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
 from iflybot_vla_policy.model.vla import VLA
 from iflybot_vla_policy.transforms import NormStatsSet, Transforms
+from iflybot_vla_policy.types import InferenceResult, Observation
 
 CONFIG_FILE = 'config.yaml'
 WEIGHTS_FILE = 'model.safetensors'
@@ -161,8 +162,8 @@ class Policy:
                 'latent_tokens': out.latent_tokens.cpu().numpy().astype(np.int64),
                 'timing_ms': timing}
 
-    def infer(self, obs: Mapping, seed: int | None = None,
-              recompute_prefix_every_step: bool = False) -> dict[str, Any]:
+    def infer(self, obs: Observation | Mapping, seed: int | None = None,
+              recompute_prefix_every_step: bool = False) -> InferenceResult:
         """obs {'images': {cam: uint8 (H, W, 3)}, 'state': float (8,), 'instruction': str} ->
         {'actions': float32 (horizon, action_dim), 'dt': s, 'latent_tokens': (n,), 'timing_ms'}.
 
@@ -172,7 +173,7 @@ class Policy:
                                recompute_prefix_every_step=recompute_prefix_every_step)
         out['actions'] = out['actions'][0]
         out['latent_tokens'] = out['latent_tokens'][0]
-        return out
+        return InferenceResult(**out)
 
 
 # ---------------------------------------------------------------------------------------------
