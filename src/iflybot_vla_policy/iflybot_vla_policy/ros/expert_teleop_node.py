@@ -10,8 +10,10 @@ stamps of /joint_states), so a simulator faster or slower than real time is fine
 ends when the expert is done or after `max_episode_s`; the recorder is stopped with the
 simulator's /sim/task_success verdict.
 
-Limit: the local copy sees objects where the scene placed them, not where contacts moved them,
-which is all pick_place and stack need; push and drawer re-plan from stale object poses.
+Limit: the local copy sees objects where the scene placed them, not where contacts moved them
+(the simulator publishes no object poses). pick_place, stack and drawer plan from poses fixed
+before contact and work; push re-plans from the puck's live pose while pushing, so it is
+refused here (use `iflybot gen-demos --task push`, which runs the expert inside the simulator).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from iflybot_vla_policy.sim import make_env
 from iflybot_vla_policy.sim.env import chunk_to_trajectory
 from iflybot_vla_policy.sim.expert import ScriptedExpert
 
+# Tasks whose expert needs live object poses during contact, which ROS does not carry here.
+LIVE_POSE_TASKS = frozenset({'push'})
 TRAJECTORY_TOPIC = '/fr3_arm_controller/joint_trajectory'
 GRIPPER_TOPIC = '/vla/gripper_command'
 CHUNK_TOPIC = '/vla/action_chunk'
@@ -90,6 +94,10 @@ class ExpertTeleopNode(Node):
         self.declare_parameter('shutdown_when_done', True, d('exit after the last episode'))
         p = lambda name: self.get_parameter(name).value  # noqa: E731
         self.task = p('task')
+        if self.task in LIVE_POSE_TASKS:
+            raise ValueError(f'task {self.task!r}: its expert re-plans from live object poses, '
+                             'which the simulator does not publish; record it with '
+                             f'`iflybot gen-demos --task {self.task}` instead')
         self.episodes, self.first_seed = int(p('episodes')), int(p('first_seed'))
         self.max_episode_s = float(p('max_episode_s'))
         self.horizon, self.dt = int(p('horizon')), float(p('dt'))
