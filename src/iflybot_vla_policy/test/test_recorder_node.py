@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -28,6 +29,25 @@ from std_srvs.srv import Trigger  # noqa: E402
 from iflybot_vla_policy.data import bags  # noqa: E402
 from iflybot_vla_policy.data.episode_recorder import read_index  # noqa: E402
 from iflybot_vla_policy.ros.recorder_node import RecorderNode  # noqa: E402
+
+
+@pytest.fixture
+def ros_context(monkeypatch):
+    """rclpy Context on a private DDS domain (215-232, Linux-safe, unused by other tests).
+
+    The project's tests share domains 1-100 at random; a graph of another test on the same
+    domain would add messages to these exact-count checks or answer these services.
+    """
+    domain = random.randint(215, 232)
+    monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))     # for child processes too
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    try:
+        yield context
+    finally:
+        if context.ok():
+            rclpy.shutdown(context=context)
+
 
 NAMES = [f'fr3_joint{i}' for i in range(1, 8)] + ['fr3_finger_joint1', 'fr3_finger_joint2']
 

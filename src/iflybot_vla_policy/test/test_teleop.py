@@ -1,6 +1,7 @@
 """Teleoperation: key handling, SpaceMouse reports, and the node over DDS with the recorder."""
 from __future__ import annotations
 
+import random
 import struct
 import threading
 import time
@@ -15,6 +16,25 @@ from iflybot_vla_policy.spacemouse import (
     spacemouse_twist,
 )
 from iflybot_vla_policy.teleop import KeyboardTeleop, TeleopConfig
+
+
+@pytest.fixture
+def ros_context(monkeypatch):
+    """rclpy Context on a private DDS domain (215-232, Linux-safe, unused by other tests).
+
+    The project's tests share domains 1-100 at random; a graph of another test on the same
+    domain would add messages to these exact-count checks or answer these services.
+    """
+    domain = random.randint(215, 232)
+    monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))     # for child processes too
+    rclpy = pytest.importorskip('rclpy')
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    try:
+        yield context
+    finally:
+        if context.ok():
+            rclpy.shutdown(context=context)
 
 
 def test_held_key_moves_and_release_stops_within_the_hold_time():
