@@ -90,11 +90,12 @@ def test_converted_actions_are_the_commanded_targets(recording, tmp_path):
         # The JTC tracks the commanded setpoint: the measured state one frame later is close.
         err = np.abs(action[:-1, :7] - state[1:, :7])
         assert np.median(err) < 0.01 and err.max() < 0.2
-        # Gripper targets are the commanded widths (open 0.08, closed 0.0); only the frames
-        # recorded before the expert's first command carry the measured width.
+        # Gripper targets are the commanded widths (open 0.08, closed 0.0); the frames
+        # recorded before the expert's first command hold the measured width instead.
         commanded = np.isclose(action[:, 7], 0.08, atol=1e-6) | (action[:, 7] == 0.0)
         first = int(np.argmax(commanded))
-        assert first <= 5 and commanded[first:].all()
+        assert first < len(action) // 4 and commanded[first:].all()
+        np.testing.assert_allclose(action[:first, 7], state[1:first + 1, 7], atol=1e-3)
         bag = out / ds.episodes[e]['episode_id']
         widths = [m.decode().width for m in bags.read_messages(bag, {'/vla/gripper_command'})]
         if widths:
