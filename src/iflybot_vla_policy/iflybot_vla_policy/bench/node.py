@@ -145,9 +145,11 @@ def bench_node(quick: bool) -> dict:
         e2e: list[float] = []
         infer: list[float] = []
         loaded_ticks: list[np.ndarray] = []
+        rss_trace = [rss_start]                   # every 10 s of the loaded phase
         t_load = time.monotonic()
         while time.monotonic() - t_load < load_s:
             time.sleep(min(10.0, load_s))
+            rss_trace.append(_rss_mb())
             e2e += list(node.e2e_latency_ms)
             infer += list(node.inference_ms)
             node.e2e_latency_ms.clear()
@@ -175,7 +177,10 @@ def bench_node(quick: bool) -> dict:
             'e2e_image_stamp_to_trajectory_ms': _percentiles(e2e),
             'timer_jitter_ms_idle': jitter(idle_ticks),
             'timer_jitter_ms_under_inference': jitter(loaded),
-            'rss_mb_start': rss_start, 'rss_mb_end': rss_end}
+            'rss_mb_start': rss_start, 'rss_mb_end': rss_end,
+            # growth after the first minute (allocator warm-up excluded): ~0 when flat
+            'rss_mb_growth_after_1min': rss_end - rss_trace[min(6, len(rss_trace) - 1)],
+            'rss_mb_trace_10s': [round(x, 1) for x in rss_trace]}
 
 
 def run(quick: bool = False) -> dict:
