@@ -191,3 +191,22 @@ def test_backbone_loads_from_a_local_model_directory(kind, tmp_path):
         a, b = (bb.eval().encode_prefix(images, torch.tensor([ids]), torch.tensor([mask]))
                 for bb in (original, loaded))
     torch.testing.assert_close(a.next_logits, b.next_logits)
+
+
+def test_qwen_mrope_positions_match_transformers_get_rope_index():
+    cfg = get_config('paper', {**FAMILY, 'image_size': 56, 'backbone.patch_size': 14})
+    torch.manual_seed(0)
+    bb = build_backbone(cfg)
+    ids, mask = bb.tokenizer.encode(INSTRUCTIONS[1], cfg.backbone.max_text_tokens)
+    text_ids, text_mask = torch.tensor([ids]), torch.tensor([mask])
+    with torch.no_grad():
+        ours = bb._prefix(torch.rand(1, 2, 3, 56, 56), text_ids, text_mask)
+    n_img = 4  # (56 / 14 / 2)^2 merged tokens per camera
+    block = [bb.vision_start_id] + [bb.image_token_id] * n_img + [bb.vision_end_id]
+    full_ids = torch.cat([torch.tensor([block * 2]), text_ids], dim=1)
+    full_mask = torch.cat([torch.ones(1, 2 * len(block), dtype=torch.long), text_mask], dim=1)
+    ref, _ = bb.vlm.get_rope_index(full_ids, mm_token_type_ids=(full_ids == bb.image_token_id)
+                                   .int(), image_grid_thw=torch.tensor([[1, 4, 4]] * 2),
+                                   attention_mask=full_mask)
+    real = full_mask[0].bool()
+    assert torch.equal(ours.positions[:, 0, real], ref[:, 0, real])
