@@ -210,3 +210,22 @@ def test_qwen_mrope_positions_match_transformers_get_rope_index():
                                    attention_mask=full_mask)
     real = full_mask[0].bool()
     assert torch.equal(ours.positions[:, 0, real], ref[:, 0, real])
+
+
+def test_latent_decoding_follows_in_place_weight_updates():
+    """The fused decode weights are cached; an optimiser-style in-place update must show."""
+    model = small_model()
+    batch = robot_batch(model, batch=1)
+    bb, cfg = model.backbone, model.cfg
+    args = (batch['images'], batch['text_ids'], batch['text_mask'])
+    with torch.inference_mode():
+        bb.generate_latents(bb.encode_prefix(*args), 2)
+    with torch.no_grad():
+        bb.decoder.layers[0].self_attn.q_proj.weight.mul_(3.0)
+        bb.decoder.layers[1].mlp.up_proj.weight.add_(0.1)
+    with torch.inference_mode():
+        codes, ext = bb.generate_latents(bb.encode_prefix(*args), 2)
+        full = bb.forward_train(*args, codes + cfg.latent_offset, torch.ones_like(codes))
+    for (k1, v1), (k2, v2) in zip(ext.kv, full.kv, strict=True):
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)

@@ -212,17 +212,27 @@ class Backbone(nn.Module):
 
     def _fused_layers(self) -> list[tuple]:
         """Per layer (qkv weight, qkv bias, gate|up weight, norm weights, eps): fewer, larger
-        ops per decoded token. Rebuilt per call, so it never goes stale after training."""
-        fused = []
+        ops per decoded token. Cached under inference_mode, keyed by the storage and version
+        counter of every source weight, so an optimiser step or a load invalidates it."""
+        sources = []
         for layer in self.decoder.layers:
             a, mlp = layer.self_attn, layer.mlp
-            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            bias = None if a.q_proj.bias is None else torch.cat(
-                [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            sources.append((a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj))
+        params = [t for mods in sources for m in mods for t in (m.weight, m.bias)
+                  if t is not None]
+        key = tuple((t.data_ptr(), t._version) for t in params)
+        cached = getattr(self, '_fused_cache', None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fused = []
+        for layer, (q, k, v, gate, up) in zip(self.decoder.layers, sources, strict=True):
+            w = torch.cat([q.weight, k.weight, v.weight])
+            bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
+            gu = torch.cat([gate.weight, up.weight])
             fused.append((w, bias, gu, layer.input_layernorm.weight,
                           layer.post_attention_layernorm.weight,
                           layer.input_layernorm.variance_epsilon))
+        self._fused_cache = (key, fused) if torch.is_inference_mode_enabled() else None
         return fused
 
     def _append_lean(self, prefix: PrefixCache, ids: torch.Tensor,
