@@ -128,6 +128,11 @@ class Harness:
             return [m for _, m in self.trajectories]
 
     def close(self) -> None:
+        state = self.node._state_machine.current_state[0]
+        if state == State.PRIMARY_STATE_ACTIVE:
+            self.node.trigger_deactivate()
+        if self.node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE:
+            self.node.trigger_cleanup()   # joins the inference worker
         self.executor.shutdown(timeout_sec=5)
         self.thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         self.node.destroy_node()

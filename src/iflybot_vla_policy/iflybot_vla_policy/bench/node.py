@@ -159,7 +159,9 @@ def bench_node(quick: bool) -> dict:
         rss_end = _rss_mb()
         chunks = node.status().chunks_produced
     finally:
-        executor.shutdown(timeout_sec=5)
+        node.trigger_deactivate()
+        node.trigger_cleanup()   # joins the inference worker (a thread inside torch at exit
+        executor.shutdown(timeout_sec=5)   # aborts the interpreter)
         thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         node.destroy_node()
         feeder.destroy_node()
