@@ -209,3 +209,12 @@ def test_train_command_refuses_a_config_of_another_stage_and_bad_keys(tmp_path, 
     assert "'lam' config, not 'vla'" in capsys.readouterr().err
     assert main(['train', 'lam', '--config', str(path), '--set', 'trainer.stpes=3']) == 2
     assert "did you mean 'trainer.steps'" in capsys.readouterr().err
+
+
+def test_a_fresh_start_sets_old_checkpoints_aside(tmp_path):
+    Trainer(ToyModel(), ToyRegression(), _cfg(steps=4, checkpoint_every=2), tmp_path).fit()
+    fresh = Trainer(ToyModel(), ToyRegression(), _cfg(steps=2, checkpoint_every=2,
+                                                       resume=False), tmp_path).fit()
+    assert fresh.resumed_from == 0 and len(fresh.history) == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['step_0000002']
+    assert (tmp_path / 'checkpoints.replaced' / 'step_0000004').is_dir()

@@ -341,7 +341,18 @@ class Trainer:
 
     def _resume(self) -> int:
         checkpoints = list_checkpoints(self.out_dir)
-        if not self.cfg.resume or not checkpoints:
+        if not checkpoints:
+            return 0
+        if not self.cfg.resume:
+            # a fresh start must not leave older, higher-numbered checkpoints to resume from
+            self.accelerator.wait_for_everyone()
+            if self.is_main:
+                root = self.out_dir / 'checkpoints'
+                old = self.out_dir / 'checkpoints.replaced'
+                if old.exists():
+                    shutil.rmtree(old)
+                root.rename(old)
+            self.accelerator.wait_for_everyone()
             return 0
         self.accelerator.load_state(str(checkpoints[-1]))
         return self.progress.step
