@@ -330,11 +330,14 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def export_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
-        """Full model weights on CPU, with the EMA weights swapped in when EMA is on."""
+        """Full model weights on CPU, with the EMA weights swapped in when EMA is on (call on
+        every process: under FSDP gathering the weights is collective)."""
         state = {k: v.detach().cpu().clone()
                  for k, v in self.accelerator.get_state_dict(self.model).items()}
         if use_ema and self.ema is not None:
             for k, v in self.ema.shadow.items():
+                if hasattr(v, 'full_tensor'):     # FSDP2 shard (DTensor): gather, collective
+                    v = v.full_tensor()
                 if k in state:
                     state[k] = v.to(state[k].dtype).cpu().clone()
         return state
