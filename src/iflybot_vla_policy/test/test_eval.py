@@ -57,3 +57,16 @@ def test_unknown_task_is_refused_with_the_choices(tmp_path: Path, capsys) -> Non
     assert cli.main(['eval', '--expert', '--tasks', 'pick_and_place', '--out',
                      str(tmp_path)]) == 2
     assert "unknown task(s) ['pick_and_place']" in capsys.readouterr().err
+
+
+def test_safety_holds_are_reported_apart_from_limit_violations(tmp_path: Path) -> None:
+    from iflybot_vla_policy.eval.report import EpisodeResult, write_report
+
+    episode = EpisodeResult(task='push', seed=1, instruction='push', success=False,
+                            duration_s=1.0, time_to_success_s=None, inference_ms=[10.0],
+                            limit_violations={'position': 0, 'velocity': 0, 'non_finite': 0,
+                                              'safety_holds': 3})
+    write_report(tmp_path, [episode], {'policy': 'test'})
+    row = [line for line in (tmp_path / 'report.md').read_text().splitlines()
+           if line.startswith('| push |')][0]
+    assert row.rstrip().endswith('| 0 | 3 |')

@@ -85,17 +85,18 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
     lines = ['# Closed-loop evaluation', '']
     lines += [f'- {k}: {v}' for k, v in meta.items()]
     lines += ['', '| task | success | 95% CI | time to success (s) | latency p50/p99 (ms) | '
-              'jitter p99 (ms) | RMS jerk (rad/s³) | limit violations |',
-              '|---|---|---|---|---|---|---|---|']
+              'jitter p99 (ms) | RMS jerk (rad/s³) | limit violations | safety holds |',
+              '|---|---|---|---|---|---|---|---|---|']
     for name, row in summary.items():
         low, high = row['success_ci95']
-        violations = sum(row['limit_violations'].values())
+        counts = row['limit_violations']
+        violations = sum(v for k, v in counts.items() if k != 'safety_holds')
         lines.append(
             f"| {name} | {row['successes']}/{row['episodes']} ({row['success_rate']:.0%}) | "
             f'{low:.0%}–{high:.0%} | {_fmt(row["time_to_success_s_mean"])} | '
             f'{_fmt(row["inference_latency_ms_p50"])} / {_fmt(row["inference_latency_ms_p99"])}'
             f' | {_fmt(row["control_jitter_p99_ms"], 2)} | {_fmt(row["rms_jerk_mean"], 2)} | '
-            f'{violations} |')
+            f'{violations} | {counts.get("safety_holds", 0)} |')
     lines += ['', '## Episodes', '', '| task | seed | success | duration (s) | instruction |',
               '|---|---|---|---|---|']
     lines += [f'| {e.task} | {e.seed} | {"yes" if e.success else "no"} | '
