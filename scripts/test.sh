@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # A random domain and localhost-only discovery: two test runs on one machine never see each other.
-export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 1 ))}"
+export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( (RANDOM % 232) + 1 ))}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export OMP_WAIT_POLICY=PASSIVE
 export IFLYBOT_TEST=1

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Every test process gets its own DDS domain and localhost-only discovery, unless the runner
 # (scripts/test.sh) already chose one; child processes inherit it through os.environ.
-os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 100)))
+os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 232)))
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 os.environ.setdefault('MUJOCO_GL', 'egl')
