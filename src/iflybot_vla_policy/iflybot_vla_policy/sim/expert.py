@@ -95,7 +95,7 @@ class ScriptedExpert:
         self.grip = OPEN
         self.v = 0.0
         self.phases = self._build_phases()
-        self._twist_started = False
+        self._twist_steps = 0
         self.index = 0
         self._enter(0)
 
@@ -332,13 +332,14 @@ class ScriptedExpert:
         return out
 
     def next_twist(self, obs: dict | None = None,
-                   gain: float = 5.0) -> tuple[np.ndarray, np.ndarray, float]:
+                   gain: float = 2.0) -> tuple[np.ndarray, np.ndarray, float]:
         """A Servo command for the next `dt`: feed-forward plan velocity plus a pull towards the
         plan from the measured TCP. Returns linear (3,) m/s, angular (3,) rad/s, gripper width.
         """
-        if not self._twist_started:
-            self._twist_started = True
+        # Re-plan (checks, moving targets) as often as a chunk would: every `horizon` steps.
+        if self._twist_steps % self.horizon == 0:
             self._chunk_start()
+        self._twist_steps += 1
         prev_pos, prev_rot = self.pos.copy(), self.rot.copy()
         index = self.index
         self._advance(self.dt)
