@@ -117,7 +117,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         env.command_joint_trajectory(positions, stamps, velocities)
         for k in range(n_exec):
             width = float(check.gripper[k])
-            if abs(width - env._gripper.width) > 1e-4:
+            if abs(width - env.gripper_command.width) > 1e-4:
                 env.command_gripper(width)
             advance(dt)
             if env.success():
