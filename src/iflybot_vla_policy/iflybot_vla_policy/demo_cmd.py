@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,23 +46,6 @@ def bundled_checkpoint() -> Path | None:
     return None
 
 
-def _start_graph(argv: list[str], log_path: Path) -> subprocess.Popen:
-    log = log_path.open('w')
-    return subprocess.Popen([sys.executable, '-m', 'iflybot_vla_policy.cli', 'up', *argv],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop_graph(proc: subprocess.Popen, timeout: float = 15.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)          # what Ctrl-C does: nodes finalise their bags
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
-    return proc.returncode
-
-
 def plot_joints(path: Path, taps) -> None:
     """Commanded (trajectory points) vs measured (joint states) positions of the 7 joints."""
     import matplotlib
@@ -94,6 +75,7 @@ def plot_joints(path: Path, taps) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from iflybot_vla_policy.eval.report import write_video
+    from iflybot_vla_policy.eval.through_ros import start_graph, stop_graph
     from iflybot_vla_policy.ros import demo_driver
 
     tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
@@ -113,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f'iflybot demo: policy checkpoint {checkpoint}')
         graph = ['sim', f'checkpoint:={checkpoint}', 'record:=true', f'output_dir:={bags}']
     print(f'iflybot demo: starting `iflybot up {" ".join(graph)}` (log: {out / "graph.log"})')
-    proc = _start_graph(graph, out / 'graph.log')
+    proc = start_graph(graph[0], graph[1:], out / 'graph.log')
     demo_driver.init()
     driver = demo_driver.DemoDriver()
     executor, _thread = demo_driver.spin_in_background(driver)
@@ -157,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         print(f'iflybot demo: error: {exc}', file=sys.stderr)
         rc = 1
     finally:
-        graph_rc = _stop_graph(proc)
+        graph_rc = stop_graph(proc)
         taps = driver.taps
         if expert is not None:
             expert.destroy_node()

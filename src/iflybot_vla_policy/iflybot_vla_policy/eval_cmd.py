@@ -21,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--episodes', type=int, default=10, help='episodes per task')
     parser.add_argument('--out', type=Path, default=Path('outputs/eval'),
                         help='directory for report.json, report.md, plots and videos')
-    parser.add_argument('--direct', action='store_true', default=True,
-                        help='run the policy in-process against the MuJoCo simulation')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--direct', action='store_true',
+                      help='(default) run the policy in-process against the MuJoCo simulation')
+    mode.add_argument('--through-ros', action='store_true',
+                      help='run the policy node against the sim node over DDS (iflybot up sim): '
+                           'the deployment path, real time')
     parser.add_argument('--max-time', type=float, default=20.0,
                         help='simulated seconds per episode before it counts as failed')
     parser.add_argument('--replan-steps', type=int, default=0,
@@ -50,12 +54,8 @@ def _load_policy(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from iflybot_vla_policy.eval.report import write_report, write_video
-    from iflybot_vla_policy.eval.rollout import RolloutConfig, eval_seeds, run_episode
-    from iflybot_vla_policy.robot import load_robot
-    from iflybot_vla_policy.safety import SafetyFilter
+    from iflybot_vla_policy.eval.report import write_report
+    from iflybot_vla_policy.eval.rollout import eval_seeds
 
     tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
@@ -66,12 +66,59 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         print('iflybot eval: --episodes must be at least 1', file=sys.stderr)
         return 2
+    started = time.time()
+    jobs = [(task, seed) for task in tasks for seed in eval_seeds(args.episodes, args.seed_offset)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.through_ros:
+        episodes, policy_name = _through_ros(args, jobs)
+        mode = 'through ROS (iflybot up sim)'
+    else:
+        episodes, policy_name = _direct(args, jobs)
+        mode = 'direct'
+    meta = {'policy': policy_name, 'mode': mode, 'tasks': ','.join(tasks),
+            'episodes_per_task': args.episodes, 'max_time_s': args.max_time,
+            'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
+            'wall_time_s': round(time.time() - started, 1)}
+    doc = write_report(args.out, episodes, meta)
+    for task, row in doc['tasks'].items():
+        low, high = row['success_ci95']
+        print(f'{task}: {row["successes"]}/{row["episodes"]} success '
+              f'({row["success_rate"]:.0%}, 95% CI {low:.0%}-{high:.0%})')
+    print(f'wrote {args.out / "report.json"} and {args.out / "report.md"}')
+    return 0
+
+
+def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]]):
+    from iflybot_vla_policy.eval.through_ros import run_episodes
+
+    if args.expert:
+        raise SystemExit('iflybot eval: --through-ros runs the policy node; use --checkpoint '
+                         'or --preset (the expert through ROS is `iflybot record`)')
+    if args.checkpoint is not None:
+        overrides, name = [f'checkpoint:={args.checkpoint.resolve()}'], str(args.checkpoint)
+    else:
+        overrides, name = [f'preset:={args.preset}'], f'preset {args.preset} (random)'
+    episodes = run_episodes(jobs, overrides, args.out, args.max_time, on_episode=_print_episode)
+    return episodes, name
+
+
+def _print_episode(result) -> None:
+    print(f'{result.task} seed {result.seed}: {"success" if result.success else "failure"} '
+          f'({result.duration_s:.1f} s)', flush=True)
+
+
+def _direct(args: argparse.Namespace, jobs: list[tuple[str, int]]):
+    from tqdm import tqdm
+
+    from iflybot_vla_policy.eval.report import write_video
+    from iflybot_vla_policy.eval.rollout import RolloutConfig, run_episode
+    from iflybot_vla_policy.robot import load_robot
+    from iflybot_vla_policy.safety import SafetyFilter
+
     policy, policy_name = _load_policy(args)
     safety = SafetyFilter(load_robot())
     size = (args.image_size, args.image_size)
     episodes = []
-    started = time.time()
-    jobs = [(task, seed) for task in tasks for seed in eval_seeds(args.episodes, args.seed_offset)]
     videos_done: dict[str, int] = {}
     for task, seed in tqdm(jobs, desc='eval', unit='episode'):
         record = videos_done.get(task, 0) < args.videos
@@ -88,14 +135,4 @@ def run(args: argparse.Namespace) -> int:
         episodes.append(result)
         tqdm.write(f'{task} seed {seed}: {"success" if result.success else "failure"} '
                    f'({result.duration_s:.1f} s sim)')
-    meta = {'policy': policy_name, 'mode': 'direct', 'tasks': ','.join(tasks),
-            'episodes_per_task': args.episodes, 'max_time_s': args.max_time,
-            'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
-            'wall_time_s': round(time.time() - started, 1)}
-    doc = write_report(args.out, episodes, meta)
-    for task, row in doc['tasks'].items():
-        low, high = row['success_ci95']
-        print(f'{task}: {row["successes"]}/{row["episodes"]} success '
-              f'({row["success_rate"]:.0%}, 95% CI {low:.0%}-{high:.0%})')
-    print(f'wrote {args.out / "report.json"} and {args.out / "report.md"}')
-    return 0
+    return episodes, policy_name

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import rclpy
 from iflybot_vla_msgs.action import RunPolicy
-from iflybot_vla_msgs.msg import PolicyStatus
+from iflybot_vla_msgs.msg import ActionChunk, PolicyStatus
 from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
 from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
@@ -49,6 +49,9 @@ class Taps:
     measured_q: list[np.ndarray] = field(default_factory=list)      # (7,)
     commanded_t: list[float] = field(default_factory=list)
     commanded_q: list[np.ndarray] = field(default_factory=list)     # (7,)
+    commanded_dq: list[np.ndarray] = field(default_factory=list)    # (7,), zeros when absent
+    trajectory_arrivals: list[float] = field(default_factory=list)  # sim time of each message
+    chunk_latency_ms: list[float] = field(default_factory=list)     # from /vla/action_chunk
     episode_starts: list[float] = field(default_factory=list)
 
 
@@ -74,6 +77,7 @@ class DemoDriver(Node):
         self.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
                                  self._on_trajectory, 10)
         self.create_subscription(PolicyStatus, '/vla/status', self._on_status, 10)
+        self.create_subscription(ActionChunk, '/vla/action_chunk', self._on_chunk, 10)
         self.reset_client = self.create_client(ResetSim, '/iflybot_sim/reset')
         self.start_client = self.create_client(StartEpisode, '/iflybot_recorder/start_episode')
         self.stop_client = self.create_client(StopEpisode, '/iflybot_recorder/stop_episode')
@@ -103,12 +107,20 @@ class DemoDriver(Node):
         index = {name: i for i, name in enumerate(msg.joint_names)}
         if any(n not in index for n in self.robot.arm_joint_names):
             return
+        columns = [index[n] for n in self.robot.arm_joint_names]
         with self._lock:
             start = _stamp(msg.header.stamp) or self._last_js_t    # stamp 0 = now
+            self.taps.trajectory_arrivals.append(self._last_js_t)
             for point in msg.points:
                 self.taps.commanded_t.append(start + _stamp(point.time_from_start))
-                self.taps.commanded_q.append(np.array(
-                    [point.positions[index[n]] for n in self.robot.arm_joint_names]))
+                self.taps.commanded_q.append(np.array([point.positions[c] for c in columns]))
+                velocities = (np.array([point.velocities[c] for c in columns])
+                              if len(point.velocities) else np.zeros(len(columns)))
+                self.taps.commanded_dq.append(velocities)
+
+    def _on_chunk(self, msg: ActionChunk) -> None:
+        with self._lock:
+            self.taps.chunk_latency_ms.append(float(msg.inference_latency_ms))
 
     def _on_instruction(self, msg: String) -> None:
         self.last_instruction = msg.data
@@ -138,6 +150,14 @@ class DemoDriver(Node):
     def mark_episode_start(self) -> None:
         with self._lock:
             self.taps.episode_starts.append(self._last_js_t)
+
+    def counts(self) -> dict[str, int]:
+        """Lengths of every tap, to slice out one episode afterwards."""
+        with self._lock:
+            return {'measured': len(self.taps.measured_t),
+                    'commanded': len(self.taps.commanded_t),
+                    'arrivals': len(self.taps.trajectory_arrivals),
+                    'latency': len(self.taps.chunk_latency_ms)}
 
     def start_episode(self, task: str, instruction: str, operator: str) -> str:
         reply = self.call(self.start_client, StartEpisode.Request(
