@@ -1,1 +1,4 @@
-"""Thin rclpy nodes: they convert messages, call the core and publish. Only this package imports rclpy."""
+"""Thin rclpy nodes: they convert messages, call the core and publish.
+
+This is the only package of iflybot_vla_policy that imports rclpy or ROS messages.
+"""
