@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import math
 import os
@@ -25,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='comma-separated benchmark modules to run (default: all), '
                              'e.g. inference,sim')
     parser.add_argument('--peer-shape', action='store_true',
-                        help='inference on the reproducible peer workload only: two 224x224 '
+                        help='only the inference benchmark, whose peer_shape section is the '
+                             'reproducible workload for timing other stacks: two 224x224 '
                              'cameras, 50x7 chunk, 10 flow steps, batch 1, 1 and 2 threads')
 
 
@@ -100,12 +100,6 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         module = importlib.import_module(f'iflybot_vla_policy.bench.{name}')
         kwargs: dict[str, Any] = {'quick': args.quick}
-        if args.peer_shape:
-            if 'peer_shape' not in inspect.signature(module.run).parameters:
-                print('iflybot bench: the inference benchmark has no peer-shape mode',
-                      file=sys.stderr)
-                return 2
-            kwargs['peer_shape'] = True
         print(f'[bench] {name} ...', flush=True)
         start = time.perf_counter()
         try:
