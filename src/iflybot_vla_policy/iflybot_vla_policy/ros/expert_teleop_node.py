@@ -309,6 +309,7 @@ def main(args: list[str] | None = None) -> int:
         status = 1
     finally:
         executor.shutdown()
+        spinner.join(timeout=5.0)   # a spin thread alive at exit aborts the interpreter (SIGABRT)
         node.destroy_node()
         rclpy.try_shutdown()
     return status
