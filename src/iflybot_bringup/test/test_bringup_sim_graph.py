@@ -84,6 +84,9 @@ def test_record_graph_runs_expert_episodes_into_readable_bags_and_ends_by_itself
     assert counts.get('/scene_camera/color/image_raw', 0) > 0, counts
 
 
+# Under heavy load the policy node once never answered change_state (cause not found yet):
+# one rerun, with a shorter lifecycle timeout so that a hang costs 90 s, not 180 s.
+@pytest.mark.flaky(reruns=1)
 def test_sim_policy_and_recorder_come_up_move_the_arm_and_ctrl_c_leaves_a_readable_bag(
         tmp_path: Path, ros_node: object) -> None:
     overrides = {'record': 'true', 'preset': 'tiny', 'instruction': 'pick up the red block'}
@@ -96,8 +99,8 @@ def test_sim_policy_and_recorder_come_up_move_the_arm_and_ctrl_c_leaves_a_readab
     node.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
                              received.append, 10)
     out = tmp_path / 'bags'
-    proc, log = _up(tmp_path, 'sim', *(f'{k}:={v}' for k, v in overrides.items()),
-                    f'output_dir:={out}')
+    proc, log = _up(tmp_path, '--lifecycle-timeout', '90', 'sim',
+                    *(f'{k}:={v}' for k, v in overrides.items()), f'output_dir:={out}')
     try:
         # record from before the policy is active (its configure builds the model: slow), so
         # that the bag holds its first trajectories

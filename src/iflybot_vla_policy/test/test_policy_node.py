@@ -435,6 +435,7 @@ class EeDeltaFromTiny:
         return {'actions': np.hstack([deltas, actions[:, 7:8]]), 'dt': out['dt']}
 
 
+@pytest.mark.flaky(reruns=1)   # twists depend on inference finishing in time on a loaded CPU
 def test_ee_delta_mode_streams_bounded_twists_at_control_rate_and_zero_on_hold(
         harness, tiny_policy, wait):
     from geometry_msgs.msg import TwistStamped
