@@ -99,15 +99,17 @@ def run(args: argparse.Namespace) -> int:
     demo_driver.init()
     driver = demo_driver.DemoDriver()
     executor, _thread = demo_driver.spin_in_background(driver)
-    expert = None
+    expert = session = None
     episodes = []
     rc = 0
     try:
         if checkpoint is None:
-            from iflybot_vla_policy.ros.expert_teleop_node import ExpertTeleopNode
+            from iflybot_vla_policy.ros.expert_teleop_node import ExpertSession
 
-            expert = ExpertTeleopNode(parameter_overrides=_expert_params(args))
-            executor.add_node(expert)
+            session = ExpertSession(context_init=False, record=True, shutdown_when_done=False,
+                                    max_episode_s=float(args.max_episode_s),
+                                    operator_name='expert (demo)')
+            expert = session.node
         for i, task in enumerate(tasks):
             seed = args.first_seed + i
             if proc.poll() is not None:
@@ -141,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         graph_rc = stop_graph(proc)
         taps = driver.taps
-        if expert is not None:
-            expert.destroy_node()
+        if session is not None:
+            session.close(shutdown=False)
         demo_driver.shutdown(driver, executor)
     if graph_rc not in (0, -signal.SIGINT, 130):
         print(f'iflybot demo: the node graph exited with code {graph_rc}; see '
@@ -158,10 +160,3 @@ def run(args: argparse.Namespace) -> int:
     print(f'iflybot demo: {wins}/{len(episodes)} episodes successful; bags in {bags}')
     return rc
 
-
-def _expert_params(args: argparse.Namespace):
-    from rclpy.parameter import Parameter
-
-    return [Parameter('record', value=True), Parameter('shutdown_when_done', value=False),
-            Parameter('max_episode_s', value=float(args.max_episode_s)),
-            Parameter('operator_name', value='expert (demo)')]

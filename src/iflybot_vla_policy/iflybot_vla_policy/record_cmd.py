@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -92,21 +91,13 @@ def run(args: argparse.Namespace) -> int:
         'output_dir': str(out), 'compression': args.compression}, logs / 'recorder.log')
     status = 0
     try:
-        import rclpy
-        from rclpy.executors import MultiThreadedExecutor
-        from rclpy.parameter import Parameter
+        from iflybot_vla_policy.ros.expert_teleop_node import ExpertSession
 
-        from iflybot_vla_policy.ros.expert_teleop_node import ExpertTeleopNode
-
-        rclpy.init()
-        node = ExpertTeleopNode(parameter_overrides=[
-            Parameter('task', value=args.task), Parameter('episodes', value=args.episodes),
-            Parameter('first_seed', value=args.first_seed),
-            Parameter('max_episode_s', value=float(args.max_episode_s)),
-            Parameter('only_successful', value=bool(args.only_successful))])
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        threading.Thread(target=executor.spin, daemon=True).start()
+        session = ExpertSession(task=args.task, episodes=args.episodes,
+                                first_seed=args.first_seed,
+                                max_episode_s=float(args.max_episode_s),
+                                only_successful=bool(args.only_successful))
+        node = session.node
         successes = 0
         started = time.monotonic()
         for i in range(args.episodes):
@@ -124,17 +115,14 @@ def run(args: argparse.Namespace) -> int:
         print(f'recorded {args.episodes} episode(s) of {args.task} to {out}: {successes} '
               f'successful, {time.monotonic() - started:.0f} s; convert with: iflybot '
               f'bag2dataset {out} --out DATASET --fps 15', file=sys.stderr)
-        executor.shutdown()
-        node.destroy_node()
+        session.close(shutdown=False)
     except (RuntimeError, TimeoutError) as err:
         print(f'iflybot record: error: {err}', file=sys.stderr)
         status = 1
     finally:
         _stop(recorder)
         _stop(sim)
-        try:
-            import rclpy
-            rclpy.try_shutdown()
-        except ImportError:
-            pass
+        from iflybot_vla_policy.ros.expert_teleop_node import shutdown_ros
+
+        shutdown_ros()
     return status

@@ -317,3 +317,32 @@ def main(args: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
     sys.exit(main())
+
+
+class ExpertSession:
+    """An ExpertTeleopNode spinning in a background thread, for commands that run episodes
+    in-process (`iflybot record`, `iflybot demo`) without importing rclpy themselves."""
+
+    def __init__(self, context_init: bool = True, **params: Any) -> None:
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.parameter import Parameter
+
+        if context_init:
+            rclpy.init()
+        self.node = ExpertTeleopNode(parameter_overrides=[
+            Parameter(name, value=value) for name, value in params.items()])
+        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def close(self, shutdown: bool = True) -> None:
+        self.executor.shutdown()
+        self._thread.join(timeout=5.0)   # a live spin thread at exit aborts the interpreter
+        self.node.destroy_node()
+        if shutdown:
+            rclpy.try_shutdown()
+
+
+def shutdown_ros() -> None:
+    rclpy.try_shutdown()
