@@ -78,7 +78,6 @@ def test_every_message_published_during_an_episode_is_in_its_bag(recording):
             assert len(stamps) >= 0.98 * expected, f'{topic}: {len(stamps)} of {expected}'
 
 
-@pytest.mark.flaky(reruns=1)   # failed in 2 of 4 full-suite runs under load; passes alone
 def test_converted_actions_are_the_commanded_targets(recording, tmp_path):
     out, episodes = recording
     report = bags_to_dataset([out], tmp_path / 'ds', ConvertConfig(fps=FPS), progress=False)
@@ -89,8 +88,11 @@ def test_converted_actions_are_the_commanded_targets(recording, tmp_path):
         arrays = ds.episode_arrays(e)
         state, action = arrays['observation.state'], arrays['action']
         # The JTC tracks the commanded setpoint: the measured state one frame later is close.
+        # Only typically: when the shared machine starves the expert, its trajectory reaches
+        # the simulator after its stamp and the JTC joins it late (the recorded command is
+        # still what was commanded), so the worst frame is not bounded here.
         err = np.abs(action[:-1, :7] - state[1:, :7])
-        assert np.median(err) < 0.01 and err.max() < 0.2
+        assert np.median(err) < 0.01
         # Gripper targets are the commanded widths (open 0.08, closed 0.0); the frames
         # recorded before the expert's first command hold the measured width instead.
         commanded = np.isclose(action[:, 7], 0.08, atol=1e-6) | (action[:, 7] == 0.0)
@@ -101,3 +103,31 @@ def test_converted_actions_are_the_commanded_targets(recording, tmp_path):
         widths = [m.decode().width for m in bags.read_messages(bag, {'/vla/gripper_command'})]
         if widths:
             assert action[-1, 7] == pytest.approx(widths[-1])
+
+
+def test_commanded_setpoints_pass_through_every_published_chunk_point(recording):
+    """Independent of the simulator's tracking: the setpoint the converter reconstructs from
+    the recorded trajectories equals, at each knot, the target of the expert's ActionChunk."""
+    from iflybot_vla_policy.data.convert import commanded_arm, read_episode
+    from iflybot_vla_policy.robot import load_robot
+
+    out, episodes = recording
+    robot = load_robot()
+    for ep in episodes:
+        bag = out / ep['episode_id']
+        rec = read_episode(bag, ConvertConfig(fps=FPS), robot.arm_joint_names,
+                           robot.finger_joint_names)
+        chunks = [m.decode() for m in bags.read_messages(bag, {'/vla/action_chunk'})]
+        assert len(chunks) == len(rec.trajectories) == ep['published']['/vla/action_chunk']
+        starts = [tr.start for tr in rec.trajectories] + [np.inf]
+        checked = 0
+        for k, chunk in enumerate(chunks):
+            targets = np.asarray(chunk.positions).reshape(chunk.horizon, chunk.action_dim)
+            knots = starts[k] + chunk.dt * np.arange(1, chunk.horizon + 1)
+            in_force = knots < starts[k + 1] - 1e-3      # before the next chunk replaces it
+            got = commanded_arm(rec, knots[in_force])
+            # Chunk and trajectory are stamped a moment apart on the sim clock: allow that
+            # millisecond of motion, nothing like a step (~1e-2 rad).
+            np.testing.assert_allclose(got, targets[in_force], atol=2e-3)
+            checked += int(in_force.sum())
+        assert checked >= len(chunks)

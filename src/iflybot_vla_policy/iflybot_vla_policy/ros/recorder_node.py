@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.subscription import MessageInfo
 from std_srvs.srv import Trigger
 
 from iflybot_vla_policy.data.bags import check_msgtype
@@ -83,12 +85,19 @@ class RecorderNode(Node):
         self.declare_parameter('queue_max_mb', 1024.0, d('bytes waiting for the writer thread'))
         self.declare_parameter('robot', 'fr3', d('robot identifier stored in EpisodeInfo'))
         self.declare_parameter('qos_depth', 100, d('subscription history depth'))
+        self.declare_parameter('skip_published_before_start', True, d(
+            'leave out messages published before start_episode (by their DDS source '
+            'timestamp): a starved recorder still holds queued messages from before the '
+            'episode, e.g. the pose before a reset; needs clocks synchronised across machines'))
         p = lambda name: self.get_parameter(name).value  # noqa: E731
         self.recorder = EpisodeRecorder(RecorderConfig(
             root=Path(p('output_dir')).expanduser(), compression=p('compression'),
             min_free_disk_gb=float(p('min_free_disk_gb')), queue_size=int(p('queue_size')),
             queue_max_mb=float(p('queue_max_mb')), robot=p('robot')))
         self.received = 0
+        self.skipped_before_start = 0
+        self._skip_early = bool(p('skip_published_before_start'))
+        self._start_wall_ns = 0
         self._subs = []
         for spec in p('topics'):
             topic, msgtype, best_effort = parse_topic_spec(spec)
@@ -111,10 +120,15 @@ class RecorderNode(Node):
     def _callback(self, topic: str, msgtype: str):
         put = self.recorder.put
 
-        def on_message(data: bytes) -> None:
-            if self.recorder.recording:
-                self.received += 1
-                put(topic, msgtype, self._now_ns(), data)
+        def on_message(data: bytes, info: MessageInfo) -> None:
+            if not self.recorder.recording:
+                return
+            # Published before the episode started (queued while the executor was busy).
+            if self._skip_early and 0 < info['source_timestamp'] < self._start_wall_ns:
+                self.skipped_before_start += 1
+                return
+            self.received += 1
+            put(topic, msgtype, self._now_ns(), data)
         return on_message
 
     def _lost_callback(self, topic: str):
@@ -123,6 +137,7 @@ class RecorderNode(Node):
         return on_lost
 
     def _on_start(self, request: Any, response: Any) -> Any:
+        self._start_wall_ns = time.time_ns()
         try:
             episode_id, path = self.recorder.start(
                 self._now_ns(), task=request.task, instruction=request.instruction,
