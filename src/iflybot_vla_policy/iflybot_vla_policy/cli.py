@@ -31,6 +31,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ('bag-repair', 'iflybot_vla_policy.bag_repair_cmd', 'recover bags cut off by a crash'),
     ('gen-demos', 'iflybot_vla_policy.gen_demos_cmd', 'expert demos from the sim -> dataset'),
     ('train', 'iflybot_vla_policy.train_cmd', 'train a stage: lam, fast or vla (accelerate)'),
+    ('ablate', 'iflybot_vla_policy.ablate_cmd',
+     "the paper's ablation: flow only, + FAST, + LAM, full; table with 95% CIs"),
     ('record', 'iflybot_vla_policy.record_cmd', 'record expert demos in the sim through ROS'),
 ]
 

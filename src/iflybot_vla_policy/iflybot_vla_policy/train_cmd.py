@@ -27,15 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='start fresh even if output_dir has checkpoints')
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['trainer.steps=100', ...] -> {'trainer.steps': 100} (values parsed as YAML)."""
     import yaml
 
     out: dict[str, Any] = {}
-    for item in args.overrides:
+    for item in items:
         key, sep, value = item.partition('=')
         if not sep or not key:
             raise ValueError(f'--set expects KEY=VALUE, got {item!r}')
         out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = parse_overrides(args.overrides)
     if args.output_dir:
         out['output_dir'] = args.output_dir
     if args.no_resume:

@@ -194,3 +194,44 @@ def test_mixed_plan_puts_seven_percent_vqa_in_every_batch_spread_over_processes(
     # robot items walk whole epochs: the first 1000 robot items are all distinct
     robot = [i for s in range(40) for i in plan.global_indices(s) if i < 1000][:1000]
     assert len(set(robot)) == 1000
+
+
+def test_ablation_trains_each_variant_with_only_its_targets_and_tables_cis(
+        tmp_path, toy_dataset, stage_outputs):
+    import csv
+    import json
+
+    from iflybot_vla_policy.cli import main
+    from iflybot_vla_policy.policy import Policy
+
+    base = _vla_yaml(stage_outputs, tmp_path / 'base', toy_dataset)
+    out = tmp_path / 'ablation'
+    assert main(['ablate', '--config', str(base), '--heldout', str(toy_dataset),
+                 '--steps', '2', '--frame-stride', '8', '--out', str(out)]) == 0
+    doc = json.loads((out / 'ablation.json').read_text())
+    assert list(doc['variants']) == ['flow', 'flow+fast', 'flow+lam', 'full']
+    for name, row in doc['variants'].items():
+        rows = list(csv.DictReader((out / name / 'metrics.csv').open()))
+        assert len(rows) == 2 and row['steps'] == 2, name
+        used = {k for k in ('flow', 'latent', 'fast', 'text') if float(rows[0][k]) > 0}
+        assert used == {'flow': {'flow'}, 'flow+fast': {'flow', 'fast'},
+                        'flow+lam': {'flow', 'latent'},
+                        'full': {'flow', 'fast', 'latent', 'text'}}[name]
+        low, high = row['arm_error_ci95']
+        assert 0 < low <= row['arm_error'] <= high and row['episodes_scored'] == 3
+        policy = Policy.from_checkpoint(out / name / 'policy')
+        assert (policy.fast is not None) == ('fast' in used)
+        assert (policy.lam is not None) == ('latent' in used)
+    table = (out / 'ablation.md').read_text()
+    assert sum(line.startswith('| ') for line in table.splitlines()) == 5
+
+
+def test_ablation_rejects_unknown_variants_and_non_vla_configs(tmp_path, toy_dataset,
+                                                               stage_outputs):
+    from iflybot_vla_policy.cli import main
+
+    base = _vla_yaml(stage_outputs, tmp_path / 'base', toy_dataset)
+    assert main(['ablate', '--config', str(base), '--heldout', str(toy_dataset),
+                 '--variants', 'flow,lam_only']) == 2
+    lam = stage_outputs / 'lam.yaml'
+    assert main(['ablate', '--config', str(lam), '--heldout', str(toy_dataset)]) == 2
