@@ -18,7 +18,7 @@ ruff check .
 
 echo "[test] pytest"
 set +e
-python -m pytest "$@"
+python -m pytest --durations=12 "$@"
 rc=$?
 set -e
 if [[ $rc == 5 ]]; then
