@@ -191,6 +191,8 @@ def test_lifecycle_nodes_with_autostart_are_configured_and_activated(
     try:
         assert wait_for(lambda: '/managed is active' in up.output(), timeout=60), up.output()
         assert read_report(managed)['events'][:3] == ['started', 'configure', 'activate']
+        # The two processes start independently: 'manual' may not have reported yet.
+        assert wait_for(lambda: 'events' in read_report(manual), timeout=60), up.output()
         assert read_report(manual)['events'] == ['started']
         code, _ = up.interrupt_and_wait()
         assert code == 0, up.output()

@@ -237,20 +237,21 @@ def test_requests_that_queue_during_a_forward_pass_run_as_one_batch(policy, wait
 
 def test_shutdown_lets_the_running_request_answer_then_closes_clients_with_1001(policy, wait):
     gated = GatedPolicy(policy)
-    s = ServerThread(gated, ServerConfig(port=0)).start()
+    # The grace period is not under test: long enough for a starved machine to answer.
+    s = ServerThread(gated, ServerConfig(port=0, shutdown_timeout_s=120.0)).start()
     client = WebsocketClientPolicy(s.uri)
     result: dict = {}
     asking = threading.Thread(target=lambda: result.update(client.infer(observation())))
     asking.start()
     assert gated.entered.wait(30)
-    stopping = threading.Thread(target=s.stop)
+    stopping = threading.Thread(target=lambda: s.stop(timeout=150.0))
     stopping.start()
     # Shutting down: new connections are refused while the running request is finishing.
     assert wait(lambda: not _accepts_connections(s.uri), timeout=30)
     assert asking.is_alive()
     gated.gate.set()
-    asking.join(60)
-    stopping.join(60)
+    asking.join(150)
+    stopping.join(150)
     assert result['actions'].dtype == np.float32
     with pytest.raises(websockets.ConnectionClosedOK) as closed:
         client.infer(observation())

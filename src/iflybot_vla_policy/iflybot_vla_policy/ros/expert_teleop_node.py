@@ -285,50 +285,18 @@ class ExpertTeleopNode(Node):
         return outcomes
 
 
-def main(args: list[str] | None = None) -> int:
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-
-    rclpy.init(args=args)
-    node = ExpertTeleopNode()
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    status = 0
-    try:
-        outcomes = node.run()
-        ok = sum(o.success for o in outcomes)
-        node.get_logger().info(f'done: {ok}/{len(outcomes)} successful episodes')
-        if not node.shutdown_when_done:
-            while rclpy.ok():
-                time.sleep(0.5)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        status = 130
-    except (RuntimeError, TimeoutError) as err:
-        print(f'iflybot_expert_teleop: error: {err}', file=sys.stderr)
-        status = 1
-    finally:
-        executor.shutdown()
-        spinner.join(timeout=5.0)   # a spin thread alive at exit aborts the interpreter (SIGABRT)
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return status
-
-
-if __name__ == '__main__':
-    sys.exit(main())
-
-
 class ExpertSession:
-    """An ExpertTeleopNode spinning in a background thread, for commands that run episodes
-    in-process (`iflybot record`, `iflybot demo`) without importing rclpy themselves."""
+    """An ExpertTeleopNode spinning in a background thread: the node's own entry point, and
+    commands that run episodes in-process (`iflybot record`, `iflybot demo`) without importing
+    rclpy themselves."""
 
-    def __init__(self, context_init: bool = True, **params: Any) -> None:
+    def __init__(self, context_init: bool = True, args: list[str] | None = None,
+                 **params: Any) -> None:
         from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
 
         if context_init:
-            rclpy.init()
+            rclpy.init(args=args)
         self.node = ExpertTeleopNode(parameter_overrides=[
             Parameter(name, value=value) for name, value in params.items()])
         self.executor = MultiThreadedExecutor(num_threads=2)
@@ -344,5 +312,32 @@ class ExpertSession:
             rclpy.try_shutdown()
 
 
+def main(args: list[str] | None = None) -> int:
+    from rclpy.executors import ExternalShutdownException
+
+    session = ExpertSession(args=args)
+    node = session.node
+    status = 0
+    try:
+        outcomes = node.run()
+        ok = sum(o.success for o in outcomes)
+        node.get_logger().info(f'done: {ok}/{len(outcomes)} successful episodes')
+        if not node.shutdown_when_done:
+            while rclpy.ok():
+                time.sleep(0.5)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        status = 130
+    except (RuntimeError, TimeoutError) as err:
+        print(f'iflybot_expert_teleop: error: {err}', file=sys.stderr)
+        status = 1
+    finally:
+        session.close()
+    return status
+
+
 def shutdown_ros() -> None:
     rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
