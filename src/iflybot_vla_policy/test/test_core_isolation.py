@@ -33,3 +33,18 @@ def test_importing_the_package_is_cheap() -> None:
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == '[]'
+
+
+def test_no_core_source_imports_rclpy_even_lazily() -> None:
+    """Imports inside functions escape the module walk above; the source does not."""
+    import re
+    from pathlib import Path
+
+    import iflybot_vla_policy
+
+    root = Path(iflybot_vla_policy.__file__).resolve().parent
+    pattern = re.compile(r'^\s*(from|import)\s+(rclpy|\w+_msgs)\b', re.MULTILINE)
+    offenders = [str(p.relative_to(root)) for p in sorted(root.rglob('*.py'))
+                 if 'ros' not in p.relative_to(root).parts[:1]
+                 and pattern.search(p.read_text())]
+    assert offenders == [], f'core modules importing ROS (move them under ros/): {offenders}'
