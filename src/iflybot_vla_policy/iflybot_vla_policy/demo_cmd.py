@@ -24,14 +24,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'or the scripted expert when there is none)')
     parser.add_argument('--expert', action='store_true',
                         help='use the scripted expert even when a checkpoint is available')
-    parser.add_argument('--tasks', default=DEFAULT_TASKS,
-                        help='comma-separated task of each episode (one episode per entry)')
+    parser.add_argument('--tasks', default=None,
+                        help='comma-separated task of each episode (one episode per entry; '
+                             f'default: {DEFAULT_TASKS}, or the tasks a bundled policy was '
+                             'trained on, from its bundle.yaml)')
     parser.add_argument('--first-seed', type=int, default=1_000_000,
                         help='seed of the first episode (held-out evaluation seeds)')
     parser.add_argument('--max-episode-s', type=float, default=25.0,
                         help='seconds before an episode is given up')
     parser.add_argument('--out', type=Path, default=Path('outputs/demo'),
                         help='directory for bags, rollouts.mp4, joints.png and the log')
+
+
+BUNDLE_FILE = 'bundle.yaml'
+
+
+def bundle_info(checkpoint: Path | None) -> dict:
+    """A checkpoint's bundle.yaml (tasks it was trained on, camera size it saw), or {}."""
+    import yaml
+
+    path = None if checkpoint is None else checkpoint / BUNDLE_FILE
+    if path is None or not path.is_file():
+        return {}
+    info = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(info, dict):
+        raise ValueError(f'{path}: expected a mapping')
+    camera = info.get('camera', {})
+    if camera and not (isinstance(camera, dict) and set(camera) == {'width', 'height'}):
+        raise ValueError(f'{path}: camera must be {{width: W, height: H}}, got {camera!r}')
+    return info
 
 
 def bundled_checkpoint() -> Path | None:
@@ -78,11 +99,19 @@ def run(args: argparse.Namespace) -> int:
     from iflybot_vla_policy.eval.through_ros import start_graph, stop_graph
     from iflybot_vla_policy.ros import demo_driver
 
-    tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
     checkpoint = None if args.expert else (args.checkpoint or bundled_checkpoint())
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         print(f'iflybot demo: checkpoint directory not found: {args.checkpoint}', file=sys.stderr)
         return 2
+    try:
+        bundle = bundle_info(checkpoint)
+    except ValueError as exc:
+        print(f'iflybot demo: {exc}', file=sys.stderr)
+        return 2
+    if args.tasks is None and bundle.get('tasks'):
+        trained = list(bundle['tasks'])
+        args.tasks = ','.join(trained[i % len(trained)] for i in range(5))
+    tasks = [t.strip() for t in (args.tasks or DEFAULT_TASKS).split(',') if t.strip()]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     bags = out / 'bags'
@@ -94,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f'iflybot demo: policy checkpoint {checkpoint}')
         graph = ['sim', f'checkpoint:={checkpoint}', 'record:=true', f'output_dir:={bags}']
+        if bundle.get('camera'):     # render what the policy was trained on
+            graph += [f'image_width:={bundle["camera"]["width"]}',
+                      f'image_height:={bundle["camera"]["height"]}']
     print(f'iflybot demo: starting `iflybot up {" ".join(graph)}` (log: {out / "graph.log"})')
     proc = start_graph(graph[0], graph[1:], out / 'graph.log')
     demo_driver.init()
