@@ -197,7 +197,28 @@ def test_ema_weights_are_the_moving_average_of_the_trained_weights(tmp_path):
     ema = trainer.export_state_dict(use_ema=True)
     for k in init:
         assert not torch.allclose(raw[k], init[k])
-        torch.testing.assert_close(ema[k], 0.25 * init[k] + 0.75 * raw[k])
+        # first update: the warmed-up decay min(0.25, 1 / 10)
+        torch.testing.assert_close(ema[k], 0.1 * init[k] + 0.9 * raw[k])
+
+
+def test_ema_of_a_short_run_has_forgotten_the_random_initialisation():
+    from iflybot_vla_policy.training.trainer import EMA
+
+    model = torch.nn.Linear(4, 4)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.995)
+    torch.nn.init.ones_(model.weight)           # trained weights: 1, initialisation: 0
+    for _ in range(200):
+        ema.update(model)
+    # a fixed 0.995 would still hold 0.995^200 = 37% of the initialisation here
+    assert float(ema.shadow['weight'].min()) > 0.99
+    assert ema.current_decay() == pytest.approx(201 / 210)   # still warming up
+    restored = EMA(model, decay=0.995)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 200
+    old = {k: v for k, v in ema.state_dict().items() if k != 'updates'}   # older checkpoints
+    restored.load_state_dict(old)
+    assert restored.current_decay() == pytest.approx(0.995)
 
 
 def test_train_command_refuses_a_config_of_another_stage_and_bad_keys(tmp_path, capsys):

@@ -110,30 +110,43 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (kept in float32)."""
+    """Exponential moving average of the trainable parameters (kept in float32).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: with a fixed 0.995 the
+    average after 200 steps still holds 0.995^200 = 37% of the random initialisation, which
+    ruins every early checkpoint and any short run (an ablation of a few hundred steps).
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.shadow = {n: p.detach().float().clone()
                        for n, p in model.named_parameters() if p.requires_grad}
 
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         params = dict(model.named_parameters())
         keys = list(self.shadow)
         shadows = [self.shadow[k] for k in keys]
-        torch._foreach_mul_(shadows, self.decay)
+        torch._foreach_mul_(shadows, decay)
         torch._foreach_add_(shadows, [params[k].detach().float() for k in keys],
-                            alpha=1.0 - self.decay)
+                            alpha=1.0 - decay)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'decay': self.decay, 'shadow': self.shadow}
+        return {'decay': self.decay, 'updates': self.updates, 'shadow': self.shadow}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = set(self.shadow) ^ set(state['shadow'])
         if missing:
             raise ValueError(f'EMA state does not match the model: {sorted(missing)[:5]}')
         self.shadow = {k: v.float().clone() for k, v in state['shadow'].items()}
+        # Checkpoints from before the warm-up existed were averaged at the full decay.
+        self.updates = int(state.get('updates', 10**9))
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
