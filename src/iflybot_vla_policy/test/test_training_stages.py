@@ -222,8 +222,11 @@ def test_ablation_trains_each_variant_with_only_its_targets_and_tables_cis(
         policy = Policy.from_checkpoint(out / name / 'policy')
         assert (policy.fast is not None) == ('fast' in used)
         assert (policy.lam is not None) == ('latent' in used)
+    low, high = doc['meta']['hold_arm_error_ci95']
+    assert 0 < low <= doc['meta']['hold_arm_error'] <= high
     table = (out / 'ablation.md').read_text()
-    assert sum(line.startswith('| ') for line in table.splitlines()) == 5
+    assert sum(line.startswith('| ') for line in table.splitlines()) == 6
+    assert '| hold (baseline) |' in table
 
 
 def test_ablation_rejects_unknown_variants_and_non_vla_configs(tmp_path, toy_dataset,

@@ -93,10 +93,11 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 2000, seed: int = 0
 def offline_errors(policy: Any, datasets: Sequence[Any], stride: int, seed: int = 0,
                    batch: int = 16) -> dict[str, list[float]]:
     """Per held-out episode: mean |sampled chunk - expert's next actions| over the chunk,
-    arm joints in rad ('arm') and gripper width in m ('gripper')."""
+    arm joints in rad ('arm') and gripper width in m ('gripper'); 'hold' is the arm error of
+    the trivial chunk that keeps the current joints (the bar a useful policy must clear)."""
     horizon = policy.cfg.action.horizon
     cameras = policy.cfg.cameras
-    arm, grip = [], []
+    arm, grip, hold = [], [], []
     for ds in datasets:
         for e in range(ds.num_episodes):
             start, stop = ds.episode_range(e)
@@ -104,7 +105,7 @@ def offline_errors(policy: Any, datasets: Sequence[Any], stride: int, seed: int 
             state, action = arrays['observation.state'], arrays['action']   # (T, 8) each
             frames = np.arange(0, stop - start, stride)
             images = {c: ds.images(c, start + frames) for c in cameras}     # (n, H, W, 3)
-            err_arm, err_grip = [], []
+            err_arm, err_grip, err_hold = [], [], []
             for b in range(0, len(frames), batch):
                 idx = frames[b:b + batch]
                 obs = [{'images': {c: images[c][b + i] for c in cameras},
@@ -116,9 +117,12 @@ def offline_errors(policy: Any, datasets: Sequence[Any], stride: int, seed: int 
                 diff = np.abs(pred[..., :8] - target)
                 err_arm.extend(diff[..., :7].mean(axis=(1, 2)))
                 err_grip.extend(diff[..., 7].mean(axis=1))
+                still = np.abs(state[idx][:, None, :7] - target[..., :7])
+                err_hold.extend(still.mean(axis=(1, 2)))
             arm.append(float(np.mean(err_arm)))
             grip.append(float(np.mean(err_grip)))
-    return {'arm': arm, 'gripper': grip}
+            hold.append(float(np.mean(err_hold)))
+    return {'arm': arm, 'gripper': grip, 'hold': hold}
 
 
 def closed_loop(policy: Any, tasks: Sequence[str], episodes: int, image_size: int
@@ -163,6 +167,7 @@ def run_ablation(cfg: AblationConfig,
         row = {'label': VARIANTS[name].label, 'steps': summary.get('steps', cfg.steps),
                'train_s': round(train_s, 1), 'final_loss': summary.get('loss'),
                'parameters': policy.num_parameters(), 'episodes_scored': len(errors['arm'])}
+        hold = errors.pop('hold')
         for key, values in errors.items():
             row[f'{key}_error'] = float(np.mean(values))
             row[f'{key}_error_ci95'] = list(bootstrap_ci(values, cfg.bootstrap_resamples,
@@ -173,6 +178,9 @@ def run_ablation(cfg: AblationConfig,
         log(f'[ablation] {name}: arm error {row["arm_error"]:.4f} rad '
             f'(95% CI {row["arm_error_ci95"][0]:.4f}-{row["arm_error_ci95"][1]:.4f})')
     doc = {'meta': {'datasets': list(cfg.base.data.datasets),
+                    'hold_arm_error': float(np.mean(hold)),
+                    'hold_arm_error_ci95': list(bootstrap_ci(hold, cfg.bootstrap_resamples,
+                                                             cfg.seed)),
                     'heldout': list(cfg.heldout), 'steps': cfg.steps,
                     'batch_size': cfg.base.trainer.batch_size, 'seed': cfg.base.trainer.seed,
                     'frame_stride': cfg.frame_stride, 'closed_loop_episodes': cfg.episodes},
@@ -201,6 +209,10 @@ def markdown_table(doc: dict[str, Any]) -> str:
             cells.append(f'{c["successes"]}/{c["episodes"]} ({lo:.0%}-{hi:.0%})')
         lines.append('| ' + ' | '.join(cells) + ' |')
     m = doc['meta']
+    h = m['hold_arm_error_ci95']
+    lines.append('| hold (baseline) | keep the current joints for the whole chunk | '
+                 f'{m["hold_arm_error"] * 1e3:.1f} ({h[0] * 1e3:.1f}-{h[1] * 1e3:.1f}) | - | - | '
+                 '- |' + ' - |' * len(tasks))
     lines += ['', f'{m["steps"]} steps each at batch {m["batch_size"]} (seed {m["seed"]}) on '
               f'{", ".join(m["datasets"])}; offline error on every {m["frame_stride"]}th frame '
               f'of {", ".join(m["heldout"])} (mean over each sampled chunk, per-episode means, '
