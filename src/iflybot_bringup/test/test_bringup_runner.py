@@ -273,3 +273,64 @@ def test_dry_run_prints_each_node_command_line_of_the_sim_graph(
     (3, '3'), (0.25, '0.25'), ([1.5, 2.0], '[1.5, 2.0]'), ('1.0', "'1.0'")])
 def test_parameter_values_are_written_as_rcl_parses_them(value: object, text: str) -> None:
     assert runner.format_param(value) == text
+
+
+class _LateLifecycleServer:
+    """change_state/get_state services whose first change_state reply is held back until
+    close() (as if DDS had lost it), while get_state answers."""
+
+    def __init__(self, name: str) -> None:
+        import threading
+
+        import rclpy
+        from lifecycle_msgs.srv import ChangeState, GetState
+        from rclpy.callback_groups import ReentrantCallbackGroup
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.state, self.requests = 'unconfigured', 0
+        self.release = threading.Event()
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        group = ReentrantCallbackGroup()
+        self.node.create_service(ChangeState, f'/{name}/change_state', self._change,
+                                 callback_group=group)
+        self.node.create_service(GetState, f'/{name}/get_state', self._get, callback_group=group)
+        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
+        self.executor.add_node(self.node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def _change(self, request, response):
+        self.requests += 1
+        goal = {1: ('unconfigured', 'inactive'), 3: ('inactive', 'active')}[request.transition.id]
+        response.success = self.state == goal[0]
+        if response.success:
+            self.state = goal[1]
+        if self.requests == 1:
+            self.release.wait(120)
+        return response
+
+    def _get(self, _request, response):
+        response.current_state.label = self.state
+        return response
+
+    def close(self) -> None:
+        import rclpy
+        self.release.set()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def test_a_lost_change_state_reply_is_recovered_from_the_node_state() -> None:
+    server = _LateLifecycleServer('late_lifecycle')
+    client = runner._LifecycleClient()
+    try:
+        state = client.transition('/late_lifecycle', 'configure', timeout=30.0,
+                                  alive=lambda: True, retry_s=1.0)
+        assert state == 'inactive' and server.requests == 1   # not asked twice
+        assert client.transition('/late_lifecycle', 'activate', timeout=30.0,
+                                 alive=lambda: True, retry_s=1.0) == 'active'
+    finally:
+        client.close()
+        server.close()

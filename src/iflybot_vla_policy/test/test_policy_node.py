@@ -282,7 +282,9 @@ def test_stale_camera_holds(harness, tiny_policy, wait):
 
 
 class NaNEveryOtherChunk:
-    """Wraps a policy; every other chunk carries a NaN (and one an inf)."""
+    """Wraps a policy; every other chunk carries a NaN (and one an inf), the others hold the
+    observed joints (the random model's own chunks may leave the workspace box and be
+    rejected for that, which would leave nothing finite to check)."""
 
     def __init__(self, inner: object) -> None:
         self.inner = inner
@@ -292,11 +294,12 @@ class NaNEveryOtherChunk:
     def infer(self, obs: dict) -> dict:
         out = dict(self.inner.infer(obs))
         self.calls += 1
+        actions = np.tile(np.asarray(obs['state'], np.float32),
+                          (len(out['actions']), 1))            # (horizon, 8)
         if self.calls % 2 == 0:
-            actions = np.array(out['actions'], copy=True)
             actions[self.calls % len(actions), self.calls % 8] = np.nan
             actions[-1, 0] = np.inf
-            out['actions'] = actions
+        out['actions'] = actions
         return out
 
 
