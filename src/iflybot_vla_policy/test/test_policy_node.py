@@ -552,3 +552,22 @@ def test_trajectories_carry_their_start_time_when_stamping_is_on(harness, tiny_p
     now = h.tap.get_clock().now().nanoseconds * 1e-9 - (time.monotonic() - received_at)
     stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
     assert 0.0 <= now - stamp < 0.5   # stamped at its start, just before it was received
+
+
+def test_a_run_started_after_the_arm_was_moved_during_a_hold_starts_from_where_it_is(
+        harness, tiny_policy, wait):
+    h = harness({'max_tracking_error': 0.3, **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)          # no instruction yet: active and holding
+    moved = ROBOT.home.copy()
+    moved[1] += 0.8                         # a sim reset, or a person, moved the arm meanwhile
+    h.q = moved
+    assert wait(lambda: np.allclose(h.node._q_measured[:7], moved), timeout=10)
+    with h.node._lock:
+        # the held command still in force at the old pose, as right after a run's hold
+        h.node.executor_.reset(ROBOT.home, time.monotonic() + 60.0)
+        h.node._start_instruction('pick')
+        q_cmd, _ = h.node.executor_.commanded(time.monotonic())
+    np.testing.assert_allclose(q_cmd, moved, atol=1e-9)
+    time.sleep(0.5)                         # a few control ticks
+    status = h.node.status()
+    assert status.state != PolicyStatus.STATE_ERROR, status.last_error

@@ -550,10 +550,24 @@ class PolicyNode(LifecycleNode):
         self._generation += 1
         if self._active and self._state in (HOLD, ERROR, RUNNING):
             if text:
+                if self._state != RUNNING:
+                    self._start_from_measured()
                 self._set_state(RUNNING, '', '')
                 self._last_request = -math.inf
             else:
                 self._hold('waiting for an instruction', cause='user')
+
+    def _start_from_measured(self) -> None:
+        """(lock held) A run that starts while the arm is far from the held command (a sim
+        reset or a person moved it during the hold) starts from where the arm is, instead of
+        failing the tracking check on its first tick."""
+        if (self.config is None or self.config.action_mode != 'joint'
+                or self._q_measured is None or self.executor_.command is None):
+            return
+        now = time.monotonic()
+        q_cmd, _ = self.executor_.commanded(now)
+        if self.safety.tracking_error_reason(q_cmd, self._q_measured):
+            self.executor_.reset(self._q_measured, now)
 
     # ------------------------------------------------------------------------- control
     def _on_control_tick(self) -> None:
