@@ -176,11 +176,19 @@ class DemoDriver(Node):
         """Send a RunPolicy goal and wait for its result: (success, duration, reason)."""
         if not self.run_client.wait_for_server(timeout_sec=60.0):
             raise TimeoutError('the policy action /iflybot_policy/run_policy did not appear')
-        goal = self.run_client.send_goal_async(
-            RunPolicy.Goal(instruction=instruction, max_duration=max_duration))
-        handle = self._wait_future(goal, 30.0, 'goal acceptance')
-        if not handle.accepted:
-            raise RuntimeError('the policy rejected the goal')
+        # The action appears when the node is configured and accepts goals once it is
+        # active (`iflybot up` activates it right after): retry rejections for a while.
+        deadline = time.monotonic() + 60.0
+        while True:
+            goal = self.run_client.send_goal_async(
+                RunPolicy.Goal(instruction=instruction, max_duration=max_duration))
+            handle = self._wait_future(goal, 30.0, 'goal acceptance')
+            if handle.accepted:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError('the policy rejected the goal for 60 s (is it active? see '
+                                   'its log)')
+            time.sleep(0.5)
         result = self._wait_future(handle.get_result_async(), max_duration * 4 + 60.0,
                                    'the policy result').result
         return bool(result.success), float(result.duration), result.reason

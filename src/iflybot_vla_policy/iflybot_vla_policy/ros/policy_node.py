@@ -943,8 +943,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if node is not None:
             with node._lock:
-                if node._active and node.config is not None:
-                    node._hold('shutting down', cause='user')
+                # Brake only while the middleware is up: Ctrl-C shuts rclpy's context down
+                # first, and the controller then holds the last trajectory's end on its own.
+                if node._active and node.config is not None and node.context.ok():
+                    try:
+                        node._hold('shutting down', cause='user')
+                    except RuntimeError as exc:   # the context went down meanwhile
+                        print(f'iflybot_policy: no brake trajectory at shutdown: {exc}',
+                              file=sys.stderr)
                 node._active = False
             if node._worker is not None:
                 node._worker.stop(timeout=2.0)
