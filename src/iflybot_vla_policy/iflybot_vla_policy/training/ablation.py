@@ -90,39 +90,58 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 2000, seed: int = 0
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def offline_errors(policy: Any, datasets: Sequence[Any], stride: int, seed: int = 0,
-                   batch: int = 16) -> dict[str, list[float]]:
-    """Per held-out episode: mean |sampled chunk - expert's next actions| over the chunk,
-    arm joints in rad ('arm') and gripper width in m ('gripper'); 'hold' is the arm error of
-    the trivial chunk that keeps the current joints (the bar a useful policy must clear)."""
-    horizon = policy.cfg.action.horizon
-    cameras = policy.cfg.cameras
-    arm, grip, hold = [], [], []
+@dataclass(frozen=True)
+class HeldoutEpisode:
+    """The scored frames of one held-out episode, decoded once for every variant."""
+
+    images: dict[str, np.ndarray]     # camera -> (n, H, W, 3) uint8
+    states: np.ndarray                # (n, 8)
+    instructions: list[str]           # (n,)
+    targets: np.ndarray               # (n, horizon, 8) the expert's next actions
+
+
+def heldout_episodes(datasets: Sequence[Any], cameras: Sequence[str], horizon: int,
+                     stride: int) -> list[HeldoutEpisode]:
+    """Every `stride`-th frame of every episode, with the chunk the expert executed from it."""
+    out = []
     for ds in datasets:
         for e in range(ds.num_episodes):
             start, stop = ds.episode_range(e)
             arrays = ds.episode_arrays(e)
             state, action = arrays['observation.state'], arrays['action']   # (T, 8) each
             frames = np.arange(0, stop - start, stride)
-            images = {c: ds.images(c, start + frames) for c in cameras}     # (n, H, W, 3)
-            err_arm, err_grip, err_hold = [], [], []
-            for b in range(0, len(frames), batch):
-                idx = frames[b:b + batch]
-                obs = [{'images': {c: images[c][b + i] for c in cameras},
-                        'state': state[t], 'instruction': ds.instruction(start + int(t))}
-                       for i, t in enumerate(idx)]
-                pred = policy.infer_batch(obs, seed=seed)['actions']        # (n, horizon, 8)
-                rows = np.minimum(idx[:, None] + np.arange(horizon), len(action) - 1)
-                target = action[rows]                                       # (n, horizon, 8)
-                diff = np.abs(pred[..., :8] - target)
-                err_arm.extend(diff[..., :7].mean(axis=(1, 2)))
-                err_grip.extend(diff[..., 7].mean(axis=1))
-                still = np.abs(state[idx][:, None, :7] - target[..., :7])
-                err_hold.extend(still.mean(axis=(1, 2)))
-            arm.append(float(np.mean(err_arm)))
-            grip.append(float(np.mean(err_grip)))
-            hold.append(float(np.mean(err_hold)))
-    return {'arm': arm, 'gripper': grip, 'hold': hold}
+            rows = np.minimum(frames[:, None] + np.arange(horizon), len(action) - 1)
+            out.append(HeldoutEpisode(
+                images={c: ds.images(c, start + frames) for c in cameras},
+                states=state[frames], targets=action[rows],
+                instructions=[ds.instruction(start + int(t)) for t in frames]))
+    return out
+
+
+def hold_errors(episodes: Sequence[HeldoutEpisode]) -> list[float]:
+    """Per episode: arm error (rad) of the trivial chunk that keeps the current joints, the
+    bar a useful policy must clear."""
+    return [float(np.abs(ep.states[:, None, :7] - ep.targets[..., :7]).mean())
+            for ep in episodes]
+
+
+def offline_errors(policy: Any, episodes: Sequence[HeldoutEpisode], seed: int = 0,
+                   batch: int = 16) -> dict[str, list[float]]:
+    """Per held-out episode: mean |sampled chunk - expert's next actions| over the chunk,
+    arm joints in rad ('arm') and gripper width in m ('gripper')."""
+    arm, grip = [], []
+    for ep in episodes:
+        diffs = []
+        for b in range(0, len(ep.states), batch):
+            rows = range(b, min(b + batch, len(ep.states)))
+            obs = [{'images': {c: v[i] for c, v in ep.images.items()}, 'state': ep.states[i],
+                    'instruction': ep.instructions[i]} for i in rows]
+            pred = policy.infer_batch(obs, seed=seed)['actions']            # (n, horizon, 8)
+            diffs.append(np.abs(pred[..., :8] - ep.targets[b:b + batch]))
+        diff = np.concatenate(diffs)                                         # (n, horizon, 8)
+        arm.append(float(diff[..., :7].mean()))
+        grip.append(float(diff[..., 7].mean()))
+    return {'arm': arm, 'gripper': grip}
 
 
 def closed_loop(policy: Any, tasks: Sequence[str], episodes: int, image_size: int
@@ -153,8 +172,9 @@ def run_ablation(cfg: AblationConfig,
     from iflybot_vla_policy.training.vla_stage import POLICY_DIR, run_vla
 
     train = train or run_vla
-    heldout = [LeRobotDataset(cfg.base.resolve(p)) for p in cfg.heldout]
+    datasets = [LeRobotDataset(cfg.base.resolve(p)) for p in cfg.heldout]
     cfg.out.mkdir(parents=True, exist_ok=True)
+    episodes: list[HeldoutEpisode] = []
     rows = {}
     for name in cfg.variants:
         vcfg = variant_config(cfg.base, name, cfg.steps, cfg.out)
@@ -163,11 +183,13 @@ def run_ablation(cfg: AblationConfig,
         summary = train(vcfg)
         train_s = time.monotonic() - t0
         policy = Policy.from_checkpoint(Path(vcfg.output_dir) / POLICY_DIR, seed=cfg.seed)
-        errors = offline_errors(policy, heldout, cfg.frame_stride, cfg.seed)
+        if not episodes:     # every variant shares the cameras and horizon of the base model
+            episodes = heldout_episodes(datasets, policy.cfg.cameras,
+                                        policy.cfg.action.horizon, cfg.frame_stride)
+        errors = offline_errors(policy, episodes, cfg.seed)
         row = {'label': VARIANTS[name].label, 'steps': summary.get('steps', cfg.steps),
                'train_s': round(train_s, 1), 'final_loss': summary.get('loss'),
                'parameters': policy.num_parameters(), 'episodes_scored': len(errors['arm'])}
-        hold = errors.pop('hold')
         for key, values in errors.items():
             row[f'{key}_error'] = float(np.mean(values))
             row[f'{key}_error_ci95'] = list(bootstrap_ci(values, cfg.bootstrap_resamples,
@@ -177,6 +199,7 @@ def run_ablation(cfg: AblationConfig,
         rows[name] = row
         log(f'[ablation] {name}: arm error {row["arm_error"]:.4f} rad '
             f'(95% CI {row["arm_error_ci95"][0]:.4f}-{row["arm_error_ci95"][1]:.4f})')
+    hold = hold_errors(episodes)
     doc = {'meta': {'datasets': list(cfg.base.data.datasets),
                     'hold_arm_error': float(np.mean(hold)),
                     'hold_arm_error_ci95': list(bootstrap_ci(hold, cfg.bootstrap_resamples,
@@ -191,12 +214,12 @@ def run_ablation(cfg: AblationConfig,
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
-    meta = doc['variants']
-    tasks = sorted({t for row in meta.values() for t in row.get('closed_loop', {})})
+    variants = doc['variants']
+    tasks = sorted({t for row in variants.values() for t in row.get('closed_loop', {})})
     head = ['variant', 'targets', 'arm error (mrad, 95% CI)', 'gripper error (mm, 95% CI)',
             'final loss', 'train (min)'] + [f'{t} success (95% CI)' for t in tasks]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name, row in meta.items():
+    for name, row in variants.items():
         a, g = row['arm_error_ci95'], row['gripper_error_ci95']
         cells = [name, row['label'],
                  f'{row["arm_error"] * 1e3:.1f} ({a[0] * 1e3:.1f}-{a[1] * 1e3:.1f})',
