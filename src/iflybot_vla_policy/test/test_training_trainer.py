@@ -97,6 +97,24 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert resumed_trainer.export_state_dict()['net.0.weight'].shape == (32, 6)
 
 
+def test_resume_follows_the_configs_new_lr_and_schedule(tmp_path, capsys):
+    """A warm restart: resuming with another lr and more steps must use them, not the lr and
+    schedule stored in the checkpoint's optimiser (seen: a resumed run ignored optim.lr)."""
+    first = _cfg(steps=4, checkpoint_every=4, optim=OptimConfig(lr=1e-2, warmup_steps=2,
+                                                               weight_decay=0.0))
+    Trainer(ToyModel(), ToyRegression(), first, tmp_path).fit()
+    longer = _cfg(steps=10, checkpoint_every=10, optim=OptimConfig(lr=1e-3, warmup_steps=2,
+                                                                  weight_decay=0.05))
+    trainer = Trainer(ToyModel(), ToyRegression(), longer, tmp_path)
+    result = trainer.fit()
+    assert result.resumed_from == 4
+    factor = cosine_with_warmup(2, 10, longer.optim.min_lr_ratio)
+    lrs = [r['lr'] for r in result.history[4:]]
+    assert lrs == pytest.approx([1e-3 * factor(s) for s in range(4, 10)])
+    assert trainer.optimizer.param_groups[0]['weight_decay'] == 0.05
+    assert 'following the config' in capsys.readouterr().out
+
+
 def test_resume_after_finish_trains_no_further(tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2)
     Trainer(ToyModel(), ToyRegression(), cfg, tmp_path).fit()

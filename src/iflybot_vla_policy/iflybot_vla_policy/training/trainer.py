@@ -371,7 +371,27 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             return 0
         self.accelerator.load_state(str(checkpoints[-1]))
+        self._apply_optim_config()
         return self.progress.step
+
+    def _apply_optim_config(self) -> None:
+        """A resumed optimiser keeps the checkpoint's lr, betas and weight decay: put the
+        config's back, so that a run resumed with a new lr or a longer schedule follows them
+        (a warm restart) instead of silently ignoring the edit."""
+        o = self.cfg.optim
+        groups = self.optimizer.param_groups
+        before = groups[0].get('initial_lr', groups[0]['lr'])
+        decays = (o.weight_decay, 0.0)
+        for group, decay in zip(groups, decays, strict=True):
+            group.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=decay)
+        self.scheduler.base_lrs = [o.lr] * len(groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in groups:
+            group['lr'] = o.lr * factor
+        self.scheduler._last_lr = [group['lr'] for group in groups]
+        if self.is_main and not math.isclose(before, o.lr):
+            print(f'resume: peak lr {before:g} in the checkpoint, {o.lr:g} in the config: '
+                  f'following the config (lr now {o.lr * factor:.3g})', flush=True)
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
