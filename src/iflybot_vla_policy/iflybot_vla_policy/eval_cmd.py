@@ -33,10 +33,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='actions executed per chunk before re-planning (0: whole chunk)')
     parser.add_argument('--videos', type=int, default=1,
                         help='rollout videos per task (MP4 of the scene camera)')
-    parser.add_argument('--image-size', type=int, default=224, help='rendered camera size')
+    parser.add_argument('--image-size', type=int, default=None,
+                        help='rendered (square) camera size; default: the size in the '
+                             "checkpoint's bundle.yaml (what it was trained on), else 224")
     parser.add_argument('--seed-offset', type=int, default=0,
                         help='start at this index into the held-out evaluation seeds')
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy sampler')
+
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def camera_size(args: argparse.Namespace) -> int:
+    """--image-size, else the camera a bundled checkpoint was trained on, else 224."""
+    from iflybot_vla_policy.demo_cmd import bundle_info
+
+    if args.image_size is not None:
+        return args.image_size
+    camera = bundle_info(None if args.expert else args.checkpoint).get('camera')
+    if not camera:
+        return DEFAULT_IMAGE_SIZE
+    if camera['width'] != camera['height']:
+        raise SystemExit(f'iflybot eval: the bundle camera is {camera["width"]}x'
+                         f'{camera["height"]}; give a square --image-size')
+    return int(camera['width'])
 
 
 def _load_policy(args: argparse.Namespace):
@@ -117,7 +137,8 @@ def _direct(args: argparse.Namespace, jobs: list[tuple[str, int]]):
 
     policy, policy_name = _load_policy(args)
     safety = SafetyFilter(load_robot())
-    size = (args.image_size, args.image_size)
+    side = camera_size(args)
+    size = (side, side)
     episodes = []
     videos_done: dict[str, int] = {}
     for task, seed in tqdm(jobs, desc='eval', unit='episode'):

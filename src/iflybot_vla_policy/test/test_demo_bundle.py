@@ -23,3 +23,25 @@ def test_a_malformed_camera_entry_names_the_file(tmp_path: Path) -> None:
     (tmp_path / 'bundle.yaml').write_text('camera: {w: 128}\n')
     with pytest.raises(ValueError, match='bundle.yaml: camera must be'):
         bundle_info(tmp_path)
+
+
+def _eval_args(*argv: str):
+    import argparse
+
+    from iflybot_vla_policy import eval_cmd
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_arguments(parser)
+    return eval_cmd, parser.parse_args(list(argv))
+
+
+def test_eval_renders_the_camera_size_a_bundled_checkpoint_was_trained_on(tmp_path: Path) -> None:
+    (tmp_path / 'bundle.yaml').write_text('camera: {width: 128, height: 128}\n')
+    eval_cmd, args = _eval_args('--checkpoint', str(tmp_path))
+    assert eval_cmd.camera_size(args) == 128
+    eval_cmd, args = _eval_args('--checkpoint', str(tmp_path), '--image-size', '96')
+    assert eval_cmd.camera_size(args) == 96
+    eval_cmd, args = _eval_args('--checkpoint', str(tmp_path / 'elsewhere'))
+    assert eval_cmd.camera_size(args) == 224
+    eval_cmd, args = _eval_args('--expert')
+    assert eval_cmd.camera_size(args) == 224
