@@ -42,10 +42,16 @@ class ExpertPolicy:
         self._expert: ScriptedExpert | None = None
         self.env: SimEnv | None = None
 
-    def bind(self, env: SimEnv) -> None:
-        """The expert plans from ground truth, so it is bound to the env of each episode."""
+    def bind(self, env: SimEnv, replan_steps: int = 0) -> None:
+        """The expert plans from ground truth, so it is bound to the env of each episode.
+
+        Its plan clock advances by a whole chunk per call, so when the loop executes only
+        `replan_steps` actions of each chunk it must plan exactly that many (a 10-step plan cut
+        after 4 runs ahead of the arm and fails every episode).
+        """
         self.env = env
-        self._expert = ScriptedExpert(env, horizon=self.horizon, dt=self.dt)
+        horizon = min(self.horizon, replan_steps) if replan_steps else self.horizon
+        self._expert = ScriptedExpert(env, horizon=horizon, dt=self.dt)
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         if self._expert is None:
@@ -67,7 +73,7 @@ def run_episode(policy: InferencePolicy, task: str, seed: int, config: RolloutCo
                    render=not isinstance(policy, ExpertPolicy))
     try:
         if isinstance(policy, ExpertPolicy):
-            policy.bind(env)
+            policy.bind(env, config.replan_steps)
         return _run(policy, env, task, seed, config, safety, on_frame)
     finally:
         env.close()
