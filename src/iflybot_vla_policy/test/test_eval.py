@@ -25,6 +25,9 @@ def test_tiny_random_policy_gives_a_well_formed_report(tmp_path: Path) -> None:
     assert row['limit_violations']['position'] == 0
     assert row['limit_violations']['velocity'] == 0
     assert len(report['episodes']) == 2
+    for episode in report['episodes']:     # every hold is explained
+        assert sum(episode['hold_reasons'].values()) == \
+            episode['limit_violations']['safety_holds']
     assert {e['seed'] for e in report['episodes']} == {1_000_000, 1_000_001}
     assert (tmp_path / 'report.md').read_text().startswith('# Closed-loop evaluation')
     video = tmp_path / report['episodes'][0]['video']
@@ -79,13 +82,16 @@ def test_unknown_task_is_refused_with_the_choices(tmp_path: Path, capsys) -> Non
 
 
 def test_safety_holds_are_reported_apart_from_limit_violations(tmp_path: Path) -> None:
-    from iflybot_vla_policy.eval.report import EpisodeResult, write_report
+    from iflybot_vla_policy.eval.report import EpisodeResult, hold_category, write_report
 
     episode = EpisodeResult(task='push', seed=1, instruction='push', success=False,
                             duration_s=1.0, time_to_success_s=None, inference_ms=[10.0],
                             limit_violations={'position': 0, 'velocity': 0, 'non_finite': 0,
-                                              'safety_holds': 3})
+                                              'safety_holds': 3},
+                            hold_reasons={hold_category(
+                                'action 0 puts the TCP 0.004 m outside the workspace box'): 3})
     write_report(tmp_path, [episode], {'policy': 'test'})
-    row = [line for line in (tmp_path / 'report.md').read_text().splitlines()
-           if line.startswith('| push |')][0]
+    text = (tmp_path / 'report.md').read_text()
+    row = [line for line in text.splitlines() if line.startswith('| push |')][0]
     assert row.rstrip().endswith('| 0 | 3 |')
+    assert '| action N puts the TCP N m outside the workspace box | 3 |' in text

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,12 @@ class EpisodeResult:
     limit_violations: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     video: str | None = None
+    hold_reasons: dict[str, int] = field(default_factory=dict)  # reason (numbers as N) -> count
+
+
+def hold_category(reason: str) -> str:
+    """A safety filter reason with its numbers replaced by N, so equal causes count together."""
+    return re.sub(r'-?\d+(\.\d+)?', 'N', reason)
 
 
 def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -101,6 +109,12 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
               '|---|---|---|---|---|']
     lines += [f'| {e.task} | {e.seed} | {"yes" if e.success else "no"} | '
               f'{e.duration_s:.1f} | {e.instruction} |' for e in episodes]
+    holds = Counter()
+    for e in episodes:
+        holds.update(e.hold_reasons)
+    if holds:
+        lines += ['', '## Why the safety filter held', '', '| reason | chunks held |', '|---|---|']
+        lines += [f'| {reason} | {count} |' for reason, count in holds.most_common()]
     if (out_dir / 'success.png').exists() or _plot_success(out_dir / 'success.png', summary):
         lines += ['', '![success per task](success.png)']
     (out_dir / 'report.md').write_text('\n'.join(lines) + '\n')

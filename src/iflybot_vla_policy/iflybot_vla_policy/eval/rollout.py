@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from iflybot_vla_policy.eval.metrics import limit_violations, rms_jerk
-from iflybot_vla_policy.eval.report import EpisodeResult
+from iflybot_vla_policy.eval.report import EpisodeResult, hold_category
 from iflybot_vla_policy.safety import SafetyFilter
 from iflybot_vla_policy.sim.env import SimEnv, chunk_to_trajectory, make_env
 from iflybot_vla_policy.sim.expert import ScriptedExpert
@@ -89,6 +89,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
     commanded_dq: list[np.ndarray] = []
     latencies: list[float] = []
     holds = 0
+    hold_reasons: dict[str, int] = {}
     chunks = 0
     success_at: float | None = None
 
@@ -111,6 +112,8 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         check = safety.check_chunk(actions, dt, env.joint_positions[:robot.n_joints])
         if not check.ok:
             holds += 1
+            reason = hold_category(check.hold_reason)
+            hold_reasons[reason] = hold_reasons.get(reason, 0) + 1
             advance(dt)       # the controller holds its last reference
             continue
         n_exec = len(check.positions)
@@ -138,4 +141,4 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         task=task, seed=seed, instruction=env.instruction, success=success_at is not None,
         duration_s=env.time - start_time, time_to_success_s=success_at,
         inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
-        limit_violations=violations, chunks=chunks)
+        limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons)
