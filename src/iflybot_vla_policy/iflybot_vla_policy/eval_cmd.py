@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed-offset', type=int, default=0,
                         help='start at this index into the held-out evaluation seeds')
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy sampler')
+    parser.add_argument('--expert-noise', type=float, default=0.0, metavar='RAD',
+                        help='with --expert: Gaussian joint error (std, rad) added to its '
+                             'chunks, to measure how precise a policy must be')
+    parser.add_argument('--expert-noise-kind', choices=('offset', 'iid'), default='offset',
+                        help="'offset': one error per chunk (a mislocalised target); 'iid': "
+                             'one per action (jitter)')
 
 
 DEFAULT_IMAGE_SIZE = 224
@@ -63,7 +69,13 @@ def _load_policy(args: argparse.Namespace):
     from iflybot_vla_policy.eval.rollout import ExpertPolicy
 
     if args.expert:
+        if args.expert_noise:
+            return (ExpertPolicy(noise=args.expert_noise, noise_kind=args.expert_noise_kind,
+                                 seed=args.seed),
+                    f'scripted expert + {args.expert_noise_kind} noise {args.expert_noise} rad')
         return ExpertPolicy(), 'scripted expert'
+    if args.expert_noise:
+        raise SystemExit('iflybot eval: --expert-noise perturbs the scripted expert; add --expert')
     from iflybot_vla_policy.policy import Policy
 
     if args.checkpoint is not None:

@@ -95,3 +95,29 @@ def test_safety_holds_are_reported_apart_from_limit_violations(tmp_path: Path) -
     row = [line for line in text.splitlines() if line.startswith('| push |')][0]
     assert row.rstrip().endswith('| 0 | 3 |')
     assert '| action N puts the TCP N m outside the workspace box | 3 |' in text
+
+
+def test_expert_noise_perturbs_the_arm_joints_per_chunk_or_per_action() -> None:
+    import numpy as np
+    import pytest
+
+    from iflybot_vla_policy.eval.rollout import ExpertPolicy
+
+    chunk = np.tile(np.arange(8, dtype=np.float64), (16, 1))           # (horizon, 8)
+    assert np.array_equal(ExpertPolicy().perturb(chunk), chunk)
+    offset = ExpertPolicy(noise=0.02, noise_kind='offset').perturb(chunk) - chunk
+    assert np.allclose(offset, offset[0]) and np.abs(offset[0, :7]).max() > 0
+    assert np.all(offset[:, 7] == 0)                                   # gripper untouched
+    jitter = ExpertPolicy(noise=0.02, noise_kind='iid').perturb(chunk) - chunk
+    assert not np.allclose(jitter, jitter[0]) and np.all(jitter[:, 7] == 0)
+    assert 0.01 < jitter[:, :7].std() < 0.03
+    with pytest.raises(ValueError, match='noise_kind'):
+        ExpertPolicy(noise=0.01, noise_kind='gauss')
+
+
+def test_expert_noise_without_the_expert_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit, match='add --expert'):
+        cli.main(['eval', '--preset', 'tiny', '--expert-noise', '0.01', '--episodes', '1',
+                  '--out', str(tmp_path)])

@@ -34,11 +34,22 @@ class RolloutConfig:
     video_every: int = 2             # record every n-th action step (keeps rendering cheap)
 
 
-class ExpertPolicy:
-    """The scripted expert behind the `infer` interface: validates the evaluation harness."""
+NOISE_KINDS = ('offset', 'iid')
 
-    def __init__(self, horizon: int = 10, dt: float = 0.05) -> None:
+
+class ExpertPolicy:
+    """The scripted expert behind the `infer` interface: validates the evaluation harness and,
+    with `noise`, measures how much action error the tasks tolerate."""
+
+    def __init__(self, horizon: int = 10, dt: float = 0.05, noise: float = 0.0,
+                 noise_kind: str = 'offset', seed: int = 0) -> None:
+        if noise_kind not in NOISE_KINDS:
+            raise ValueError(f'noise_kind must be one of {NOISE_KINDS}, got {noise_kind!r}')
+        if not noise >= 0.0:
+            raise ValueError(f'noise must be >= 0 rad, got {noise}')
         self.horizon, self.dt = horizon, dt
+        self.noise, self.noise_kind = noise, noise_kind
+        self._rng = np.random.default_rng(seed)
         self._expert: ScriptedExpert | None = None
         self.env: SimEnv | None = None
 
@@ -56,7 +67,20 @@ class ExpertPolicy:
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         if self._expert is None:
             raise RuntimeError('ExpertPolicy.bind(env) must be called before infer')
-        return {'actions': self._expert.next_chunk(obs).astype(np.float32), 'dt': self.dt}
+        actions = self._expert.next_chunk(obs)                          # (horizon, 8)
+        return {'actions': self.perturb(actions).astype(np.float32), 'dt': self.dt}
+
+    def perturb(self, actions: np.ndarray) -> np.ndarray:
+        """Gaussian error of `noise` rad on the arm joints (not the gripper): one offset for
+        the whole chunk ('offset', like a mislocalised target) or one per action ('iid',
+        jitter). Tells how precise a learned policy must be to succeed."""
+        if not self.noise:
+            return actions
+        out = actions.copy()
+        n = out.shape[1] - 1
+        shape = (n,) if self.noise_kind == 'offset' else (len(out), n)
+        out[:, :n] += self._rng.normal(0.0, self.noise, shape)
+        return out
 
 
 def eval_seeds(count: int, offset: int = 0) -> list[int]:
