@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed-offset', type=int, default=0,
                         help='start at this index into the held-out evaluation seeds')
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy sampler')
+    parser.add_argument('--noise-scale', type=float, default=1.0,
+                        help="std of the policy's flow starting noise: 1 samples, 0 is "
+                             'deterministic (less jitter)')
     parser.add_argument('--expert-noise', type=float, default=0.0, metavar='RAD',
                         help='with --expert: Gaussian joint error (std, rad) added to its '
                              'chunks, to measure how precise a policy must be')
@@ -81,8 +84,10 @@ def _load_policy(args: argparse.Namespace):
     if args.checkpoint is not None:
         if not args.checkpoint.is_dir():
             raise SystemExit(f'iflybot eval: checkpoint directory not found: {args.checkpoint}')
-        return Policy.from_checkpoint(args.checkpoint), str(args.checkpoint)
-    return Policy.from_config(args.preset, seed=args.seed), f'preset {args.preset} (random)'
+        return (Policy.from_checkpoint(args.checkpoint, seed=args.seed,
+                                       noise_scale=args.noise_scale), str(args.checkpoint))
+    return (Policy.from_config(args.preset, seed=args.seed, noise_scale=args.noise_scale),
+            f'preset {args.preset} (random)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         mode = 'direct'
     meta = {'policy': policy_name, 'mode': mode, 'tasks': ','.join(tasks),
             'episodes_per_task': args.episodes, 'max_time_s': args.max_time,
+            'replan_steps': args.replan_steps, 'noise_scale': args.noise_scale,
             'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
             'wall_time_s': round(time.time() - started, 1)}
     doc = write_report(args.out, episodes, meta)

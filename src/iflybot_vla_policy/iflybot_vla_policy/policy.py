@@ -39,8 +39,14 @@ class Policy:
 
     def __init__(self, cfg: VLAConfig, model: VLA, norm: NormStatsSet | None = None, *,
                  fast: Any = None, lam: Any = None, seed: int = 0, dtype: str | None = None,
-                 compile: bool = False, device: str | None = None) -> None:
+                 compile: bool = False, device: str | None = None,
+                 noise_scale: float = 1.0) -> None:
+        if not 0.0 <= noise_scale <= 1.0:
+            raise ValueError(f'noise_scale must be in [0, 1], got {noise_scale}')
         self.cfg = cfg
+        # std of the flow's starting noise: 1 samples the learned distribution, 0 integrates
+        # from its centre (deterministic, less action-to-action jitter), in between tempers it
+        self.noise_scale = noise_scale
         self.model = model
         self.transforms = Transforms(cfg, norm)
         self.fast = fast
@@ -149,8 +155,9 @@ class Policy:
         inputs = self._prepare(observations)
         t1 = time.perf_counter()
         gen = None if seed is not None else self._generator
+        noise = self.engine.noise(len(observations), seed, gen) * self.noise_scale
         out = self.engine.sample(inputs['images'], inputs['text_ids'], inputs['text_mask'],
-                                 inputs['state'], seed=seed, generator=gen,
+                                 inputs['state'], noise=noise,
                                  recompute_prefix_every_step=recompute_prefix_every_step)
         t2 = time.perf_counter()
         states = np.stack([np.asarray(o['state'], dtype=np.float64) for o in observations])
@@ -167,7 +174,8 @@ class Policy:
         """obs {'images': {cam: uint8 (H, W, 3)}, 'state': float (8,), 'instruction': str} ->
         {'actions': float32 (horizon, action_dim), 'dt': s, 'latent_tokens': (n,), 'timing_ms'}.
 
-        Noise comes from the policy's generator (seeded at construction), or from `seed`.
+        Noise comes from the policy's generator (seeded at construction), or from `seed`,
+        scaled by `noise_scale`.
         """
         out = self.infer_batch([obs], seed=seed,
                                recompute_prefix_every_step=recompute_prefix_every_step)

@@ -70,6 +70,20 @@ def test_seeded_policies_are_deterministic():
         obs)['actions'])
 
 
+def test_noise_scale_zero_is_deterministic_and_one_is_the_default(policy: Policy):
+    obs = observation(policy.cfg, seed=5)
+    scaled = Policy(policy.cfg, policy.model, policy.norm_stats, noise_scale=0.0)
+    assert np.array_equal(scaled.infer(obs, seed=1)['actions'],
+                          scaled.infer(obs, seed=2)['actions'])
+    assert not np.array_equal(policy.infer(obs, seed=1)['actions'],
+                              policy.infer(obs, seed=2)['actions'])
+    unit = Policy(policy.cfg, policy.model, policy.norm_stats, noise_scale=1.0)
+    np.testing.assert_array_equal(unit.infer(obs, seed=1)['actions'],
+                                  policy.infer(obs, seed=1)['actions'])
+    with pytest.raises(ValueError, match='noise_scale'):
+        Policy(policy.cfg, policy.model, noise_scale=-0.5)
+
+
 def _bad(obs, **changes):
     out = {**obs, 'images': dict(obs['images'])}
     for key, value in changes.items():

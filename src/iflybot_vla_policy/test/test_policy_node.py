@@ -181,7 +181,7 @@ def test_every_node_parameter_is_in_the_yaml_with_a_comment_and_parses():
 @pytest.mark.parametrize('name, value', [
     ('execution_strategy', 'smooth'), ('control_rate_hz', -5.0), ('action_mode', 'cartesian'),
     ('camera_topics', ['/only_one']), ('velocity_scale', 2.0), ('server_uri', 'http://x'),
-    ('seed', 'seven')])
+    ('seed', 'seven'), ('noise_scale', 1.5)])
 def test_bad_parameter_fails_configure_naming_it(harness, name, value):
     params = {name: value}
     if name == 'server_uri':

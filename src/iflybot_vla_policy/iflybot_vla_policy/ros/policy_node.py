@@ -66,6 +66,7 @@ class NodeConfig:
     checkpoint: str = ''
     preset: str = 'tiny'
     seed: int = 0
+    noise_scale: float = 1.0
     device: str = 'cpu'
     inference_backend: str = 'local'
     server_uri: str = 'ws://127.0.0.1:8000'
@@ -110,6 +111,7 @@ DESCRIPTIONS: dict[str, str] = {
     'checkpoint': 'checkpoint directory (Policy.from_checkpoint); empty: build `preset`',
     'preset': 'model preset built with random weights when checkpoint is empty (tiny, ...)',
     'seed': 'seed of the random weights (preset) and of the sampling noise',
+    'noise_scale': 'std of the flow starting noise in [0, 1]: 1 samples, 0 is deterministic',
     'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
     'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
     'server_uri': 'websocket URI of the policy server (inference_backend: remote)',
@@ -182,6 +184,8 @@ def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
         raise ValueError(f'parameter status_rate_hz: must be >= 2, got {out["status_rate_hz"]}')
     if out['inference_rate_hz'] > out['control_rate_hz']:
         raise ValueError('parameter inference_rate_hz: must not exceed control_rate_hz')
+    if not 0 <= out['noise_scale'] <= 1:
+        raise ValueError(f'parameter noise_scale: must be in [0, 1], got {out["noise_scale"]}')
     for name in ('velocity_scale', 'acceleration_scale'):
         if not 0 < out[name] <= 1:
             raise ValueError(f'parameter {name}: must be in (0, 1], got {out[name]}')
@@ -401,12 +405,12 @@ class PolicyNode(LifecycleNode):
             return policy
         else:
             from iflybot_vla_policy.policy import Policy
-            device = {'device': cfg.device}
+            engine = {'device': cfg.device, 'noise_scale': cfg.noise_scale}
             if cfg.checkpoint:
-                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **device)
+                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **engine)
                 self._model_id = cfg.checkpoint
             else:
-                policy = Policy.from_config(cfg.preset, seed=cfg.seed, **device)
+                policy = Policy.from_config(cfg.preset, seed=cfg.seed, **engine)
                 self._model_id = f'{cfg.preset} (random weights)'
         for _ in range(cfg.warmup_inferences):
             out = policy.infer(self._blank_observation(cfg))
