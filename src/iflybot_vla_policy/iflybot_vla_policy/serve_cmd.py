@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--checkpoint', metavar='DIR', help='trained checkpoint directory')
     source.add_argument('--preset', metavar='NAME',
                         help="model preset with random weights, for testing (e.g. 'tiny')")
+    parser.add_argument('--noise-scale', type=float, default=1.0,
+                        help="std of the policy's flow starting noise in [0, 1]: 1 samples, 0 "
+                             'is deterministic (less jitter)')
     parser.add_argument('--seed', type=int, default=0,
                         help='weight seed for --preset; also seeds the sampling noise')
     parser.add_argument('--device', default='auto',
@@ -88,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         if args.checkpoint:
-            policy = Policy.from_checkpoint(args.checkpoint, seed=args.seed, device=device)
+            policy = Policy.from_checkpoint(args.checkpoint, seed=args.seed, device=device,
+                                            noise_scale=args.noise_scale)
         else:
-            policy = Policy.from_config(args.preset, seed=args.seed, device=device)
+            policy = Policy.from_config(args.preset, seed=args.seed, device=device,
+                                        noise_scale=args.noise_scale)
     except (FileNotFoundError, ValueError) as exc:   # bad directory, unknown preset
         print(f'iflybot serve: cannot load the policy: {exc}', file=sys.stderr)
         return 2
