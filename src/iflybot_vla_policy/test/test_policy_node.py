@@ -128,13 +128,15 @@ class Harness:
             return [m for _, m in self.trajectories]
 
     def close(self) -> None:
+        # Stop spinning first: cleanup destroys subscriptions, and destroying them while the
+        # spin thread builds its wait set raised InvalidHandle in that thread (seen in CI).
+        self.executor.shutdown(timeout_sec=5)
+        self.thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         state = self.node._state_machine.current_state[0]
         if state == State.PRIMARY_STATE_ACTIVE:
             self.node.trigger_deactivate()
         if self.node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE:
             self.node.trigger_cleanup()   # joins the inference worker
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
         self.node.destroy_node()
         self.tap.destroy_node()
 
