@@ -103,6 +103,9 @@ class LossConfig:
     fast_weight: float = 1.0
     text_weight: float = 1.0   # VQA answer tokens
     knowledge_insulation: bool = False  # detach the VLM KV (and vision features) the expert sees
+    # > 0: a head on the vision summary regresses where the named object and its destination
+    # are (sim ground truth), so the tower learns to localise what the instruction names
+    grounding_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     save_file(tensors, str(path), metadata={'format': 'pt', **meta})
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Strict load; every problem names the file and the key."""
+def load_weights(model: torch.nn.Module, path: Path, allow_missing: bool = False) -> list[str]:
+    """Strict load; every problem names the file and the key. `allow_missing` (warm starts of a
+    model that grew a module) keeps the fresh values of keys the file lacks and returns them."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -229,8 +230,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     for key, value in meta.items():
         if key.startswith('alias:') and value in tensors:
             tensors[key[len('alias:'):]] = tensors[value]
+    missing = [name for name in expected if name not in tensors]
     for name, ref in expected.items():
         if name not in tensors:
+            if allow_missing:
+                continue
             raise ValueError(f"{path}: missing key '{name}' (checkpoint and config.yaml "
                              'do not match)')
         if tuple(tensors[name].shape) != tuple(ref.shape):
@@ -240,4 +244,5 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if unexpected:
         raise ValueError(f"{path}: unexpected key '{unexpected[0]}' ({len(unexpected)} in all; "
                          'checkpoint and config.yaml do not match)')
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=not allow_missing)
+    return missing

@@ -125,6 +125,26 @@ def test_instructions_vary_and_name_the_colours_of_the_objects() -> None:
 
 
 @pytest.mark.parametrize('task', sorted(TASKS))
+def test_grounding_points_are_the_named_object_then_its_destination(task: str) -> None:
+    env = make_env(task, seed=0, render=False)
+    for seed in range(3):
+        env.reset(seed)
+        points = env.task.grounding_points(env)                      # (2, 3)
+        if task == 'drawer':   # named by colour or side; the drawer is object and destination
+            drawer = {o.name: o for o in env.objects()}[env.task.state.plan['drawer']]
+            np.testing.assert_allclose(points, [drawer.position] * 2)
+            continue
+        by_colour = {o.color: o for o in env.objects() if o.kind != 'cabinet'}
+        # the instruction names colours in order: the acted-on object, then the destination
+        named = sorted((env.instruction.index(c), c) for c in by_colour
+                       if f' {c} ' in f' {env.instruction} ')
+        first, last = by_colour[named[0][1]], by_colour[named[-1][1]]
+        np.testing.assert_allclose(points[0], first.position)
+        np.testing.assert_allclose(points[1], last.position)
+    env.close()
+
+
+@pytest.mark.parametrize('task', sorted(TASKS))
 def test_expert_solves_each_task_and_success_is_false_at_reset(task: str) -> None:
     env = make_env(task, seed=0, render=False)
     for seed in (TRAIN_SEEDS[3], EVAL_SEEDS[3]):

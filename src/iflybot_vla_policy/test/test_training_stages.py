@@ -175,6 +175,60 @@ def test_vla_stage_without_fast_dir_names_the_missing_key(tmp_path, toy_dataset,
         run_vla(load_train_config(path))
 
 
+def _with_grounding(path: Path, init_from: Path | None = None) -> Path:
+    """The vla YAML at `path` with the grounding head on (and a warm start)."""
+    text = path.read_text().replace(
+        f'model_overrides: {TINY_MODEL}',
+        f'model_overrides: {TINY_MODEL[:-1]}, loss.grounding_weight: 1.0}}')
+    path.write_text(text + (f'init_from: {init_from}\n' if init_from else ''))
+    return path
+
+
+def test_vla_stage_warm_starts_from_a_policy_and_trains_the_grounding_head(
+        tmp_path, stage_outputs, capsys):
+    import csv
+
+    from iflybot_vla_policy.cli import main
+    from iflybot_vla_policy.policy import Policy
+
+    # same numbers as toy_dataset (so the fitted FAST matches); instructions from the sim
+    data = write_toy_dataset(tmp_path / 'grounded', sim_instructions=True)
+    base = tmp_path / 'base'
+    assert main(['train', 'vla', '--config',
+                 str(_vla_yaml(stage_outputs, base, data, steps=2, vqa_ratio=0.0))]) == 0
+    out = tmp_path / 'ground'
+    cfg = _with_grounding(_vla_yaml(stage_outputs, out, data, steps=2, vqa_ratio=0.0),
+                          init_from=base / 'policy')
+    capsys.readouterr()
+    assert main(['train', 'vla', '--config', str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert f"init_from {base / 'policy'}:" in printed
+    assert '4 new (grounding_head)' in printed
+    rows = list(csv.DictReader((out / 'metrics.csv').open()))
+    assert len(rows) == 2 and all(float(r['ground']) > 0 for r in rows)
+    assert Policy.from_checkpoint(out / 'policy').cfg.loss.grounding_weight == 1.0
+
+
+def test_grounding_refuses_episodes_whose_seed_rebuilds_another_scene(
+        tmp_path, toy_dataset, stage_outputs):
+    from iflybot_vla_policy.training.vla_stage import run_vla
+
+    # toy_dataset records seeds 0-2 but made-up instructions: targets would be wrong
+    path = _with_grounding(_vla_yaml(stage_outputs, tmp_path / 'v', toy_dataset))
+    with pytest.raises(ValueError, match='episode 0 .*seed 0.* another simulator version'):
+        run_vla(load_train_config(path))
+
+
+def test_warm_start_from_a_folder_without_weights_is_a_clear_error(
+        tmp_path, toy_dataset, stage_outputs):
+    from iflybot_vla_policy.training.vla_stage import run_vla
+
+    path = _vla_yaml(stage_outputs, tmp_path / 'v', toy_dataset)
+    path.write_text(path.read_text() + f"init_from: {tmp_path / 'nowhere'}\n")
+    with pytest.raises(FileNotFoundError, match='init_from: .*nowhere is not a Policy'):
+        run_vla(load_train_config(path))
+
+
 def test_mixed_plan_puts_seven_percent_vqa_in_every_batch_spread_over_processes():
     from iflybot_vla_policy.training.trainer import shard
     from iflybot_vla_policy.training.vla_data import MixedPlan

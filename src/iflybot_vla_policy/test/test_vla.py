@@ -125,3 +125,36 @@ def test_unpadded_actions_are_a_clear_error():
     batch['actions'] = batch['actions'][..., :7]
     with pytest.raises(ValueError, match=r"'actions' must have shape \(2, 8, 8\)"):
         model(batch)
+
+
+def test_grounding_head_regresses_the_targets_of_grounded_rows_only():
+    model = small_model(**{'loss.grounding_weight': 2.0})
+    batch = robot_batch(model, batch=2)
+    batch['grounding'] = torch.zeros(2, 2, 3)
+    batch['grounding_mask'] = torch.tensor([True, False])
+    losses = model(batch)
+    assert 'ground' in losses and float(losses['ground'].detach()) > 0
+    w = model.cfg.loss
+    expected = (w.flow_weight * losses['flow'] + w.latent_weight * losses['latent']
+                + w.fast_weight * losses['fast'] + 2.0 * losses['ground'])
+    torch.testing.assert_close(losses['total'], expected)
+    # the masked row's target does not count
+    batch['grounding'][1] = 5.0
+    torch.testing.assert_close(model(batch)['ground'], losses['ground'])
+    batch['grounding'][0] = 5.0
+    assert float(model(batch)['ground'].detach()) > float(losses['ground'].detach())
+    # it trains the vision tower the expert reads
+    model.zero_grad(set_to_none=True)
+    model(batch)['ground'].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.backbone.vision.parameters())
+
+
+def test_grounding_weight_needs_the_direct_vision_path():
+    with pytest.raises(ValueError, match='grounding_weight > 0 needs expert.direct_vision'):
+        small_model(**{'loss.grounding_weight': 1.0, 'expert.direct_vision': False})
+
+
+def test_without_grounding_targets_the_head_adds_no_loss():
+    model = small_model(**{'loss.grounding_weight': 1.0})
+    assert 'ground' not in model(robot_batch(model))

@@ -70,13 +70,16 @@ if __name__ == '__main__':
 
 
 def write_toy_dataset(root: Path, episodes: int = 3, frames: int = 24, size: int = 64,
-                      fps: int = 10, seed: int = 0) -> Path:
+                      fps: int = 10, seed: int = 0, sim_instructions: bool = False) -> Path:
     """A real LeRobot v3.0 dataset (through the project's writer) of a square sliding across
-    both cameras while the 'arm' moves smoothly; actions are the next state."""
+    both cameras while the 'arm' moves smoothly; actions are the next state. Episode e records
+    task pick_place and seed e; `sim_instructions` gives it the instruction the simulator draws
+    for that seed (what gen-demos would record), so its scene can be rebuilt."""
     import numpy as np
 
     from iflybot_vla_policy.data.lerobot_format import EpisodeData
     from iflybot_vla_policy.data.lerobot_writer import WriterConfig, write_dataset
+    from iflybot_vla_policy.sim.env import SimEnv
 
     rng = np.random.default_rng(seed)
     eps = []
@@ -94,8 +97,12 @@ def write_toy_dataset(root: Path, episodes: int = 3, frames: int = 24, size: int
                 x = int(x0 + k * (size // 2) / frames)
                 img[k, size // 3:size // 3 + 12, x:x + 12] = (220, 60 + 40 * e, 30)
             images[cam] = img
-        colour = ('red', 'blue', 'green')[e % 3]
+        instruction = f"move the {('red', 'blue', 'green')[e % 3]} block"
+        if sim_instructions:
+            with SimEnv('pick_place', seed=e, render=False) as env:
+                env.reset(seed=e)
+                instruction = env.instruction
         eps.append(EpisodeData(state=state.astype(np.float32), action=action.astype(np.float32),
-                               images=images, instruction=f'move the {colour} block',
+                               images=images, instruction=instruction,
                                task_name='pick_place', episode_id=f'toy{e}', seed=e))
     return write_dataset(root, eps, WriterConfig(fps=fps))

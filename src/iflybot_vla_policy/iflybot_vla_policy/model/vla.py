@@ -6,7 +6,9 @@ Training batch (tensors, already transformed and normalised; B samples):
   (B, H) bool of real (non-padded) steps, `latent_tokens` (B, n_latent) int64 codes in
   [0, codebook) and `fast_tokens` (B, L) int64 FAST ids, both padded with -100;
 - VQA samples: `answer_ids` (B, L) int64 text ids padded with -100 (text targets only);
-- optional `is_robot` (B,) bool when one batch mixes both (default: robot iff `actions` given).
+- optional `is_robot` (B,) bool when one batch mixes both (default: robot iff `actions` given);
+- optional `grounding` (B, 2, 3) float and `grounding_mask` (B,) bool: where the named object
+  and its destination are (normalised), for the grounding head (`loss.grounding_weight`).
 
 The sequence is [image tokens, instruction, suffix] with suffix = [latent codes, FAST tokens] for
 robot samples and the answer for VQA. The expert attends the prefix and latent tokens of each
@@ -28,6 +30,8 @@ from iflybot_vla_policy.model.action_expert import (
 from iflybot_vla_policy.model.backbone import KV, PrefixCache, build_backbone, masked_ce
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
 
+GROUNDING_POINTS = 2   # the named object, then its destination (training/grounding.py)
+
 
 def as_float_images(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images
@@ -41,6 +45,14 @@ class VLA(nn.Module):
         bb = self.backbone
         self.expert = ActionExpert(cfg, bb.n_layers, bb.kv_heads, bb.head_dim,
                                    bb.feature_dim if cfg.expert.direct_vision else 0)
+        self.grounding_head: nn.Module | None = None
+        if cfg.loss.grounding_weight > 0:
+            if not cfg.expert.direct_vision:
+                raise ValueError('loss.grounding_weight > 0 needs expert.direct_vision: the '
+                                 'grounding head reads the vision summary the expert reads')
+            d = bb.feature_dim
+            self.grounding_head = nn.Sequential(nn.Linear(d, d), nn.GELU(),
+                                                nn.Linear(d, GROUNDING_POINTS * 3))
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -118,7 +130,7 @@ class VLA(nn.Module):
         return {'ids': ids, 'mask': mask, 'latent': lat_t, 'fast': fast_t, 'text': text_t}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Named losses: 'flow', 'latent', 'fast', 'text' (those present) and 'total'."""
+        """Named losses: 'flow', 'latent', 'fast', 'text', 'ground' (those present), 'total'."""
         cfg = self.cfg
         images = as_float_images(batch['images'])
         b = images.shape[0]
@@ -140,10 +152,27 @@ class VLA(nn.Module):
                 losses[kind] = masked_ce(out.logits, suffix[kind])
         if bool(is_robot.any()):
             losses['flow'] = self._flow_loss(batch, out, suffix, is_robot)
+        if self.grounding_head is not None and 'grounding' in batch:
+            weights['ground'] = cfg.loss.grounding_weight
+            losses['ground'] = self._grounding_loss(batch, out.summary)
         if not losses:
             raise ValueError("batch has no robot samples and no 'answer_ids': nothing to learn")
         losses['total'] = sum(weights[k] * v for k, v in losses.items())
         return losses
+
+    def grounding(self, summary: torch.Tensor) -> torch.Tensor:
+        """(B, D) vision summary -> (B, 2, 3) predicted grounding points (normalised units)."""
+        assert self.grounding_head is not None
+        return self.grounding_head(summary).view(-1, GROUNDING_POINTS, 3)
+
+    def _grounding_loss(self, batch: dict, summary: torch.Tensor | None) -> torch.Tensor:
+        """MSE of the grounding points over the samples that have a target (0 when none)."""
+        if summary is None:
+            raise ValueError('the backbone returned no vision summary for the grounding head')
+        target = batch['grounding'].to(summary.device).float()          # (B, 2, 3)
+        keep = batch['grounding_mask'].to(summary.device).float()        # (B,)
+        err = F.mse_loss(self.grounding(summary).float(), target, reduction='none')
+        return (err.mean(dim=(1, 2)) * keep).sum() / keep.sum().clamp(min=1.0)
 
     def _check_robot_batch(self, batch: dict, b: int) -> None:
         a = self.cfg.action

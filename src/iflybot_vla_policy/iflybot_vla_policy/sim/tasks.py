@@ -54,6 +54,10 @@ class ObjectState:
     opening: float | None = None  # drawers: how far it is pulled out, m
 
 
+# plan keys naming the acted-on object, then its destination (first present key wins)
+GROUNDING_PLAN_KEYS = (('object', 'drawer'), ('container', 'base', 'goal', 'drawer'))
+
+
 @dataclass
 class TaskState:
     """Per-episode choices of a task: instruction, colours, and what the expert needs."""
@@ -116,6 +120,17 @@ class Task:
 
     def objects(self, env: SimEnv) -> list[ObjectState]:
         raise NotImplementedError
+
+    def grounding_points(self, env: SimEnv) -> np.ndarray:
+        """(2, 3) base-frame positions of what the instruction names: the object to act on and
+        where it goes (a drawer is both). Training targets for spatial grounding."""
+        by_name = {o.name: o.position for o in self.objects(env)}
+        plan = self.state.plan
+        points = []
+        for keys in GROUNDING_PLAN_KEYS:
+            name = next(str(plan[k]) for k in keys if k in plan)
+            points.append(np.asarray(by_name[name], dtype=np.float64))
+        return np.stack(points)
 
     # helpers shared by the tasks
     @staticmethod

@@ -108,6 +108,9 @@ class TrainConfig:
     fast: dict[str, Any] = field(default_factory=dict)  # fast: FastConfig fields (model/fast.py)
     lam_dir: str = ''               # vla: output_dir of the lam stage (its final/ is used)
     fast_dir: str = ''              # vla: output_dir of the fast stage
+    # vla: a Policy directory whose weights start a fresh run (a warm start; modules the model
+    # gained since, such as the grounding head, start fresh); ignored when resuming
+    init_from: str = ''
 
     def resolve(self, path: str, base: Path | None = None) -> Path:
         """A path from this config, relative ones taken from `base` (the repo root by default)."""

@@ -218,7 +218,9 @@ class MetricsLog:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
 
-        names = [k for k in self.rows[-1] if k not in NOT_LOSSES]
+        # losses that are 0 throughout (a kind this run does not train) would hide the log scale
+        names = [k for k in self.rows[-1] if k not in NOT_LOSSES
+                 and any(r.get(k, 0.0) != 0.0 for r in self.rows)]
         steps = np.array([r['step'] for r in self.rows])
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for name in names:

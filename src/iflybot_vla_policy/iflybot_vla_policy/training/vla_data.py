@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, default_collate
 
 from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
 from iflybot_vla_policy.training.frames import decode_camera, square_resize
+from iflybot_vla_policy.training.grounding import EpisodeGrounding, normalise_points
 from iflybot_vla_policy.training.lam_stage import pair_indices
 from iflybot_vla_policy.training.robot_data import RobotFrames, normalised_chunks, used_frames
 from iflybot_vla_policy.training.trainer import BatchPlan
@@ -119,6 +120,8 @@ class RobotSamples:
     text: np.ndarray               # (n,) int64 row of text_ids
     text_ids: np.ndarray           # (K, T) int64 tokenised distinct instructions
     text_mask: np.ndarray          # (K, T) int64
+    grounding: np.ndarray | None = None       # (n, 2, 3) float32 normalised targets
+    grounding_mask: np.ndarray | None = None  # (n,) bool: the frame's episode has a target
 
     def __len__(self) -> int:
         return len(self.source)
@@ -126,9 +129,11 @@ class RobotSamples:
 
 def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: Any,
                   images: list[np.ndarray], latents: list[np.ndarray | None], fast: Any,
-                  max_fast_tokens: int) -> tuple[RobotSamples, dict[str, int]]:
+                  max_fast_tokens: int, groundings: list[EpisodeGrounding] | None = None
+                  ) -> tuple[RobotSamples, dict[str, int]]:
     cfg = transforms.cfg
     source, state, actions, mask, latent, fast_l, text = [], [], [], [], [], [], []
+    ground, ground_mask = [], []
     instructions: dict[str, int] = {}
     truncated = 0
     for d, rf in enumerate(frames):
@@ -146,6 +151,10 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
             truncated += cut
         text.append(np.array([instructions.setdefault(rf.dataset.instruction(int(f)),
                                                       len(instructions)) for f in idx]))
+        if groundings is not None:
+            episodes = rf.episode[idx]
+            ground.append(normalise_points(groundings[d].points[episodes]))
+            ground_mask.append(groundings[d].known[episodes])
     width = max((f.shape[1] for f in fast_l), default=0)
     fast_arr = np.concatenate([np.pad(f, ((0, 0), (0, width - f.shape[1])),
                                       constant_values=IGNORE) for f in fast_l]) if fast_l \
@@ -156,8 +165,13 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
         actions=np.concatenate(actions), action_mask=np.concatenate(mask),
         latent=np.concatenate(latent), fast=fast_arr, text=np.concatenate(text),
         text_ids=np.array([e[0] for e in encoded], np.int64),
-        text_mask=np.array([e[1] for e in encoded], np.int64))
-    return samples, {'fast_truncated': truncated, 'instructions': len(instructions)}
+        text_mask=np.array([e[1] for e in encoded], np.int64),
+        grounding=np.concatenate(ground) if ground else None,
+        grounding_mask=np.concatenate(ground_mask) if ground_mask else None)
+    info = {'fast_truncated': truncated, 'instructions': len(instructions)}
+    if ground_mask:
+        info['grounded_frames'] = int(samples.grounding_mask.sum())
+    return samples, info
 
 
 @dataclass
@@ -232,7 +246,8 @@ class VLADataset(Dataset):
                     'latent_tokens': torch.from_numpy(r.latent[i]),
                     'fast_tokens': torch.from_numpy(r.fast[i]),
                     'answer_ids': self._no_answer,
-                    'is_robot': torch.tensor(True)}
+                    'is_robot': torch.tensor(True),
+                    **self._grounding(i)}
         v, k = self.vqa, i - self.n_robot
         assert v is not None
         return {'images': torch.from_numpy(v.images[k]),
@@ -244,7 +259,19 @@ class VLADataset(Dataset):
                 'latent_tokens': self._no_latent,
                 'fast_tokens': self._no_fast,
                 'answer_ids': torch.from_numpy(v.answer_ids[k]),
-                'is_robot': torch.tensor(False)}
+                'is_robot': torch.tensor(False),
+                **self._grounding(None)}
+
+    def _grounding(self, i: int | None) -> dict[str, torch.Tensor]:
+        """Robot frame i's grounding target, or an empty (masked) one; {} without targets."""
+        r = self.robot
+        if r.grounding is None or r.grounding_mask is None:
+            return {}
+        if i is None:
+            return {'grounding': torch.zeros(r.grounding.shape[1:]),
+                    'grounding_mask': torch.tensor(False)}
+        return {'grounding': torch.from_numpy(r.grounding[i]),
+                'grounding_mask': torch.tensor(bool(r.grounding_mask[i]))}
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

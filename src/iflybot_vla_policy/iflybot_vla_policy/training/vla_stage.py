@@ -21,12 +21,13 @@ from accelerate import PartialState
 
 from iflybot_vla_policy.training.common import FINAL, model_config, open_datasets, output_dir
 from iflybot_vla_policy.training.config import TrainConfig
+from iflybot_vla_policy.training.grounding import episode_grounding
 from iflybot_vla_policy.training.robot_data import (
     compute_norm_stats,
     norm_stats_close,
     robot_frames,
 )
-from iflybot_vla_policy.training.trainer import Trainer
+from iflybot_vla_policy.training.trainer import Trainer, list_checkpoints
 from iflybot_vla_policy.training.vla_data import (
     MixedPlan,
     VLADataset,
@@ -40,7 +41,7 @@ from iflybot_vla_policy.training.vla_data import (
 from iflybot_vla_policy.transforms import NormStatsSet, Transforms
 
 POLICY_DIR = 'policy'
-LOSSES = ('flow', 'latent', 'fast', 'text')
+LOSSES = ('flow', 'latent', 'fast', 'text', 'ground')
 VQA_SEED_BASE = 90_000          # VQA scenes use training seeds away from gen-demos' defaults
 VQA_PER_SCENE = 8
 
@@ -150,6 +151,19 @@ def export_policy(trainer: Trainer, cfg_model: Any, tokenizer: Any, norm: NormSt
         shutil.rmtree(old)
 
 
+def _warm_start(model: torch.nn.Module, policy_dir: Path) -> None:
+    """Start from a Policy's weights; keys it lacks keep their fresh initialisation."""
+    from iflybot_vla_policy.policy import WEIGHTS_FILE, load_weights
+
+    if not (policy_dir / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f'init_from: {policy_dir} is not a Policy directory (no '
+                                f'{WEIGHTS_FILE})')
+    fresh = load_weights(model, policy_dir / WEIGHTS_FILE, allow_missing=True)
+    print(f'init_from {policy_dir}: {len(model.state_dict()) - len(fresh)} tensors loaded'
+          + (f', {len(fresh)} new ({", ".join(sorted({k.split(".")[0] for k in fresh}))})'
+             if fresh else ''), flush=True)
+
+
 def run_vla(cfg: TrainConfig) -> dict[str, Any]:
     """Prepare the data, train (or resume), export `output_dir/policy`; returns a summary."""
     from iflybot_vla_policy.model.vla import VLA
@@ -180,8 +194,13 @@ def run_vla(cfg: TrainConfig) -> dict[str, Any]:
                                 progress) if lam is not None else None for ds in datasets]
         cam_shape = datasets[0].features[f'observation.images.{mcfg.cameras[0]}']['shape']
         vqa = _vqa(cfg, transforms, tokenizer, (int(cam_shape[0]), int(cam_shape[1])), cache)
+    groundings = ([episode_grounding(ds) for ds in datasets]
+                  if mcfg.loss.grounding_weight > 0 else None)
     robot, robot_info = robot_samples(frames, transforms, tokenizer, images, latents, fast,
-                                      cfg.data.max_fast_tokens)
+                                      cfg.data.max_fast_tokens, groundings)
+    if groundings is not None and not robot_info['grounded_frames']:
+        raise ValueError('loss.grounding_weight > 0 but no episode of data.datasets has a '
+                         'simulator seed to rebuild its scene from (gen-demos datasets do)')
     data = VLADataset(robot, vqa)
     plan = MixedPlan(data.n_robot, data.n_vqa, cfg.trainer.batch_size, cfg.data.vqa_ratio,
                      cfg.trainer.seed)
@@ -190,6 +209,8 @@ def run_vla(cfg: TrainConfig) -> dict[str, Any]:
     def on_checkpoint(step: int, trainer: Trainer) -> None:
         export_policy(trainer, mcfg, tokenizer, norm, fast, lam, out / POLICY_DIR)
 
+    if cfg.init_from and not list_checkpoints(out):
+        _warm_start(model, cfg.resolve(cfg.init_from))
     trainer = Trainer(VLAObjective(model), data, cfg.trainer, out, collate_fn=collate,
                       plan=plan, on_checkpoint=on_checkpoint)
     result = trainer.fit()
