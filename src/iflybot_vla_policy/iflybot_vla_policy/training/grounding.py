@@ -4,7 +4,8 @@ The paper's remedy for weak spatial grounding is supervision from ground truth. 
 from `iflybot gen-demos` record each episode's task and simulator seed, so the scene an episode
 started from can be rebuilt (no rendering, a reset only) and its `Task.grounding_points` read:
 (2, 3) base-frame positions of the acted-on object and its destination at the first frame. The
-VLA regresses them from its vision summary (`loss.grounding_weight`). Episodes without a seed
+VLA regresses them from its vision summary (`loss.grounding_weight`) on the frames before the
+gripper first closes (after that the object moves with it). Episodes without a seed
 (teleoperated recordings) have no target and are masked out.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iflybot_vla_policy.data import lerobot_format as fmt
 from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
 
 # Fixed normalisation of the targets (m): the middle of the FR3 tabletop workspace and a scale
@@ -21,10 +23,26 @@ GROUNDING_CENTER = np.array([0.5, 0.0, 0.03])
 GROUNDING_SCALE = 0.2
 
 
+# the gripper counts as closing once its commanded width is this far below the episode's first
+GRASP_CLOSE_M = 0.005
+
+
 @dataclass
 class EpisodeGrounding:
     points: np.ndarray      # (n_episodes, 2, 3) float64 m, base frame
     known: np.ndarray       # (n_episodes,) bool: False where the episode has no sim seed
+    valid_until: np.ndarray  # (n_episodes,) int64 dataset frame (exclusive) the points hold to
+
+    def frame_mask(self, episodes: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """(n,) bool: frame `frames[i]` of episode `episodes[i]` has a valid target."""
+        return self.known[episodes] & (frames < self.valid_until[episodes])
+
+
+def grasp_frame(gripper_commands: np.ndarray) -> int:
+    """Index of the first action that closes the gripper (len when it never closes): from then
+    on the object moves, and its first-frame position is no longer what the image shows."""
+    closing = np.nonzero(gripper_commands < gripper_commands[0] - GRASP_CLOSE_M)[0]
+    return int(closing[0]) if len(closing) else len(gripper_commands)
 
 
 def episode_grounding(ds: LeRobotDataset) -> EpisodeGrounding:
@@ -38,6 +56,8 @@ def episode_grounding(ds: LeRobotDataset) -> EpisodeGrounding:
     n = ds.num_episodes
     points = np.zeros((n, 2, 3))
     known = np.zeros(n, dtype=bool)
+    valid_until = np.zeros(n, dtype=np.int64)
+    gripper = ds.data[fmt.ACTION_KEY][:, -1]                            # (num_frames,)
     envs: dict[str, SimEnv] = {}
     try:
         for e, meta in enumerate(ds.episodes):
@@ -58,10 +78,12 @@ def episode_grounding(ds: LeRobotDataset) -> EpisodeGrounding:
                     'model_overrides.loss.grounding_weight=0 or regenerate the demos)')
             points[e] = env.task.grounding_points(env)
             known[e] = True
+            stop = ds.episode_range(e)[1]
+            valid_until[e] = start + grasp_frame(gripper[start:stop])
     finally:
         for env in envs.values():
             env.close()
-    return EpisodeGrounding(points, known)
+    return EpisodeGrounding(points, known, valid_until)
 
 
 def normalise_points(points: np.ndarray) -> np.ndarray:

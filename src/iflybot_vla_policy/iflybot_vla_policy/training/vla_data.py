@@ -154,7 +154,7 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
         if groundings is not None:
             episodes = rf.episode[idx]
             ground.append(normalise_points(groundings[d].points[episodes]))
-            ground_mask.append(groundings[d].known[episodes])
+            ground_mask.append(groundings[d].frame_mask(episodes, idx))
     width = max((f.shape[1] for f in fast_l), default=0)
     fast_arr = np.concatenate([np.pad(f, ((0, 0), (0, width - f.shape[1])),
                                       constant_values=IGNORE) for f in fast_l]) if fast_l \
