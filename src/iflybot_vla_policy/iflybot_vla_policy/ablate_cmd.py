@@ -14,15 +14,16 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from iflybot_vla_policy.training.ablation import VARIANTS
+    from iflybot_vla_policy.training.ablation import DEFAULT_VARIANTS, VARIANTS
 
     parser.add_argument('--config', required=True,
                         help='vla-stage training YAML: data, model, batch, optimiser')
     parser.add_argument('--heldout', required=True, nargs='+',
                         help='held-out LeRobot dataset(s) for the offline score')
     parser.add_argument('--steps', type=int, default=300, help='training steps per variant')
-    parser.add_argument('--variants', default=','.join(VARIANTS),
-                        help=f'comma-separated subset of {", ".join(VARIANTS)}')
+    parser.add_argument('--variants', default=','.join(DEFAULT_VARIANTS),
+                        help=f'comma-separated subset of {", ".join(VARIANTS)} (default: the '
+                        "paper's four)")
     parser.add_argument('--out', type=Path, default=Path('outputs/ablation'),
                         help='one output_dir per variant, plus ablation.json/.md')
     parser.add_argument('--frame-stride', type=int, default=5,

@@ -169,6 +169,29 @@ class Policy:
                 'latent_tokens': out.latent_tokens.cpu().numpy().astype(np.int64),
                 'timing_ms': timing}
 
+    @property
+    def has_grounding(self) -> bool:
+        return self.model.grounding_head is not None
+
+    @torch.no_grad()
+    def ground(self, observations: Sequence[Mapping]) -> np.ndarray:
+        """(B, 2, 3) float64 m, base frame: where the grounding head (`loss.grounding_weight`)
+        puts the object the instruction names and its destination. A probe of what the vision
+        path localises; inference never needs it."""
+        from iflybot_vla_policy.model.vla import as_float_images
+        from iflybot_vla_policy.training.grounding import GROUNDING_CENTER, GROUNDING_SCALE
+
+        if not self.has_grounding:
+            raise ValueError('this policy has no grounding head (trained with '
+                             'loss.grounding_weight = 0)')
+        inputs = self._prepare(observations)
+        dev, dtype = self.engine.device, self.engine.dtype
+        prefix = self.model.backbone.encode_prefix(
+            as_float_images(inputs['images']).to(dev, dtype), inputs['text_ids'].to(dev),
+            inputs['text_mask'].to(dev))
+        points = self.model.grounding(prefix.summary).float().cpu().numpy()   # (B, 2, 3)
+        return points.astype(np.float64) * GROUNDING_SCALE + GROUNDING_CENTER
+
     def infer(self, obs: Observation | Mapping, seed: int | None = None,
               recompute_prefix_every_step: bool = False) -> InferenceResult:
         """obs {'images': {cam: uint8 (H, W, 3)}, 'state': float (8,), 'instruction': str} ->

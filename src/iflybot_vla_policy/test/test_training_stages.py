@@ -283,6 +283,59 @@ def test_ablation_trains_each_variant_with_only_its_targets_and_tables_cis(
     assert '| hold (baseline) |' in table
 
 
+def test_ablation_grounding_variant_scores_where_its_head_puts_the_named_object(
+        tmp_path, stage_outputs):
+    import json
+
+    from iflybot_vla_policy.cli import main
+    from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
+    from iflybot_vla_policy.training.grounding import episode_grounding
+
+    data = write_toy_dataset(tmp_path / 'grounded', sim_instructions=True)
+    base = _vla_yaml(stage_outputs, tmp_path / 'base', data, vqa_ratio=0.0)
+    out = tmp_path / 'ablation'
+    assert main(['ablate', '--config', str(base), '--heldout', str(data), '--steps', '2',
+                 '--frame-stride', '4', '--variants', 'flow,flow+ground',
+                 '--out', str(out)]) == 0
+    doc = json.loads((out / 'ablation.json').read_text())
+    ground, flow = doc['variants']['flow+ground'], doc['variants']['flow']
+    assert 'object_error' not in flow
+    # the toy episodes close the gripper half-way: every episode has frames before the grasp
+    truth = episode_grounding(LeRobotDataset(data))
+    assert truth.known.all()
+    for key in ('object', 'goal'):
+        low, high = ground[f'{key}_error_ci95']
+        assert 0 < low <= ground[f'{key}_error'] <= high < 1.0   # metres, on the table
+    table = (out / 'ablation.md').read_text()
+    assert 'object / goal position error (cm, 95% CI)' in table
+    assert '| flow | flow matching only |' in table and '| - |' in table
+
+
+def test_grounding_errors_are_distances_in_metres_over_frames_before_the_grasp():
+    import numpy as np
+
+    from iflybot_vla_policy.training.ablation import HeldoutEpisode, grounding_errors
+
+    truth = np.array([[0.5, 0.1, 0.02], [0.4, -0.2, 0.0]])
+
+    class Shifted:
+        """Answers every frame with the truth moved 3 cm in x and 4 cm in y (5 cm)."""
+        has_grounding = True
+
+        def ground(self, obs: list) -> np.ndarray:
+            return np.repeat((truth + [0.03, 0.04, 0.0])[None], len(obs), axis=0)
+
+    n = 6
+    ep = HeldoutEpisode(images={'scene_camera': np.zeros((n, 8, 8, 3), np.uint8)},
+                        states=np.zeros((n, 8)), instructions=['x'] * n,
+                        targets=np.zeros((n, 4, 8)), grounding=truth,
+                        grounding_mask=np.arange(n) < 4)
+    no_target = HeldoutEpisode(images=ep.images, states=ep.states, instructions=ep.instructions,
+                               targets=ep.targets)
+    errors = grounding_errors(Shifted(), [ep, no_target])
+    assert errors['object'] == pytest.approx([0.05]) and errors['goal'] == pytest.approx([0.05])
+
+
 def test_ablation_rejects_unknown_variants_and_non_vla_configs(tmp_path, toy_dataset,
                                                                stage_outputs):
     from iflybot_vla_policy.cli import main

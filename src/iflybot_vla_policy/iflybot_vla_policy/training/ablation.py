@@ -36,7 +36,10 @@ VARIANTS: dict[str, Variant] = {
     'flow+fast': Variant('+ FAST token CE', dict(_NO_LAM), vqa=False),
     'flow+lam': Variant('+ latent-action CE', dict(_NO_FAST), vqa=False),
     'full': Variant('flow + FAST + latent + spatial VQA', {}, vqa=True),
+    'flow+ground': Variant('flow + grounding head (object and goal positions)',
+                           {**_NO_FAST, **_NO_LAM, 'loss.grounding_weight': 1.0}, vqa=False),
 }
+DEFAULT_VARIANTS = ('flow', 'flow+fast', 'flow+lam', 'full')   # the paper's four
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class AblationConfig:
     base: TrainConfig                         # a vla-stage config: data, model, trainer
     out: Path                                 # one output_dir per variant, plus the tables
     heldout: tuple[str, ...]                  # held-out LeRobot datasets for the offline score
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     steps: int = 300
     frame_stride: int = 5                     # score every k-th frame of each episode
     episodes: int = 0                         # closed-loop episodes per task (0 = skip)
@@ -98,23 +101,34 @@ class HeldoutEpisode:
     states: np.ndarray                # (n, 8)
     instructions: list[str]           # (n,)
     targets: np.ndarray               # (n, horizon, 8) the expert's next actions
+    grounding: np.ndarray | None = None       # (2, 3) m: named object and goal at the start
+    grounding_mask: np.ndarray | None = None  # (n,) bool: frames before the first grasp
 
 
 def heldout_episodes(datasets: Sequence[Any], cameras: Sequence[str], horizon: int,
-                     stride: int) -> list[HeldoutEpisode]:
-    """Every `stride`-th frame of every episode, with the chunk the expert executed from it."""
+                     stride: int, grounding: bool = False) -> list[HeldoutEpisode]:
+    """Every `stride`-th frame of every episode, with the chunk the expert executed from it
+    (and, with `grounding`, where the named object and its goal are, rebuilt from the seed)."""
+    from iflybot_vla_policy.training.grounding import episode_grounding
+
     out = []
     for ds in datasets:
+        truth = episode_grounding(ds) if grounding else None
         for e in range(ds.num_episodes):
             start, stop = ds.episode_range(e)
             arrays = ds.episode_arrays(e)
             state, action = arrays['observation.state'], arrays['action']   # (T, 8) each
             frames = np.arange(0, stop - start, stride)
             rows = np.minimum(frames[:, None] + np.arange(horizon), len(action) - 1)
+            points = mask = None
+            if truth is not None and truth.known[e]:
+                points = truth.points[e]
+                mask = truth.frame_mask(np.full(len(frames), e), start + frames)
             out.append(HeldoutEpisode(
                 images={c: ds.images(c, start + frames) for c in cameras},
                 states=state[frames], targets=action[rows],
-                instructions=[ds.instruction(start + int(t)) for t in frames]))
+                instructions=[ds.instruction(start + int(t)) for t in frames],
+                grounding=points, grounding_mask=mask))
     return out
 
 
@@ -141,7 +155,31 @@ def offline_errors(policy: Any, episodes: Sequence[HeldoutEpisode], seed: int = 
         diff = np.concatenate(diffs)                                         # (n, horizon, 8)
         arm.append(float(diff[..., :7].mean()))
         grip.append(float(diff[..., 7].mean()))
-    return {'arm': arm, 'gripper': grip}
+    out = {'arm': arm, 'gripper': grip}
+    if getattr(policy, 'has_grounding', False):
+        out.update(grounding_errors(policy, episodes, batch))
+    return out
+
+
+def grounding_errors(policy: Any, episodes: Sequence[HeldoutEpisode], batch: int = 16
+                     ) -> dict[str, list[float]]:
+    """Per held-out episode with a target: mean distance (m) between where the grounding head
+    puts the named object ('object') and its goal ('goal') and where they are, over the frames
+    before the first grasp."""
+    obj, goal = [], []
+    for ep in episodes:
+        if ep.grounding is None or ep.grounding_mask is None or not ep.grounding_mask.any():
+            continue
+        idx = np.nonzero(ep.grounding_mask)[0]
+        preds = []
+        for b in range(0, len(idx), batch):
+            obs = [{'images': {c: v[i] for c, v in ep.images.items()}, 'state': ep.states[i],
+                    'instruction': ep.instructions[i]} for i in idx[b:b + batch]]
+            preds.append(policy.ground(obs))
+        dist = np.linalg.norm(np.concatenate(preds) - ep.grounding[None], axis=-1)  # (n, 2)
+        obj.append(float(dist[:, 0].mean()))
+        goal.append(float(dist[:, 1].mean()))
+    return {'object': obj, 'goal': goal}
 
 
 def closed_loop(policy: Any, tasks: Sequence[str], episodes: int, image_size: int
@@ -184,8 +222,10 @@ def run_ablation(cfg: AblationConfig,
         train_s = time.monotonic() - t0
         policy = Policy.from_checkpoint(Path(vcfg.output_dir) / POLICY_DIR, seed=cfg.seed)
         if not episodes:     # every variant shares the cameras and horizon of the base model
-            episodes = heldout_episodes(datasets, policy.cfg.cameras,
-                                        policy.cfg.action.horizon, cfg.frame_stride)
+            episodes = heldout_episodes(
+                datasets, policy.cfg.cameras, policy.cfg.action.horizon, cfg.frame_stride,
+                grounding=any(VARIANTS[v].model_overrides.get('loss.grounding_weight', 0) > 0
+                              for v in cfg.variants))
         errors = offline_errors(policy, episodes, cfg.seed)
         row = {'label': VARIANTS[name].label, 'steps': summary.get('steps', cfg.steps),
                'train_s': round(train_s, 1), 'final_loss': summary.get('loss'),
@@ -216,8 +256,11 @@ def run_ablation(cfg: AblationConfig,
 def markdown_table(doc: dict[str, Any]) -> str:
     variants = doc['variants']
     tasks = sorted({t for row in variants.values() for t in row.get('closed_loop', {})})
+    grounded = any('object_error' in row for row in variants.values())
     head = ['variant', 'targets', 'arm error (mrad, 95% CI)', 'gripper error (mm, 95% CI)',
             'final loss', 'train (min)'] + [f'{t} success (95% CI)' for t in tasks]
+    if grounded:
+        head.insert(4, 'object / goal position error (cm, 95% CI)')
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, row in variants.items():
         a, g = row['arm_error_ci95'], row['gripper_error_ci95']
@@ -230,12 +273,17 @@ def markdown_table(doc: dict[str, Any]) -> str:
             c = row['closed_loop'][t]
             lo, hi = c['success_ci95']
             cells.append(f'{c["successes"]}/{c["episodes"]} ({lo:.0%}-{hi:.0%})')
+        if grounded:
+            cells.insert(4, ' / '.join(
+                f'{row[k + "_error"] * 1e2:.1f} ({row[k + "_error_ci95"][0] * 1e2:.1f}-'
+                f'{row[k + "_error_ci95"][1] * 1e2:.1f})' for k in ('object', 'goal'))
+                if 'object_error' in row else '-')
         lines.append('| ' + ' | '.join(cells) + ' |')
     m = doc['meta']
     h = m['hold_arm_error_ci95']
     lines.append('| hold (baseline) | keep the current joints for the whole chunk | '
                  f'{m["hold_arm_error"] * 1e3:.1f} ({h[0] * 1e3:.1f}-{h[1] * 1e3:.1f}) | - | - | '
-                 '- |' + ' - |' * len(tasks))
+                 '- |' + ' - |' * (len(tasks) + grounded))
     lines += ['', f'{m["steps"]} steps each at batch {m["batch_size"]} (seed {m["seed"]}) on '
               f'{", ".join(m["datasets"])}; offline error on every {m["frame_stride"]}th frame '
               f'of {", ".join(m["heldout"])} (mean over each sampled chunk, per-episode means, '
