@@ -88,6 +88,10 @@ class Harness:
             tap.create_timer(0.02, self._publish_joint_state)
             tap.create_timer(0.1, self._publish_images)
         self.success_pub = tap.create_publisher(Bool, '/sim/task_success', 10)
+        # Before the spin thread starts: rclpy's ActionClient registers itself with the node
+        # before it has its lock, so one made while spinning can kill the executor thread
+        # ("'ActionClient' object has no attribute '_lock'", seen in a full run).
+        self.run_policy = ActionClient(tap, RunPolicy, '/iflybot_policy/run_policy')
         self.executor = MultiThreadedExecutor(num_threads=6, context=context)
         self.executor.add_node(self.node)
         self.executor.add_node(tap)
@@ -354,7 +358,7 @@ def test_cancel_of_run_policy_holds(harness, tiny_policy, wait):
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
     assert h.node.status().state == PolicyStatus.STATE_HOLD   # no instruction yet
-    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    client = h.run_policy
     assert client.wait_for_server(timeout_sec=10)
     future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
     assert wait(future.done, timeout=10) and future.result().accepted
@@ -380,7 +384,7 @@ def test_run_policy_ends_with_success_when_the_task_succeeds(harness, tiny_polic
     h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
-    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    client = h.run_policy
     assert client.wait_for_server(timeout_sec=10)
     future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
     assert wait(future.done, timeout=10) and future.result().accepted
@@ -521,7 +525,7 @@ def test_run_policy_times_out_and_holds(harness, tiny_policy, wait):
     h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
-    client = ActionClient(h.tap, RunPolicy, '/iflybot_policy/run_policy')
+    client = h.run_policy
     assert client.wait_for_server(timeout_sec=10)
     future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=1.0))
     assert wait(future.done, timeout=10) and future.result().accepted
