@@ -52,7 +52,20 @@ def bundle_info(checkpoint: Path | None) -> dict:
     camera = info.get('camera', {})
     if camera and not (isinstance(camera, dict) and set(camera) == {'width', 'height'}):
         raise ValueError(f'{path}: camera must be {{width: W, height: H}}, got {camera!r}')
+    for task, result in (info.get('evaluation') or {}).items():
+        if not (isinstance(result, dict) and isinstance(result.get('successes'), int)
+                and isinstance(result.get('episodes'), int)
+                and result['episodes'] > 0 and 0 <= result['successes'] <= result['episodes']):
+            raise ValueError(f'{path}: evaluation.{task} must be {{successes: S, episodes: N}} '
+                             f'with 0 <= S <= N, got {result!r}')
     return info
+
+
+def evaluation_summary(info: dict) -> str:
+    """'pick_place 11/50 (22%)' from a bundle's `evaluation` (closed loop, `iflybot eval`)."""
+    return ', '.join(f'{task} {r["successes"]}/{r["episodes"]} '
+                     f'({100 * r["successes"] / r["episodes"]:.0f}%)'
+                     for task, r in (info.get('evaluation') or {}).items())
 
 
 def bundled_checkpoint() -> Path | None:
@@ -122,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         graph = ['record', 'expert:=false', f'output_dir:={bags}']
     else:
         print(f'iflybot demo: policy checkpoint {checkpoint}')
+        if bundle.get('evaluation'):
+            print('iflybot demo: its closed-loop success on held-out seeds (iflybot eval): '
+                  f'{evaluation_summary(bundle)}')
         graph = ['sim', f'checkpoint:={checkpoint}', 'record:=true', f'output_dir:={bags}']
         if bundle.get('camera'):     # render what the policy was trained on
             graph += [f'image_width:={bundle["camera"]["width"]}',

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from iflybot_vla_policy.demo_cmd import bundle_info
+from iflybot_vla_policy.demo_cmd import bundle_info, evaluation_summary
 
 
 def test_bundle_gives_the_trained_tasks_and_camera_size(tmp_path: Path) -> None:
@@ -22,6 +22,21 @@ def test_no_bundle_file_means_no_constraints(tmp_path: Path) -> None:
 def test_a_malformed_camera_entry_names_the_file(tmp_path: Path) -> None:
     (tmp_path / 'bundle.yaml').write_text('camera: {w: 128}\n')
     with pytest.raises(ValueError, match='bundle.yaml: camera must be'):
+        bundle_info(tmp_path)
+
+
+def test_the_bundled_evaluation_is_summarised_per_task(tmp_path: Path) -> None:
+    (tmp_path / 'bundle.yaml').write_text(
+        'evaluation: {pick_place: {successes: 11, episodes: 50}, stack: {successes: 0, '
+        'episodes: 20}}\n')
+    assert evaluation_summary(bundle_info(tmp_path)) == 'pick_place 11/50 (22%), stack 0/20 (0%)'
+
+
+@pytest.mark.parametrize('entry', ['{successes: 51, episodes: 50}', '{successes: 3}',
+                                   '{successes: 0, episodes: 0}', '0.22'])
+def test_an_impossible_evaluation_names_the_task(tmp_path: Path, entry: str) -> None:
+    (tmp_path / 'bundle.yaml').write_text(f'evaluation: {{pick_place: {entry}}}\n')
+    with pytest.raises(ValueError, match='evaluation.pick_place must be'):
         bundle_info(tmp_path)
 
 

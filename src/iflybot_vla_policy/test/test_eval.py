@@ -43,6 +43,12 @@ def test_scripted_expert_as_policy_scores_at_least_95_percent(tmp_path: Path) ->
     assert report['overall']['success_rate'] >= 0.95
     for task in ('pick_place', 'stack', 'push', 'drawer'):
         assert report['tasks'][task]['limit_violations']['position'] == 0
+    # the expert closes on the cube it was told to pick, centred to well under a centimetre
+    for task in ('pick_place', 'stack'):
+        assert report['tasks'][task]['grasp_attempts'] == 2
+        assert report['tasks'][task]['grasp_xy_error_m_median'] < 0.01
+    assert report['tasks']['push']['grasp_attempts'] == 0
+    assert 'grasp offset (cm)' in (tmp_path / 'report.md').read_text()
 
 
 def test_scripted_expert_succeeds_when_the_loop_replans_every_few_actions() -> None:

@@ -32,6 +32,8 @@ class EpisodeResult:
     chunks: int = 0
     video: str | None = None
     hold_reasons: dict[str, int] = field(default_factory=dict)  # reason (numbers as N) -> count
+    # TCP minus the named object (base frame, m) at the first close command; None: never closed
+    grasp_offset_m: list[float] | None = None
 
 
 def hold_category(reason: str) -> str:
@@ -51,6 +53,8 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
         low, high = wilson_interval(wins, len(group))
         latencies = [ms for e in group for ms in e.inference_ms]
         times = [e.time_to_success_s for e in group if e.time_to_success_s is not None]
+        grasp_xy = [math.hypot(*e.grasp_offset_m[:2]) for e in group
+                    if e.grasp_offset_m is not None]
         violations: dict[str, int] = {}
         for e in group:
             for key, count in e.limit_violations.items():
@@ -64,6 +68,8 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
             'control_jitter_p99_ms': _nanmax([e.control_jitter_p99_ms for e in group]),
             'rms_jerk_mean': _nanmean([e.rms_jerk for e in group]),
             'limit_violations': violations,
+            'grasp_attempts': len(grasp_xy),
+            'grasp_xy_error_m_median': float(np.median(grasp_xy)) if grasp_xy else math.nan,
         }
     return summary
 
@@ -105,10 +111,14 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
             f'{_fmt(row["inference_latency_ms_p50"])} / {_fmt(row["inference_latency_ms_p99"])}'
             f' | {_fmt(row["control_jitter_p99_ms"], 2)} | {_fmt(row["rms_jerk_mean"], 2)} | '
             f'{violations} | {counts.get("safety_holds", 0)} |')
-    lines += ['', '## Episodes', '', '| task | seed | success | duration (s) | instruction |',
-              '|---|---|---|---|---|']
+    lines += ['', '## Episodes', '',
+              'Grasp offset: TCP minus the named object (x, y, z in the base frame, cm) when the '
+              'gripper was first told to close.', '',
+              '| task | seed | success | duration (s) | grasp offset (cm) | instruction |',
+              '|---|---|---|---|---|---|']
     lines += [f'| {e.task} | {e.seed} | {"yes" if e.success else "no"} | '
-              f'{e.duration_s:.1f} | {e.instruction} |' for e in episodes]
+              f'{e.duration_s:.1f} | {_fmt_offset(e.grasp_offset_m)} | {e.instruction} |'
+              for e in episodes]
     holds = Counter()
     for e in episodes:
         holds.update(e.hold_reasons)
@@ -119,6 +129,10 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
         lines += ['', '![success per task](success.png)']
     (out_dir / 'report.md').write_text('\n'.join(lines) + '\n')
     return doc
+
+
+def _fmt_offset(offset: Sequence[float] | None) -> str:
+    return 'never closed' if offset is None else ', '.join(f'{100 * v:+.1f}' for v in offset)
 
 
 def _json_default(value: Any) -> Any:

@@ -25,6 +25,10 @@ class InferencePolicy(Protocol):
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
 
 
+# A gripper command below half the FR3 hand's 8 cm opening is a grasp attempt.
+GRASP_WIDTH_M = 0.04
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     max_time_s: float = 20.0         # simulated seconds before an episode counts as failed
@@ -116,6 +120,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
     hold_reasons: dict[str, int] = {}
     chunks = 0
     success_at: float | None = None
+    grasp_offset: list[float] | None = None   # TCP minus the named object at the first close
 
     def advance(dt: float) -> None:
         """Step the physics one action period, sampling joints (and a video frame)."""
@@ -151,6 +156,8 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         for k in range(n_exec):
             width = float(check.gripper[k])
             if abs(width - env.gripper_command.width) > 1e-4:
+                if grasp_offset is None and width < GRASP_WIDTH_M and env.task.grasps:
+                    grasp_offset = grasp_offset_of(env)
                 env.command_gripper(width)
             advance(dt)
             if env.success():
@@ -165,4 +172,11 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         task=task, seed=seed, instruction=env.instruction, success=success_at is not None,
         duration_s=env.time - start_time, time_to_success_s=success_at,
         inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
-        limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons)
+        limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons,
+        grasp_offset_m=grasp_offset)
+
+
+def grasp_offset_of(env: SimEnv) -> list[float]:
+    """TCP minus the object the instruction names (base frame, m): how far off a grasp was."""
+    tcp, _ = env.tcp_pose()
+    return [float(v) for v in tcp - env.task.grounding_points(env)[0]]

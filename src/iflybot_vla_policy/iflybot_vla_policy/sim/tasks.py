@@ -105,6 +105,7 @@ class Task:
 
     name = ''
     templates: tuple[str, ...] = ()
+    grasps = True     # closing the gripper grasps the named object (push closes it to push)
 
     def __init__(self) -> None:
         self.state = TaskState()
@@ -282,6 +283,7 @@ class Push(Task):
     """Push the puck onto the target zone of the named colour; a second zone distracts."""
 
     name = 'push'
+    grasps = False
     templates = ('push the {obj} to the {zone}', 'slide the {obj} onto the {zone}',
                  'push the {obj} into the {zone}', 'move the {obj} to the {zone} by pushing it',
                  'shove the {obj} onto the {zone}')
