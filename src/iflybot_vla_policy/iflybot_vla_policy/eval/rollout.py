@@ -25,10 +25,6 @@ class InferencePolicy(Protocol):
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]: ...
 
 
-# A gripper command below half the FR3 hand's 8 cm opening is a grasp attempt.
-GRASP_WIDTH_M = 0.04
-
-
 @dataclass(frozen=True)
 class RolloutConfig:
     max_time_s: float = 20.0         # simulated seconds before an episode counts as failed
@@ -121,6 +117,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
     chunks = 0
     success_at: float | None = None
     grasp_offset: list[float] | None = None   # TCP minus the named object at the first close
+    closing_below = 0.5 * robot.gripper.max_width   # a command under half open: a grasp attempt
 
     def advance(dt: float) -> None:
         """Step the physics one action period, sampling joints (and a video frame)."""
@@ -156,7 +153,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         for k in range(n_exec):
             width = float(check.gripper[k])
             if abs(width - env.gripper_command.width) > 1e-4:
-                if grasp_offset is None and width < GRASP_WIDTH_M and env.task.grasps:
+                if grasp_offset is None and width < closing_below and env.task.grasps:
                     grasp_offset = grasp_offset_of(env)
                 env.command_gripper(width)
             advance(dt)
