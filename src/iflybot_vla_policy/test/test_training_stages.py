@@ -345,3 +345,21 @@ def test_ablation_rejects_unknown_variants_and_non_vla_configs(tmp_path, toy_dat
                  '--variants', 'flow,lam_only']) == 2
     lam = stage_outputs / 'lam.yaml'
     assert main(['ablate', '--config', str(lam), '--heldout', str(toy_dataset)]) == 2
+
+
+def test_cached_frames_are_memory_mapped_and_equal_the_decoded_ones(tmp_path, toy_dataset):
+    import numpy as np
+
+    from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
+    from iflybot_vla_policy.training.vla_data import model_images
+
+    ds = LeRobotDataset(toy_dataset)
+    cameras = ('scene_camera', 'wrist_camera')
+    decoded = model_images(ds, cameras, 32, cache=None)              # (N, 2, 3, 32, 32) in RAM
+    first = model_images(ds, cameras, 32, cache=tmp_path)            # decodes and saves
+    again = model_images(ds, cameras, 32, cache=tmp_path)            # reads the file back
+    assert not isinstance(decoded, np.memmap)
+    assert isinstance(first, np.memmap) and isinstance(again, np.memmap)
+    assert decoded.shape == (ds.num_frames, 2, 3, 32, 32) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(first, decoded)
+    np.testing.assert_array_equal(again, decoded)

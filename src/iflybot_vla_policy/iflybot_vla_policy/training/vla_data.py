@@ -39,15 +39,20 @@ def _dataset_id(ds: LeRobotDataset) -> list[Any]:
     return [str(ds.root.resolve()), ds.num_frames, info.stat().st_mtime_ns]
 
 
-def _cached(path: Path | None, make: Any) -> np.ndarray:
+def _cached(path: Path | None, make: Any, mmap: bool = False) -> np.ndarray:
+    """`make()`, saved to and later loaded from `path`; with `mmap` the array is read from the
+    file on demand, so datasets larger than RAM train (the page cache keeps what fits)."""
     if path is not None and path.is_file():
-        return np.load(path)
+        return np.load(path, mmap_mode='r' if mmap else None)
     value = make()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')
         np.save(tmp, value)
         tmp.replace(path)
+        if mmap:
+            del value
+            return np.load(path, mmap_mode='r')
     return value
 
 
@@ -70,7 +75,7 @@ def model_images(ds: LeRobotDataset, cameras: tuple[str, ...], size: int,
         return np.stack(per_cam, axis=1).transpose(0, 1, 4, 2, 3).copy()
 
     path = None if cache is None else cache / f'images_{_key(_dataset_id(ds), cameras, size)}.npy'
-    return _cached(path, make)
+    return _cached(path, make, mmap=True)
 
 
 def latent_codes(ds: LeRobotDataset, lam: Any, camera: str, gap_s: float, cache: Path | None,
@@ -237,7 +242,7 @@ class VLADataset(Dataset):
             r = self.robot
             d, f = r.source[i]
             t = int(r.text[i])
-            return {'images': torch.from_numpy(r.images[d][f]),
+            return {'images': torch.from_numpy(np.array(r.images[d][f])),   # copy out of the mmap
                     'text_ids': torch.from_numpy(r.text_ids[t]),
                     'text_mask': torch.from_numpy(r.text_mask[t]),
                     'state': torch.from_numpy(r.state[i]),
