@@ -434,6 +434,10 @@ class Watchdog:
         last = self._last.get(name)
         return math.inf if last is None else now - last
 
+    def fed_since(self, t: float) -> bool:
+        """Whether every input has arrived at least once after time `t`."""
+        return all(self._last.get(name, -math.inf) > t for name in self.timeouts)
+
     def stale_reason(self, now: float) -> str:
         """'' when every input is fresh, else which ones are stale and by how much."""
         problems = []

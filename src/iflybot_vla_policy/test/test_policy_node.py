@@ -584,3 +584,28 @@ def test_a_run_started_after_the_arm_was_moved_during_a_hold_starts_from_where_i
     time.sleep(0.5)                         # a few control ticks
     status = h.node.status()
     assert status.state != PolicyStatus.STATE_ERROR, status.last_error
+
+
+def test_a_run_that_starts_before_the_reset_pose_arrives_waits_for_it_instead_of_erroring(
+        harness, tiny_policy, wait):
+    # make demo, 2 cores: the goal landed while the joint state of the sim reset was in flight,
+    # so the run began from the old pose and failed the tracking check one tick later.
+    h = harness({'max_tracking_error': 0.3, **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)          # no instruction yet: active and holding at home
+    h.publish_joints = False                # the reset's joint states are still in flight
+    time.sleep(0.1)
+    with h.node._lock:
+        h.node.executor_.reset(ROBOT.home, time.monotonic() + 60.0)   # held command, old pose
+        h.node._start_instruction('pick')
+    moved = ROBOT.home.copy()
+    moved[1] += 0.8
+    h.q = moved
+    time.sleep(0.2)                         # control ticks before the new pose arrives
+    assert not h.received(), 'a chunk was computed from inputs older than the run'
+    h.publish_joints = True
+    assert wait(lambda: np.allclose(h.node._q_measured[:7], moved), timeout=10)
+    assert wait(lambda: len(h.received()) >= 1, timeout=30)
+    first = trajectory_from_msg(h.received()[0])
+    assert np.abs(first.positions[0] - moved).max() < 0.3   # spliced from where the arm is
+    status = h.node.status()
+    assert status.state != PolicyStatus.STATE_ERROR, status.last_error

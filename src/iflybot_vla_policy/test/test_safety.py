@@ -198,3 +198,15 @@ def test_watchdog_reports_missing_and_stale_inputs():
     assert 'joint_states' in reason and 'scene_camera' not in reason
     with pytest.raises(ValueError, match='scene_camera'):
         Watchdog({'scene_camera': 0.0})
+
+
+def test_watchdog_tells_whether_every_input_arrived_after_a_time():
+    dog = Watchdog({'joint_states': 0.2, 'scene_camera': 0.5})
+    assert not dog.fed_since(0.0)
+    dog.feed('joint_states', 10.0)
+    dog.feed('scene_camera', 10.0)
+    assert dog.fed_since(9.9) and not dog.fed_since(10.0)
+    dog.feed('joint_states', 10.2)
+    assert not dog.fed_since(10.1)             # the camera is still older than 10.1
+    dog.feed('scene_camera', 10.3)
+    assert dog.fed_since(10.1)

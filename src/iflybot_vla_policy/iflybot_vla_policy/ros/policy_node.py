@@ -344,6 +344,7 @@ class PolicyNode(LifecycleNode):
         self._chunks = 0
         self._success_since = -math.inf   # monotonic time of the last task_success=True
         self._goal_token = 0
+        self._run_start: float | None = None   # a run waits for inputs newer than this
         self.inference_ms: deque[float] = deque(maxlen=200)
         self.e2e_latency_ms: deque[float] = deque(maxlen=200)
         self.round_trip_ms: deque[float] = deque(maxlen=200)
@@ -469,6 +470,7 @@ class PolicyNode(LifecycleNode):
             self._active = True
             self._generation += 1
             self._last_request = -math.inf
+            self._run_start = time.monotonic()
             self._set_state(RUNNING if self._instruction else HOLD,
                             '' if self._instruction else 'waiting for an instruction',
                             '' if self._instruction else 'user')
@@ -556,6 +558,7 @@ class PolicyNode(LifecycleNode):
             if text:
                 if self._state != RUNNING:
                     self._start_from_measured()
+                    self._run_start = time.monotonic()
                 self._set_state(RUNNING, '', '')
                 self._last_request = -math.inf
             else:
@@ -595,6 +598,13 @@ class PolicyNode(LifecycleNode):
                 return
             if self._state == HOLD and self._hold_cause == 'input':
                 self._set_state(RUNNING, '', '')   # inputs fresh again: resume
+            if self._run_start is not None and self._state == RUNNING:
+                # A run's first check and first chunk use inputs that arrived after it began:
+                # the joint state of a sim reset may still be in flight when the goal lands.
+                if not self.watchdog.fed_since(self._run_start):
+                    return
+                self._run_start = None
+                self._start_from_measured()
             command = self.executor_.command
             if self.config.action_mode == 'joint' and command is not None:
                 if self._state != RUNNING and now > command.end:
