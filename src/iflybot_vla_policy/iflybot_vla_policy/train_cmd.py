@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # see notes: shared-core slowdowns
+    # Huge pages for torch's large CPU buffers: without them half of a step's time went to page
+    # faults (docs/training.md). Read at torch's first large allocation, which is still ahead.
+    os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
     from iflybot_vla_policy.training.config import load_train_config
 
     try:

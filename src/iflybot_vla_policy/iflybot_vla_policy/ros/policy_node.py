@@ -68,6 +68,7 @@ class NodeConfig:
     seed: int = 0
     noise_scale: float = 1.0
     device: str = 'cpu'
+    torch_threads: int = 0
     inference_backend: str = 'local'
     server_uri: str = 'ws://127.0.0.1:8000'
     api_key: str = ''
@@ -113,6 +114,7 @@ DESCRIPTIONS: dict[str, str] = {
     'seed': 'seed of the random weights (preset) and of the sampling noise',
     'noise_scale': 'std of the flow starting noise in [0, 1]: 1 samples, 0 is deterministic',
     'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
+    'torch_threads': 'CPU threads of a local model; 0: torch default (one per core)',
     'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
     'server_uri': 'websocket URI of the policy server (inference_backend: remote)',
     'api_key': 'API key sent as "Authorization: Api-Key <key>" (remote); empty: none',
@@ -157,7 +159,8 @@ _CHOICES = {'inference_backend': ('local', 'remote'), 'action_mode': ('joint', '
 _POSITIVE = ('control_rate_hz', 'inference_rate_hz', 'gripper_speed', 'max_step',
              'max_tracking_error', 'joint_state_timeout_s', 'camera_timeout_s')
 _NON_NEGATIVE = ('commit_latency_s', 'ensemble_decay', 'gripper_force', 'gripper_deadband',
-                 'grasp_width', 'position_margin', 'workspace_margin', 'warmup_inferences')
+                 'grasp_width', 'position_margin', 'workspace_margin', 'warmup_inferences',
+                 'torch_threads')
 
 
 def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
@@ -405,7 +408,11 @@ class PolicyNode(LifecycleNode):
                 self.get_logger().warning(f'policy server not reachable yet: {exc}')
             return policy
         else:
+            import torch
+
             from iflybot_vla_policy.policy import Policy
+            if cfg.torch_threads:
+                torch.set_num_threads(cfg.torch_threads)
             engine = {'device': cfg.device, 'noise_scale': cfg.noise_scale}
             if cfg.checkpoint:
                 policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **engine)
