@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from iflybot_vla_policy.eval.metrics import jitter, limit_violations, rms_jerk
-from iflybot_vla_policy.eval.report import EpisodeResult
+from iflybot_vla_policy.eval.report import EpisodeResult, hold_category
 
 
 def start_graph(graph: str, overrides: Sequence[str], log_path: Path) -> subprocess.Popen:
@@ -84,6 +84,9 @@ def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, 
     arrivals = window(taps.trajectory_arrivals, 'arrivals')
     period = float(np.median(np.diff(arrivals))) if len(arrivals) > 2 else math.nan
     keep = np.concatenate([[True], np.diff(mt) > 0]) if len(mt) else np.zeros(0, bool)
+    holds: dict[str, int] = {}
+    for reason in window(taps.holds, 'holds'):
+        holds[hold_category(reason)] = holds.get(hold_category(reason), 0) + 1
     return EpisodeResult(
         task=task, seed=seed, instruction=instruction, success=success,
         duration_s=duration, time_to_success_s=duration if success else None,
@@ -91,4 +94,4 @@ def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, 
         control_jitter_p99_ms=jitter(arrivals, period)['p99_ms'] if period > 0 else math.nan,
         rms_jerk=rms_jerk(mt[keep], mq[keep]) if keep.sum() > 3 else math.nan,
         limit_violations=limit_violations(robot, cq, cdq),
-        chunks=after['latency'] - before['latency'])
+        chunks=after['latency'] - before['latency'], hold_reasons=holds)

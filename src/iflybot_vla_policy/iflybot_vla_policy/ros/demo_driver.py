@@ -53,6 +53,11 @@ class Taps:
     trajectory_arrivals: list[float] = field(default_factory=list)  # sim time of each message
     chunk_latency_ms: list[float] = field(default_factory=list)     # from /vla/action_chunk
     episode_starts: list[float] = field(default_factory=list)
+    holds: list[str] = field(default_factory=list)     # reason of each HOLD/ERROR on /vla/status
+
+
+# Holds that are the policy waiting between runs, not an interruption of one.
+IDLE_HOLDS = ('waiting for an instruction', 'run_policy ended', 'run_policy canceled')
 
 
 def _stamp(msg_stamp) -> float:
@@ -60,8 +65,8 @@ def _stamp(msg_stamp) -> float:
 
 
 class DemoDriver(Node):
-    def __init__(self, frame_every: int = 2) -> None:
-        super().__init__('iflybot_demo')
+    def __init__(self, frame_every: int = 2, context: object | None = None) -> None:
+        super().__init__('iflybot_demo', context=context)
         self.robot = load_robot()
         self.taps = Taps()
         self._lock = threading.Lock()
@@ -126,7 +131,16 @@ class DemoDriver(Node):
         self.last_instruction = msg.data
 
     def _on_status(self, msg: PolicyStatus) -> None:
-        self._latest_status = msg
+        previous, self._latest_status = self._latest_status, msg
+        if msg.state not in (PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR):
+            return
+        if previous is not None and (previous.state, previous.last_error) == \
+                (msg.state, msg.last_error):
+            return
+        if msg.last_error.startswith(IDLE_HOLDS):
+            return
+        with self._lock:
+            self.taps.holds.append(msg.last_error)
 
     # ------------------------------------------------------------------------------ calls
     def call(self, client, request, timeout: float = 60.0):
@@ -157,7 +171,8 @@ class DemoDriver(Node):
             return {'measured': len(self.taps.measured_t),
                     'commanded': len(self.taps.commanded_t),
                     'arrivals': len(self.taps.trajectory_arrivals),
-                    'latency': len(self.taps.chunk_latency_ms)}
+                    'latency': len(self.taps.chunk_latency_ms),
+                    'holds': len(self.taps.holds)}
 
     def start_episode(self, task: str, instruction: str, operator: str) -> str:
         reply = self.call(self.start_client, StartEpisode.Request(

@@ -1,0 +1,56 @@
+"""The demo / through-ROS driver over real DDS: what it taps from /vla/status per episode."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+rclpy = pytest.importorskip('rclpy')
+
+from iflybot_vla_msgs.msg import PolicyStatus  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+
+from iflybot_vla_policy.eval.through_ros import _episode_result  # noqa: E402
+from iflybot_vla_policy.robot import load_robot  # noqa: E402
+from iflybot_vla_policy.ros.demo_driver import DemoDriver  # noqa: E402
+
+pytestmark = pytest.mark.ros
+HOLD, RUNNING, ERROR = (PolicyStatus.STATE_HOLD, PolicyStatus.STATE_RUNNING,
+                        PolicyStatus.STATE_ERROR)
+STALE = 'stale input: joint_states: 0.31 s old (timeout 0.25 s)'
+
+
+def test_holds_during_a_run_are_counted_by_cause_and_idle_holds_are_not(ros_context, wait):
+    driver = DemoDriver(frame_every=10**9, context=ros_context)
+    tap = rclpy.create_node('demo_driver_test', context=ros_context)
+    pub = tap.create_publisher(PolicyStatus, '/vla/status', 10)
+    executor = MultiThreadedExecutor(num_threads=2, context=ros_context)
+    executor.add_node(driver)
+    executor.add_node(tap)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    try:
+        assert wait(lambda: pub.get_subscription_count() > 0, timeout=10)
+        before = driver.counts()
+        sent = [(HOLD, 'waiting for an instruction'), (RUNNING, ''), (HOLD, STALE),
+                (HOLD, STALE),                                   # the same hold, 5 Hz repeats
+                (RUNNING, ''), (HOLD, STALE.replace('0.31', '0.45')),
+                (ERROR, 'fr3_joint6 is 0.998 rad from its command'),
+                (HOLD, 'run_policy ended: error: fr3_joint6 is 0.998 rad from its command')]
+        for state, error in sent:
+            pub.publish(PolicyStatus(state=state, last_error=error))
+            assert wait(lambda e=error: driver._latest_status is not None
+                        and driver._latest_status.last_error == e, timeout=10)
+        after = driver.counts()
+        assert driver.taps.holds[before['holds']:after['holds']] == [
+            STALE, STALE.replace('0.31', '0.45'), 'fr3_joint6 is 0.998 rad from its command']
+        result = _episode_result(driver.taps, before, after, load_robot(), 'pick_place', 1,
+                                 'pick', False, 25.0)
+        assert result.hold_reasons == {
+            'stale input: joint_states: N s old (timeout N s)': 2,
+            'frN_jointN is N rad from its command': 1}
+    finally:
+        executor.shutdown(timeout_sec=5)
+        thread.join(timeout=5)
+        driver.destroy_node()
+        tap.destroy_node()
