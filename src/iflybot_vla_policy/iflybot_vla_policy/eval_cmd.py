@@ -126,16 +126,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def through_ros_graph(args: argparse.Namespace) -> tuple[list[str], str]:
+    """`iflybot up sim` arguments of a through-ROS eval, and the policy's name: the checkpoint
+    (or preset) and the camera size the direct eval would render."""
+    if args.checkpoint is not None:
+        overrides, name = [f'checkpoint:={args.checkpoint.resolve()}'], str(args.checkpoint)
+    else:
+        overrides, name = [f'preset:={args.preset}'], f'preset {args.preset} (random)'
+    size = camera_size(args)
+    return [*overrides, f'image_width:={size}', f'image_height:={size}'], name
+
+
 def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]]):
     from iflybot_vla_policy.eval.through_ros import run_episodes
 
     if args.expert:
         raise SystemExit('iflybot eval: --through-ros runs the policy node; use --checkpoint '
                          'or --preset (the expert through ROS is `iflybot record`)')
-    if args.checkpoint is not None:
-        overrides, name = [f'checkpoint:={args.checkpoint.resolve()}'], str(args.checkpoint)
-    else:
-        overrides, name = [f'preset:={args.preset}'], f'preset {args.preset} (random)'
+    overrides, name = through_ros_graph(args)
     episodes = run_episodes(jobs, overrides, args.out, args.max_time, on_episode=_print_episode)
     return episodes, name
 

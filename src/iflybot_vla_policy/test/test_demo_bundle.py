@@ -60,3 +60,15 @@ def test_eval_renders_the_camera_size_a_bundled_checkpoint_was_trained_on(tmp_pa
     assert eval_cmd.camera_size(args) == 224
     eval_cmd, args = _eval_args('--expert')
     assert eval_cmd.camera_size(args) == 224
+
+
+def test_through_ros_eval_renders_the_same_camera_size_as_the_direct_eval(tmp_path: Path) -> None:
+    # It rendered the simulator's default 320x240 for a policy trained on 128x128 frames.
+    (tmp_path / 'bundle.yaml').write_text('camera: {width: 128, height: 128}\n')
+    eval_cmd, args = _eval_args('--through-ros', '--checkpoint', str(tmp_path))
+    overrides, name = eval_cmd.through_ros_graph(args)
+    assert overrides == [f'checkpoint:={tmp_path.resolve()}', 'image_width:=128',
+                         'image_height:=128'] and name == str(tmp_path)
+    eval_cmd, args = _eval_args('--through-ros', '--preset', 'tiny', '--image-size', '96')
+    assert eval_cmd.through_ros_graph(args)[0] == ['preset:=tiny', 'image_width:=96',
+                                                   'image_height:=96']
