@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='seed of the first episode (held-out evaluation seeds)')
     parser.add_argument('--max-episode-s', type=float, default=25.0,
                         help='seconds before an episode is given up')
+    parser.add_argument('--policy-threads', type=int, default=None,
+                        help="CPU threads of the policy node (default: the sim graph's)")
     parser.add_argument('--out', type=Path, default=Path('outputs/demo'),
                         help='directory for bags, rollouts.mp4, joints.png and the log')
 
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             print('iflybot demo: its closed-loop success on held-out seeds (iflybot eval): '
                   f'{evaluation_summary(bundle)}')
         graph = ['sim', f'checkpoint:={checkpoint}', 'record:=true', f'output_dir:={bags}']
+        if args.policy_threads is not None:
+            graph.append(f'policy_threads:={args.policy_threads}')
         if bundle.get('camera'):     # render what the policy was trained on
             graph += [f'image_width:={bundle["camera"]["width"]}',
                       f'image_height:={bundle["camera"]["height"]}']

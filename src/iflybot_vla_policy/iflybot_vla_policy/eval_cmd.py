@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'the deployment path, real time')
     parser.add_argument('--max-time', type=float, default=20.0,
                         help='simulated seconds per episode before it counts as failed')
+    parser.add_argument('--policy-threads', type=int, default=None,
+                        help='--through-ros: CPU threads of the policy node (default: the '
+                             "graph's, 0 = one per core)")
     parser.add_argument('--replan-steps', type=int, default=0,
                         help='actions executed per chunk before re-planning (0: whole chunk)')
     parser.add_argument('--videos', type=int, default=1,
@@ -134,7 +137,10 @@ def through_ros_graph(args: argparse.Namespace) -> tuple[list[str], str]:
     else:
         overrides, name = [f'preset:={args.preset}'], f'preset {args.preset} (random)'
     size = camera_size(args)
-    return [*overrides, f'image_width:={size}', f'image_height:={size}'], name
+    overrides += [f'image_width:={size}', f'image_height:={size}']
+    if args.policy_threads is not None:
+        overrides.append(f'policy_threads:={args.policy_threads}')
+    return overrides, name
 
 
 def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]]):

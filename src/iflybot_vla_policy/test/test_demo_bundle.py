@@ -69,6 +69,7 @@ def test_through_ros_eval_renders_the_same_camera_size_as_the_direct_eval(tmp_pa
     overrides, name = eval_cmd.through_ros_graph(args)
     assert overrides == [f'checkpoint:={tmp_path.resolve()}', 'image_width:=128',
                          'image_height:=128'] and name == str(tmp_path)
-    eval_cmd, args = _eval_args('--through-ros', '--preset', 'tiny', '--image-size', '96')
+    eval_cmd, args = _eval_args('--through-ros', '--preset', 'tiny', '--image-size', '96',
+                                '--policy-threads', '1')
     assert eval_cmd.through_ros_graph(args)[0] == ['preset:=tiny', 'image_width:=96',
-                                                   'image_height:=96']
+                                                   'image_height:=96', 'policy_threads:=1']
