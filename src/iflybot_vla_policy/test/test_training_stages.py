@@ -347,19 +347,25 @@ def test_ablation_rejects_unknown_variants_and_non_vla_configs(tmp_path, toy_dat
     assert main(['ablate', '--config', str(lam), '--heldout', str(toy_dataset)]) == 2
 
 
-def test_cached_frames_are_memory_mapped_and_equal_the_decoded_ones(tmp_path, toy_dataset):
+def test_cached_frames_are_held_in_ram_when_they_fit_and_memory_mapped_when_not(
+        tmp_path, toy_dataset, monkeypatch):
     import numpy as np
 
     from iflybot_vla_policy.data.lerobot_reader import LeRobotDataset
-    from iflybot_vla_policy.training.vla_data import model_images
+    from iflybot_vla_policy.training import vla_data
 
     ds = LeRobotDataset(toy_dataset)
     cameras = ('scene_camera', 'wrist_camera')
-    decoded = model_images(ds, cameras, 32, cache=None)              # (N, 2, 3, 32, 32) in RAM
-    first = model_images(ds, cameras, 32, cache=tmp_path)            # decodes and saves
-    again = model_images(ds, cameras, 32, cache=tmp_path)            # reads the file back
-    assert not isinstance(decoded, np.memmap)
-    assert isinstance(first, np.memmap) and isinstance(again, np.memmap)
+    decoded = vla_data.model_images(ds, cameras, 32, cache=None)     # (N, 2, 3, 32, 32)
     assert decoded.shape == (ds.num_frames, 2, 3, 32, 32) and decoded.dtype == np.uint8
-    np.testing.assert_array_equal(first, decoded)
-    np.testing.assert_array_equal(again, decoded)
+    first = vla_data.model_images(ds, cameras, 32, cache=tmp_path)   # decodes and saves
+    again = vla_data.model_images(ds, cameras, 32, cache=tmp_path)   # reads the file back
+    for array in (decoded, first, again):
+        assert not isinstance(array, np.memmap)
+        np.testing.assert_array_equal(array, decoded)
+    monkeypatch.setattr(vla_data, 'RAM_RESERVE_BYTES', 1 << 60)       # no RAM to spare
+    mapped = vla_data.model_images(ds, cameras, 32, cache=tmp_path)
+    fresh = vla_data.model_images(ds, cameras, 32, cache=tmp_path / 'other')
+    for array in (mapped, fresh):
+        assert isinstance(array, np.memmap)
+        np.testing.assert_array_equal(array, decoded)

@@ -39,18 +39,38 @@ def _dataset_id(ds: LeRobotDataset) -> list[Any]:
     return [str(ds.root.resolve()), ds.num_frames, info.stat().st_mtime_ns]
 
 
+RAM_RESERVE_BYTES = 4 << 30   # left free for the model, its batches and the OS
+
+
+def _fits_in_ram(nbytes: int) -> bool:
+    """Whether `nbytes` more of memory still leaves RAM_RESERVE_BYTES available (Linux)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return nbytes + RAM_RESERVE_BYTES < int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return True
+
+
 def _cached(path: Path | None, make: Any, mmap: bool = False) -> np.ndarray:
-    """`make()`, saved to and later loaded from `path`; with `mmap` the array is read from the
-    file on demand, so datasets larger than RAM train (the page cache keeps what fits)."""
+    """`make()`, saved to and later loaded from `path`. With `mmap`, an array that does not fit
+    in RAM is read from the file on demand, so datasets larger than memory still train; one that
+    fits is held in RAM, since file pages can be paged out and re-read on every epoch (seen on a
+    VM with proactive reclaim: 1.7 s/step memory-mapped vs 1.25 in RAM)."""
     if path is not None and path.is_file():
-        return np.load(path, mmap_mode='r' if mmap else None)
+        if not mmap:
+            return np.load(path)
+        mapped = np.load(path, mmap_mode='r')
+        return np.load(path) if _fits_in_ram(mapped.nbytes) else mapped
     value = make()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')
         np.save(tmp, value)
         tmp.replace(path)
-        if mmap:
+        if mmap and not _fits_in_ram(0):
             del value
             return np.load(path, mmap_mode='r')
     return value
