@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
+
+from iflybot_vla_policy.bench import run_child
 
 PEER_SHAPE = {'action.horizon': 50, 'action.space': 'ee_delta', 'action.action_dim': 7,
               'flow.denoise_steps': 10}
@@ -130,14 +131,7 @@ def run(quick: bool = True) -> dict:
     """Run the measurements in a fresh interpreter; returns the results dict."""
     env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
     env.pop('OMP_NUM_THREADS', None)  # threads are set per measurement
-    code = ('import json, sys; from iflybot_vla_policy.bench.inference import _child; '
-            f'print("RESULT " + json.dumps(_child({bool(quick)})))')
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                          timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f'inference benchmark failed:\n{proc.stderr[-4000:]}')
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith('RESULT '))
-    result = json.loads(line[len('RESULT '):])
+    result = run_child('iflybot_vla_policy.bench.inference', quick, env, 'inference')
     with open('/proc/loadavg') as f:
         result['load_average_1min'] = float(f.read().split()[0])
     return result

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+from iflybot_vla_policy.bench import run_child
 
 RECIPE = {'image_size': 128, 'tokens.fast_vocab': 0, 'loss.fast_weight': 0.0,
           'tokens.latent_tokens': 0, 'loss.latent_weight': 0.0, 'loss.grounding_weight': 1.0}
@@ -73,14 +74,8 @@ def _child(quick: bool) -> dict:
 def _run_child(quick: bool, thp: str) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', OMP_NUM_THREADS='2',
                THP_MEM_ALLOC_ENABLE=thp)
-    code = ('import json; from iflybot_vla_policy.bench.training_step import _child; '
-            f'print("RESULT " + json.dumps(_child({bool(quick)})))')
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                          timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f'training-step benchmark failed:\n{proc.stderr[-4000:]}')
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith('RESULT '))
-    return json.loads(line[len('RESULT '):])
+    return run_child('iflybot_vla_policy.bench.training_step', quick, env, 'training-step',
+                     timeout=1800)
 
 
 def run(quick: bool = True) -> dict:
