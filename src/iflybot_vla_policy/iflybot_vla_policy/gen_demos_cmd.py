@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--horizon', type=int, default=10, help='expert chunk length')
     parser.add_argument('--max-time', type=float, default=25.0,
                         help='sim seconds before an episode is cut off')
+    parser.add_argument('--offset-start', type=float, nargs=2, default=None,
+                        metavar=('MIN', 'MAX'),
+                        help='pick tasks: start each episode with the open hand hovering MIN..MAX '
+                             'm off the object to pick, so demos show the expert correcting a '
+                             'missed approach (e.g. 0.02 0.06)')
     parser.add_argument('--keep-failures', action='store_true',
                         help='also write episodes the expert failed (success=false)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
@@ -48,8 +53,16 @@ def run(args: argparse.Namespace) -> int:
         print('iflybot gen-demos: --episodes must be >= 1', file=sys.stderr)
         return 2
     workers = args.workers or os.cpu_count() or 1
+    if args.offset_start is not None:
+        lo, hi = args.offset_start
+        picks = {'pick_place', 'stack'}
+        if not 0.0 <= lo <= hi or set(tasks) - picks:
+            print(f'iflybot gen-demos: --offset-start needs 0 <= MIN <= MAX and only tasks in '
+                  f'{sorted(picks)}; got {args.offset_start} for {tasks}', file=sys.stderr)
+            return 2
     spec = DemoSpec(fps=args.fps, image_size=tuple(args.image_size), horizon=args.horizon,
-                    max_time=args.max_time)
+                    max_time=args.max_time,
+                    offset_start=None if args.offset_start is None else tuple(args.offset_start))
     try:
         summary = write_demos(Path(args.out), tasks, args.episodes, args.seed_start, spec,
                               workers=min(workers, args.episodes),

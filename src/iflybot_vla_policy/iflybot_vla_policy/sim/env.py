@@ -141,6 +141,25 @@ class SimEnv:
         self.step(0.2)   # let objects settle
         return self.observe()
 
+    def place_arm(self, q: np.ndarray, settle: float = 0.2) -> None:
+        """Put the arm at rest at joints q (7,) and hold it there; the objects stay put.
+
+        For start states a reset cannot draw (demos that begin off the expert's path)."""
+        q = np.asarray(q, np.float64)
+        r = self.robot
+        if q.shape != (7,) or not np.all(np.isfinite(q)):
+            raise ValueError(f'place_arm needs 7 finite joint positions, got {q!r}')
+        if np.any(q < r.q_min) or np.any(q > r.q_max):
+            raise ValueError(f'place_arm: {q.round(3).tolist()} is outside the joint limits')
+        self.data.qpos[self._arm_qpos] = q
+        self.data.qvel[self._arm_dof] = 0.0
+        mujoco.mj_forward(self.model, self.data)
+        self.trajectory.hold(q, self.time)
+        self.servo.reset(q)
+        self._servo_mode = False
+        self._desired = DesiredState(q.copy(), np.zeros(7), np.zeros(7))
+        self.step(settle)
+
     @property
     def instruction(self) -> str:
         return self.task.state.instruction

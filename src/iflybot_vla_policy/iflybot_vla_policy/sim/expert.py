@@ -352,6 +352,39 @@ class ScriptedExpert:
         return linear, angular, self.grip
 
 
+def offset_start(env: SimEnv, rng: np.random.Generator, radius: tuple[float, float],
+                 height: tuple[float, float] = (0.08, SAFE_Z + 0.04),
+                 yaw_spread: float = 0.4) -> np.ndarray:
+    """Put the arm, hand open, at rest above the object to pick but `radius` m off its centre.
+
+    A demo that starts there shows what the expert's own demos never do: an approach that
+    missed the object, seen by the wrist camera, and corrected. A policy that localises the
+    object to ~2 cm from the scene camera needs exactly that to grasp (DART, Laskey et al. 2017,
+    injects such off-path states by noise). Offset direction uniform, distance uniform in
+    `radius`, TCP height uniform in `height`, yaw off the grasp yaw by up to `yaw_spread`.
+    Returns the TCP position (3,) it placed the arm at.
+    """
+    task = env.task
+    if not isinstance(task, (PickPlace, Stack)):
+        raise ValueError(f'offset starts need a pick task (pick_place, stack), not {task.name!r}')
+    lo, hi = radius
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f'offset radius must satisfy 0 <= min <= max, got {radius}')
+    expert = ScriptedExpert(env)
+    obj = str(task.state.plan['object'])
+    centre, _ = expert._obj(obj)
+    angle, dist = rng.uniform(-math.pi, math.pi), rng.uniform(lo, hi)
+    pos = np.array([centre[0] + dist * math.cos(angle), centre[1] + dist * math.sin(angle),
+                    rng.uniform(*height)])
+    rot = tcp_rotation(expert._grasp_yaw(obj) + rng.uniform(-yaw_spread, yaw_spread))
+    robot = env.robot
+    q, err = env.kinematics.solve_ik(pos, rot, env.joint_positions[:7], q_nominal=robot.home)
+    if err > 1e-3:
+        raise ValueError(f'offset start {pos.round(3).tolist()} is out of reach (IK error {err:.3g})')
+    env.place_arm(np.clip(q, robot.q_min, robot.q_max))
+    return pos
+
+
 def make_expert(env: SimEnv, horizon: int = 10, dt: float = 0.05) -> ScriptedExpert:
     return ScriptedExpert(env, horizon=horizon, dt=dt)
 

@@ -5,7 +5,8 @@ the dataset's frame period, execute each chunk as one trajectory (as a policy wo
 every frame on the way: both cameras, the state, and as action the commanded target for the
 end of that frame period (joint targets + gripper width), the same "commanded" convention as
 `bag2dataset`. Episodes are written in seed order with the dataset writer, so a run is
-reproducible.
+reproducible. With `offset_start` an episode begins with the hand hovering off the object to
+pick, the states a policy's missed approach reaches and the expert's own path never does.
 """
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ class DemoSpec:
     horizon: int = 10                   # expert chunk length (actions per trajectory)
     max_time: float = 25.0              # sim seconds before an episode is cut off
     settle_time: float = 0.3            # s after the expert finishes, recorded as holding
+    # (min, max) m: start each episode hovering this far off the object to pick (pick tasks),
+    # so the demo shows the expert correcting a missed approach; None: the reset's start.
+    offset_start: tuple[float, float] | None = None
 
 
+OFFSET_STREAM = 0x0FF5           # second seed word of the offset-start draw (scene stays seed's)
 _ENVS: dict[str, Any] = {}             # per worker process: one env per task, reused
 
 
@@ -44,11 +49,13 @@ def _env(task: str, spec: DemoSpec) -> Any:
 def record_episode(task: str, seed: int, spec: DemoSpec = DemoSpec()) -> EpisodeData:
     """Run the expert on `task` at `seed`; every frame period is one recorded frame."""
     from iflybot_vla_policy.sim.env import chunk_to_trajectory
-    from iflybot_vla_policy.sim.expert import ScriptedExpert
+    from iflybot_vla_policy.sim.expert import ScriptedExpert, offset_start
     from iflybot_vla_policy.sim.model import PHYSICS_DT
 
     env = _env(task, spec)
     env.reset(seed)
+    if spec.offset_start is not None:
+        offset_start(env, np.random.default_rng([seed, OFFSET_STREAM]), spec.offset_start)
     dt = 1.0 / spec.fps
     steps = max(1, round(dt / PHYSICS_DT))
     expert = ScriptedExpert(env, horizon=spec.horizon, dt=dt)
