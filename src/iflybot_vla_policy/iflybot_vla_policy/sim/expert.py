@@ -380,7 +380,8 @@ def offset_start(env: SimEnv, rng: np.random.Generator, radius: tuple[float, flo
     robot = env.robot
     q, err = env.kinematics.solve_ik(pos, rot, env.joint_positions[:7], q_nominal=robot.home)
     if err > 1e-3:
-        raise ValueError(f'offset start {pos.round(3).tolist()} is out of reach (IK error {err:.3g})')
+        raise ValueError(f'offset start {pos.round(3).tolist()} is out of reach '
+                         f'(IK error {err:.3g})')
     env.place_arm(np.clip(q, robot.q_min, robot.q_max))
     return pos
 
