@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from iflybot_vla_policy.bundle import bundle_info, evaluation_summary
+
 # push is not in the default: through ROS the expert cannot see the puck (no object-pose topic).
 DEFAULT_TASKS = 'pick_place,stack,drawer,pick_place,stack'
 
@@ -36,38 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads of the policy node (default: the sim graph's)")
     parser.add_argument('--out', type=Path, default=Path('outputs/demo'),
                         help='directory for bags, rollouts.mp4, joints.png and the log')
-
-
-BUNDLE_FILE = 'bundle.yaml'
-
-
-def bundle_info(checkpoint: Path | None) -> dict:
-    """A checkpoint's bundle.yaml (tasks it was trained on, camera size it saw), or {}."""
-    import yaml
-
-    path = None if checkpoint is None else checkpoint / BUNDLE_FILE
-    if path is None or not path.is_file():
-        return {}
-    info = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(info, dict):
-        raise ValueError(f'{path}: expected a mapping')
-    camera = info.get('camera', {})
-    if camera and not (isinstance(camera, dict) and set(camera) == {'width', 'height'}):
-        raise ValueError(f'{path}: camera must be {{width: W, height: H}}, got {camera!r}')
-    for task, result in (info.get('evaluation') or {}).items():
-        if not (isinstance(result, dict) and isinstance(result.get('successes'), int)
-                and isinstance(result.get('episodes'), int)
-                and result['episodes'] > 0 and 0 <= result['successes'] <= result['episodes']):
-            raise ValueError(f'{path}: evaluation.{task} must be {{successes: S, episodes: N}} '
-                             f'with 0 <= S <= N, got {result!r}')
-    return info
-
-
-def evaluation_summary(info: dict) -> str:
-    """'pick_place 11/50 (22%)' from a bundle's `evaluation` (closed loop, `iflybot eval`)."""
-    return ', '.join(f'{task} {r["successes"]}/{r["episodes"]} '
-                     f'({100 * r["successes"] / r["episodes"]:.0f}%)'
-                     for task, r in (info.get('evaluation') or {}).items())
 
 
 def bundled_checkpoint() -> Path | None:

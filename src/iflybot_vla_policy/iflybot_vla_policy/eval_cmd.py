@@ -42,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed-offset', type=int, default=0,
                         help='start at this index into the held-out evaluation seeds')
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy sampler')
-    parser.add_argument('--noise-scale', type=float, default=1.0,
+    parser.add_argument('--noise-scale', type=float, default=None,
                         help="std of the policy's flow starting noise: 1 samples, 0 is "
-                             'deterministic (less jitter)')
+                             "deterministic (less jitter); default: the checkpoint's "
+                             'bundle.yaml inference.noise_scale, else 1')
     parser.add_argument('--expert-noise', type=float, default=0.0, metavar='RAD',
                         help='with --expert: Gaussian joint error (std, rad) added to its '
                              'chunks, to measure how precise a policy must be')
@@ -58,7 +59,7 @@ DEFAULT_IMAGE_SIZE = 224
 
 def camera_size(args: argparse.Namespace) -> int:
     """--image-size, else the camera a bundled checkpoint was trained on, else 224."""
-    from iflybot_vla_policy.demo_cmd import bundle_info
+    from iflybot_vla_policy.bundle import bundle_info
 
     if args.image_size is not None:
         return args.image_size
@@ -69,6 +70,13 @@ def camera_size(args: argparse.Namespace) -> int:
         raise SystemExit(f'iflybot eval: the bundle camera is {camera["width"]}x'
                          f'{camera["height"]}; give a square --image-size')
     return int(camera['width'])
+
+
+def _noise_scale(args: argparse.Namespace) -> float | None:
+    """--noise-scale, else the checkpoint's bundle default, else 1; None for the expert."""
+    from iflybot_vla_policy.bundle import noise_scale
+
+    return None if args.expert else noise_scale(args.checkpoint, args.noise_scale)
 
 
 def _load_policy(args: argparse.Namespace):
@@ -88,8 +96,8 @@ def _load_policy(args: argparse.Namespace):
         if not args.checkpoint.is_dir():
             raise SystemExit(f'iflybot eval: checkpoint directory not found: {args.checkpoint}')
         return (Policy.from_checkpoint(args.checkpoint, seed=args.seed,
-                                       noise_scale=args.noise_scale), str(args.checkpoint))
-    return (Policy.from_config(args.preset, seed=args.seed, noise_scale=args.noise_scale),
+                                       noise_scale=_noise_scale(args)), str(args.checkpoint))
+    return (Policy.from_config(args.preset, seed=args.seed, noise_scale=_noise_scale(args)),
             f'preset {args.preset} (random)')
 
 
@@ -117,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         mode = 'direct'
     meta = {'policy': policy_name, 'mode': mode, 'tasks': ','.join(tasks),
             'episodes_per_task': args.episodes, 'max_time_s': args.max_time,
-            'replan_steps': args.replan_steps, 'noise_scale': args.noise_scale,
+            'replan_steps': args.replan_steps, 'noise_scale': _noise_scale(args),
             'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
             'wall_time_s': round(time.time() - started, 1)}
     doc = write_report(args.out, episodes, meta)
@@ -140,6 +148,8 @@ def through_ros_graph(args: argparse.Namespace) -> tuple[list[str], str]:
     overrides += [f'image_width:={size}', f'image_height:={size}']
     if args.policy_threads is not None:
         overrides.append(f'policy_threads:={args.policy_threads}')
+    if args.noise_scale is not None:   # else the node takes the bundle's, as the direct eval
+        overrides.append(f'noise_scale:={args.noise_scale}')
     return overrides, name
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iflybot_vla_policy import bundle
 from iflybot_vla_policy.config import VLAConfig, config_from_yaml, config_to_yaml, get_config
 from iflybot_vla_policy.engine import InferenceEngine
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
@@ -71,10 +72,13 @@ class Policy:
         return cls(cfg, model, seed=seed, **engine)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, seed: int = 0, **engine: Any) -> Policy:
+    def from_checkpoint(cls, directory: str | Path, seed: int = 0,
+                        noise_scale: float | None = None, **engine: Any) -> Policy:
+        """Load a saved policy; `noise_scale` None takes its bundle.yaml's, else 1."""
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f'checkpoint directory not found: {d}')
+        engine['noise_scale'] = bundle.noise_scale(d, noise_scale)
         cfg_path = d / CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f'checkpoint is missing {cfg_path}')

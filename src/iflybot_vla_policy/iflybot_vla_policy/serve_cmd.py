@@ -16,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--checkpoint', metavar='DIR', help='trained checkpoint directory')
     source.add_argument('--preset', metavar='NAME',
                         help="model preset with random weights, for testing (e.g. 'tiny')")
-    parser.add_argument('--noise-scale', type=float, default=1.0,
+    parser.add_argument('--noise-scale', type=float, default=None,
                         help="std of the policy's flow starting noise in [0, 1]: 1 samples, 0 "
-                             'is deterministic (less jitter)')
+                             "is deterministic (less jitter); default: the checkpoint's "
+                             'bundle.yaml inference.noise_scale, else 1')
     parser.add_argument('--seed', type=int, default=0,
                         help='weight seed for --preset; also seeds the sampling noise')
     parser.add_argument('--device', default='auto',
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     logging.getLogger('websockets').setLevel(logging.WARNING)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    from iflybot_vla_policy.bundle import noise_scale
     from iflybot_vla_policy.policy import Policy
     from iflybot_vla_policy.serving.server import PolicyServer, ServerConfig, run_server
 
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                             noise_scale=args.noise_scale)
         else:
             policy = Policy.from_config(args.preset, seed=args.seed, device=device,
-                                        noise_scale=args.noise_scale)
+                                        noise_scale=noise_scale(None, args.noise_scale))
     except (FileNotFoundError, ValueError) as exc:   # bad directory, unknown preset
         print(f'iflybot serve: cannot load the policy: {exc}', file=sys.stderr)
         return 2

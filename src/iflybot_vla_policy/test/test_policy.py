@@ -57,6 +57,22 @@ def test_save_then_load_gives_identical_actions(policy: Policy, tmp_path: Path):
                                   policy.infer(obs, seed=9)['actions'])
 
 
+def test_a_checkpoint_runs_with_its_bundle_noise_scale_unless_told(policy: Policy,
+                                                                   tmp_path: Path):
+    ckpt = policy.save(tmp_path / 'ckpt')
+    assert Policy.from_checkpoint(ckpt).noise_scale == 1.0
+    (ckpt / 'bundle.yaml').write_text('inference: {noise_scale: 0.0}\n')
+    loaded = Policy.from_checkpoint(ckpt)
+    obs = observation(loaded.cfg)
+    assert loaded.noise_scale == 0.0
+    np.testing.assert_array_equal(loaded.infer(obs, seed=1)['actions'],
+                                  loaded.infer(obs, seed=2)['actions'])
+    assert Policy.from_checkpoint(ckpt, noise_scale=1.0).noise_scale == 1.0
+    (ckpt / 'bundle.yaml').write_text('inference: {noise_scale: 2}\n')
+    with pytest.raises(ValueError, match='inference.noise_scale'):
+        Policy.from_checkpoint(ckpt)
+
+
 def test_seeded_policies_are_deterministic():
     cfg = small_config()
     obs = observation(cfg)

@@ -203,6 +203,19 @@ def test_unloadable_checkpoint_fails_configure_naming_it(harness, tmp_path):
     assert 'parameter checkpoint' in h.node.configure_error
 
 
+def test_the_node_runs_a_checkpoint_with_its_bundle_noise_scale_unless_set(harness, tmp_path):
+    from _vla_fixtures import small_config
+    from iflybot_vla_policy.policy import Policy
+
+    ckpt = Policy.from_config(small_config(), seed=0).save(tmp_path / 'ckpt')
+    (ckpt / 'bundle.yaml').write_text('inference: {noise_scale: 0.0}\n')
+    for params, expected in (({}, 0.0), ({'noise_scale': 0.5}, 0.5)):
+        h = harness({'checkpoint': str(ckpt), 'warmup_inferences': 0, **params}, inputs=False)
+        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
+            h.node.configure_error
+        assert h.node._policy.noise_scale == expected
+
+
 # ------------------------------------------------------------------------------- with the sim
 @pytest.fixture
 def sim_process() -> Iterator[subprocess.Popen]:

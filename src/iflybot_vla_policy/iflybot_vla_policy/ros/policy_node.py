@@ -66,7 +66,7 @@ class NodeConfig:
     checkpoint: str = ''
     preset: str = 'tiny'
     seed: int = 0
-    noise_scale: float = 1.0
+    noise_scale: float = -1.0
     device: str = 'cpu'
     torch_threads: int = 0
     inference_backend: str = 'local'
@@ -112,7 +112,8 @@ DESCRIPTIONS: dict[str, str] = {
     'checkpoint': 'checkpoint directory (Policy.from_checkpoint); empty: build `preset`',
     'preset': 'model preset built with random weights when checkpoint is empty (tiny, ...)',
     'seed': 'seed of the random weights (preset) and of the sampling noise',
-    'noise_scale': 'std of the flow starting noise in [0, 1]: 1 samples, 0 is deterministic',
+    'noise_scale': 'std of the flow starting noise in [0, 1]: 1 samples, 0 is deterministic; '
+                   "negative: the checkpoint's bundle.yaml inference.noise_scale, else 1",
     'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
     'torch_threads': 'CPU threads of a local model; 0: torch default (one per core)',
     'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
@@ -187,8 +188,9 @@ def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
         raise ValueError(f'parameter status_rate_hz: must be >= 2, got {out["status_rate_hz"]}')
     if out['inference_rate_hz'] > out['control_rate_hz']:
         raise ValueError('parameter inference_rate_hz: must not exceed control_rate_hz')
-    if not 0 <= out['noise_scale'] <= 1:
-        raise ValueError(f'parameter noise_scale: must be in [0, 1], got {out["noise_scale"]}')
+    if not (out['noise_scale'] < 0 or 0 <= out['noise_scale'] <= 1):   # NaN fails both
+        raise ValueError(f'parameter noise_scale: must be in [0, 1] (or negative for the '
+                         f'checkpoint\'s), got {out["noise_scale"]}')
     for name in ('velocity_scale', 'acceleration_scale'):
         if not 0 < out[name] <= 1:
             raise ValueError(f'parameter {name}: must be in (0, 1], got {out[name]}')
@@ -413,7 +415,11 @@ class PolicyNode(LifecycleNode):
             from iflybot_vla_policy.policy import Policy
             if cfg.torch_threads:
                 torch.set_num_threads(cfg.torch_threads)
-            engine = {'device': cfg.device, 'noise_scale': cfg.noise_scale}
+            from iflybot_vla_policy.bundle import noise_scale
+
+            requested = cfg.noise_scale if cfg.noise_scale >= 0 else None
+            engine = {'device': cfg.device,
+                      'noise_scale': noise_scale(cfg.checkpoint or None, requested)}
             if cfg.checkpoint:
                 policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **engine)
                 self._model_id = cfg.checkpoint

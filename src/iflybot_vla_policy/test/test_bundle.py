@@ -1,11 +1,11 @@
-"""`iflybot demo` reads what a bundled policy was trained on from its bundle.yaml."""
+"""bundle.yaml: what a bundled policy was trained on and how demo, eval and serve run it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from iflybot_vla_policy.demo_cmd import bundle_info, evaluation_summary
+from iflybot_vla_policy.bundle import bundle_info, evaluation_summary, noise_scale
 
 
 def test_bundle_gives_the_trained_tasks_and_camera_size(tmp_path: Path) -> None:
@@ -38,6 +38,24 @@ def test_an_impossible_evaluation_names_the_task(tmp_path: Path, entry: str) -> 
     (tmp_path / 'bundle.yaml').write_text(f'evaluation: {{pick_place: {entry}}}\n')
     with pytest.raises(ValueError, match='evaluation.pick_place must be'):
         bundle_info(tmp_path)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('inference: {noise_scale: 1.5}\n', 'inference.noise_scale must be a number in'),
+    ('inference: {noise_scale: off}\n', 'inference.noise_scale must be a number in'),
+    ('inference: {noise: 0.0}\n', 'inference must be a mapping with keys'),
+    ('evaluaton: {}\n', "unknown key\\(s\\) \\['evaluaton'\\]")])
+def test_a_bad_bundle_key_is_named(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / 'bundle.yaml').write_text(text)
+    with pytest.raises(ValueError, match=message):
+        bundle_info(tmp_path)
+
+
+def test_noise_scale_is_the_request_else_the_bundle_else_sampling(tmp_path: Path) -> None:
+    assert noise_scale(tmp_path) == 1.0 and noise_scale(None) == 1.0
+    (tmp_path / 'bundle.yaml').write_text('inference: {noise_scale: 0.0}\n')
+    assert noise_scale(tmp_path) == 0.0
+    assert noise_scale(tmp_path, 0.5) == 0.5 and noise_scale(tmp_path, 1.0) == 1.0
 
 
 def _eval_args(*argv: str):
@@ -73,3 +91,18 @@ def test_through_ros_eval_renders_the_same_camera_size_as_the_direct_eval(tmp_pa
                                 '--policy-threads', '1')
     assert eval_cmd.through_ros_graph(args)[0] == ['preset:=tiny', 'image_width:=96',
                                                    'image_height:=96', 'policy_threads:=1']
+
+
+def test_eval_and_its_through_ros_graph_take_the_bundle_noise_scale_unless_told(
+        tmp_path: Path) -> None:
+    # The bundled policy was evaluated deterministically, but the CLIs sampled (noise 1).
+    (tmp_path / 'bundle.yaml').write_text('inference: {noise_scale: 0.0}\n')
+    eval_cmd, args = _eval_args('--checkpoint', str(tmp_path))
+    assert eval_cmd._noise_scale(args) == 0.0
+    assert not any(o.startswith('noise_scale') for o in eval_cmd.through_ros_graph(args)[0])
+    eval_cmd, args = _eval_args('--through-ros', '--checkpoint', str(tmp_path),
+                                '--noise-scale', '1')
+    assert eval_cmd._noise_scale(args) == 1.0
+    assert eval_cmd.through_ros_graph(args)[0][-1] == 'noise_scale:=1.0'
+    eval_cmd, args = _eval_args('--expert')
+    assert eval_cmd._noise_scale(args) is None
