@@ -402,11 +402,33 @@ def test_run_policy_ends_with_success_when_the_task_succeeds(harness, tiny_polic
     future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
     assert wait(future.done, timeout=10) and future.result().accepted
     assert wait(lambda: len(h.received()) >= 1, timeout=60)
+    h.success_pub.publish(Bool(data=False))
     h.success_pub.publish(Bool(data=True))
     result = future.result().get_result_async()
     assert wait(result.done, timeout=10)
     assert result.result().result.success and result.result().result.reason == 'success'
     assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
+
+
+def test_a_success_left_over_from_the_last_episode_does_not_end_the_next_goal(
+        harness, tiny_policy, wait):
+    # Through ROS, a seed scored a 0.9 s success: the simulator's task_success=True of the
+    # episode before its reset reached the node after the new goal had started.
+    h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    client = h.run_policy
+    assert client.wait_for_server(timeout_sec=10)
+    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
+    assert wait(future.done, timeout=10) and future.result().accepted
+    result = future.result().get_result_async()
+    h.success_pub.publish(Bool(data=True))   # stale: before any task_success=False of this run
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    assert not result.done()
+    h.success_pub.publish(Bool(data=False))
+    h.success_pub.publish(Bool(data=True))
+    assert wait(result.done, timeout=10)
+    assert result.result().result.success and result.result().result.reason == 'success'
 
 
 def test_estop_holds_and_deactivates(harness, tiny_policy, wait):

@@ -34,6 +34,9 @@ class EpisodeResult:
     hold_reasons: dict[str, int] = field(default_factory=dict)  # reason (numbers as N) -> count
     # TCP minus the named object (base frame, m) at the first close command; None: never closed
     grasp_offset_m: list[float] | None = None
+    # False where the offset cannot be known: tasks without a grasp, runs through ROS (the
+    # object poses are not published)
+    grasp_measured: bool = True
 
 
 def hold_category(reason: str) -> str:
@@ -117,7 +120,7 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
               '| task | seed | success | duration (s) | grasp offset (cm) | instruction |',
               '|---|---|---|---|---|---|']
     lines += [f'| {e.task} | {e.seed} | {"yes" if e.success else "no"} | '
-              f'{e.duration_s:.1f} | {_fmt_offset(e.grasp_offset_m)} | {e.instruction} |'
+              f'{e.duration_s:.1f} | {_fmt_offset(e)} | {e.instruction} |'
               for e in episodes]
     holds = Counter()
     for e in episodes:
@@ -131,7 +134,10 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
     return doc
 
 
-def _fmt_offset(offset: Sequence[float] | None) -> str:
+def _fmt_offset(episode: EpisodeResult) -> str:
+    if not episode.grasp_measured:
+        return 'not measured'
+    offset = episode.grasp_offset_m
     return 'never closed' if offset is None else ', '.join(f'{100 * v:+.1f}' for v in offset)
 
 

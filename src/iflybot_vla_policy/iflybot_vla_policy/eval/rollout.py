@@ -170,7 +170,7 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         duration_s=env.time - start_time, time_to_success_s=success_at,
         inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
         limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons,
-        grasp_offset_m=grasp_offset)
+        grasp_offset_m=grasp_offset, grasp_measured=bool(env.task.grasps))
 
 
 def grasp_offset_of(env: SimEnv) -> list[float]:

@@ -94,4 +94,4 @@ def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, 
         control_jitter_p99_ms=jitter(arrivals, period)['p99_ms'] if period > 0 else math.nan,
         rms_jerk=rms_jerk(mt[keep], mq[keep]) if keep.sum() > 3 else math.nan,
         limit_violations=limit_violations(robot, cq, cdq),
-        chunks=after['latency'] - before['latency'], hold_reasons=holds)
+        chunks=after['latency'] - before['latency'], hold_reasons=holds, grasp_measured=False)

@@ -139,7 +139,8 @@ DESCRIPTIONS: dict[str, str] = {
     'twist_topic': 'MoveIt Servo twist topic (ee_delta mode)',
     'twist_frame': 'frame of the twist commands (the robot base)',
     'gripper_topic': 'iflybot_vla_msgs/GripperCommand topic, published on change',
-    'task_success_topic': 'std_msgs/Bool that ends a run_policy goal with success',
+    'task_success_topic': 'std_msgs/Bool that ends a run_policy goal with success: a true '
+                          'after a false received during the goal',
     'gripper_speed': 'finger speed of gripper commands, m/s',
     'gripper_force': 'grasp force of gripper commands, N',
     'gripper_deadband': 'm the width target must change by before a new gripper command',
@@ -348,6 +349,9 @@ class PolicyNode(LifecycleNode):
         self._chunk_dt = 0.1
         self._chunks = 0
         self._success_since = -math.inf   # monotonic time of the last task_success=True
+        # False once a goal starts, True when a task_success=False arrives during it: a True
+        # still queued from the episode before the simulator's reset does not end the goal
+        self._success_armed = False
         self._goal_token = 0
         self._run_start: float | None = None   # a run waits for inputs newer than this
         self.inference_ms: deque[float] = deque(maxlen=200)
@@ -560,8 +564,11 @@ class PolicyNode(LifecycleNode):
             self._start_instruction(msg.data)
 
     def _on_success(self, msg: Bool) -> None:
-        if msg.data:
-            self._success_since = time.monotonic()
+        with self._lock:
+            if not msg.data:
+                self._success_armed = True
+            elif self._success_armed:
+                self._success_since = time.monotonic()
 
     def _start_instruction(self, text: str) -> None:
         """(lock held) Run with a new instruction; resumes from a user hold."""
@@ -903,7 +910,8 @@ class PolicyNode(LifecycleNode):
             token = self._goal_token
             self._start_instruction(goal.instruction)
             chunks0 = self._chunks
-        start = time.monotonic()
+            self._success_armed = False
+            start = time.monotonic()
         result = RunPolicy.Result()
         last_feedback = 0.0
         while True:
