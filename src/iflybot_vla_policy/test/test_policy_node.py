@@ -25,6 +25,7 @@ from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.time import Time as RosTime  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Bool  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -71,6 +72,7 @@ class Harness:
         self.publish_joints = inputs
         self.publish_images = inputs
         self.q = ROBOT.home.copy()
+        self.stamp_offset = 0.0   # s added to the input stamps (negative: sent long ago)
         tap = self.tap
         tap.create_subscription(JointTrajectory, TRAJECTORY_TOPIC, self._on_trajectory, 50)
         tap.create_subscription(ActionChunk, '/vla/action_chunk', self._keep(self.chunks), 50)
@@ -112,14 +114,18 @@ class Harness:
         if self.publish_joints:
             msg = JointState(name=list(ROBOT.arm_joint_names) + list(ROBOT.finger_joint_names),
                              position=list(self.q) + [0.02, 0.02])
-            msg.header.stamp = self.tap.get_clock().now().to_msg()
+            msg.header.stamp = self._stamp()
             self.js_pub.publish(msg)
 
     def _publish_images(self) -> None:
         if self.publish_images:
-            stamp = self.tap.get_clock().now().to_msg()
+            stamp = self._stamp()
             for pub in self.image_pubs:
                 pub.publish(rgb_to_image(self.image, 'bgr8', stamp=stamp))
+
+    def _stamp(self):
+        now = self.tap.get_clock().now().nanoseconds
+        return RosTime(nanoseconds=now + int(self.stamp_offset * 1e9)).to_msg()
 
     def configure_and_activate(self, wait: Callable) -> None:
         assert self.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
@@ -617,6 +623,32 @@ def test_a_run_started_after_the_arm_was_moved_during_a_hold_starts_from_where_i
         q_cmd, _ = h.node.executor_.commanded(time.monotonic())
     np.testing.assert_allclose(q_cmd, moved, atol=1e-9)
     time.sleep(0.5)                         # a few control ticks
+    status = h.node.status()
+    assert status.state != PolicyStatus.STATE_ERROR, status.last_error
+
+
+def test_a_run_plans_from_inputs_stamped_after_its_inputs_after_not_stale_ones(
+        harness, tiny_policy, wait):
+    # Through ROS, 2 cores: joint states sent before a sim reset (the old pose) arrived after
+    # the next goal began; the run planned from them and failed the tracking check at 2 s.
+    h = harness({'max_tracking_error': 0.3, **RELAXED}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    old = ROBOT.home.copy()
+    old[1] += 0.8
+    h.q, h.stamp_offset = old, -5.0          # still in flight from before the reset
+    assert wait(lambda: np.allclose(h.node._q_measured[:7], old), timeout=10)
+    reset_stamp = RosTime(nanoseconds=h.tap.get_clock().now().nanoseconds - 1_000_000_000)
+    client = h.run_policy
+    assert client.wait_for_server(timeout_sec=10)
+    future = client.send_goal_async(RunPolicy.Goal(
+        instruction='pick', max_duration=60.0, inputs_after=reset_stamp.to_msg()))
+    assert wait(future.done, timeout=10) and future.result().accepted
+    time.sleep(0.5)
+    assert not h.received(), 'a chunk was planned from inputs stamped before inputs_after'
+    h.q, h.stamp_offset = ROBOT.home.copy(), 0.0   # the reset's pose arrives
+    assert wait(lambda: len(h.received()) >= 1, timeout=30)
+    first = trajectory_from_msg(h.received()[0])
+    assert np.abs(first.positions[0] - ROBOT.home).max() < 0.3
     status = h.node.status()
     assert status.state != PolicyStatus.STATE_ERROR, status.last_error
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import rclpy
+from builtin_interfaces.msg import Time
 from iflybot_vla_msgs.action import RunPolicy
 from iflybot_vla_msgs.msg import ActionChunk, PolicyStatus
 from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
@@ -75,6 +76,7 @@ class DemoDriver(Node):
         self._latest_status: PolicyStatus | None = None
         self._last_js_t = 0.0
         self.last_instruction = ''
+        self._reset_stamp = Time()   # sim clock of the last reset (ResetSim.stamp)
         self.create_subscription(String, '/vla/instruction', self._on_instruction, 10)
         self.create_subscription(Image, '/scene_camera/color/image_raw', self._on_image,
                                  qos_profile_sensor_data)
@@ -158,6 +160,7 @@ class DemoDriver(Node):
         reply = self.call(self.reset_client, ResetSim.Request(task=task, seed=seed))
         if not reply.success:
             raise RuntimeError(f'simulator reset failed: {reply.message}')
+        self._reset_stamp = reply.stamp   # the next run starts from the new scene's inputs
         self.mark_episode_start()
         return reply.instruction
 
@@ -195,8 +198,9 @@ class DemoDriver(Node):
         # active (`iflybot up` activates it right after): retry rejections for a while.
         deadline = time.monotonic() + 60.0
         while True:
-            goal = self.run_client.send_goal_async(
-                RunPolicy.Goal(instruction=instruction, max_duration=max_duration))
+            goal = self.run_client.send_goal_async(RunPolicy.Goal(
+                instruction=instruction, max_duration=max_duration,
+                inputs_after=self._reset_stamp))
             handle = self._wait_future(goal, 30.0, 'goal acceptance')
             if handle.accepted:
                 break

@@ -354,6 +354,7 @@ class PolicyNode(LifecycleNode):
         self._success_armed = False
         self._goal_token = 0
         self._run_start: float | None = None   # a run waits for inputs newer than this
+        self._inputs_after = 0.0   # ... and stamped at or after this (RunPolicy.inputs_after)
         self.inference_ms: deque[float] = deque(maxlen=200)
         self.e2e_latency_ms: deque[float] = deque(maxlen=200)
         self.round_trip_ms: deque[float] = deque(maxlen=200)
@@ -563,6 +564,20 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._start_instruction(msg.data)
 
+    def _inputs_current(self) -> bool:
+        """(lock held) Whether the joint state and every image are stamped at or after the
+        run's `inputs_after` (true when it is 0)."""
+        if self._inputs_after <= 0:
+            return True
+        js = self._joint_state.header.stamp
+        stamps = [js.sec + js.nanosec * 1e-9,
+                  *(self._image_stamps.get(name, -math.inf) for name in self.config.camera_names)]
+        if min(stamps) >= self._inputs_after:
+            return True
+        self.get_logger().info(f'run_policy: waiting for inputs stamped after '
+                               f'{self._inputs_after:.3f} s', throttle_duration_sec=2.0)
+        return False
+
     def _on_success(self, msg: Bool) -> None:
         with self._lock:
             if not msg.data:
@@ -621,9 +636,9 @@ class PolicyNode(LifecycleNode):
             if self._run_start is not None and self._state == RUNNING:
                 # A run's first check and first chunk use inputs that arrived after it began:
                 # the joint state of a sim reset may still be in flight when the goal lands.
-                if not self.watchdog.fed_since(self._run_start):
+                if not self.watchdog.fed_since(self._run_start) or not self._inputs_current():
                     return
-                self._run_start = None
+                self._run_start, self._inputs_after = None, 0.0
                 self._start_from_measured()
             command = self.executor_.command
             if self.config.action_mode == 'joint' and command is not None:
@@ -908,7 +923,10 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._goal_token += 1
             token = self._goal_token
+            self._inputs_after = goal.inputs_after.sec + goal.inputs_after.nanosec * 1e-9
             self._start_instruction(goal.instruction)
+            if self._inputs_after > 0 and self._run_start is None:
+                self._run_start = time.monotonic()
             chunks0 = self._chunks
             self._success_armed = False
             start = time.monotonic()

@@ -59,6 +59,7 @@ class SimNode(Node):
         p = self._declare_parameters()
         self._lock = threading.Lock()
         self._clock_offset = 0.0          # sim clock = offset + env.time (monotonic over resets)
+        self._reset_stamp = 0.0           # sim clock when the last reset's scene began
         self._rejected = 0
         # OpenGL contexts belong to one thread: the physics thread creates, resets and renders
         # the env; the service callback hands resets over through _reset_request.
@@ -198,6 +199,7 @@ class SimNode(Node):
         response.success, response.message = self._reset_result
         response.instruction = self._env.instruction
         if response.success:
+            response.stamp = to_time(self._reset_stamp)
             self._publish_instruction()
             self.get_logger().info(f'{response.message}: "{response.instruction}"')
         return response
@@ -212,6 +214,7 @@ class SimNode(Node):
             else:
                 self._env.reset(seed)
             self._clock_offset -= self._env.time   # reset settles objects for a moment
+            self._reset_stamp = self.sim_time     # earlier messages show the old scene
             self._reset_result = (True, f'reset {task} with seed {seed}')
         except Exception as err:  # noqa: BLE001 - the reply carries the reason
             self._reset_result = (False, f'reset failed: {err!r}')
