@@ -127,6 +127,13 @@ class Harness:
         now = self.tap.get_clock().now().nanoseconds
         return RosTime(nanoseconds=now + int(self.stamp_offset * 1e9)).to_msg()
 
+    def send_goal(self, wait: Callable, **goal: object) -> object:
+        """Send a RunPolicy goal, assert it is accepted, return its handle."""
+        assert self.run_policy.wait_for_server(timeout_sec=10)
+        future = self.run_policy.send_goal_async(RunPolicy.Goal(**goal))
+        assert wait(future.done, timeout=10) and future.result().accepted
+        return future.result()
+
     def configure_and_activate(self, wait: Callable) -> None:
         assert self.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
             self.node.configure_error
@@ -377,11 +384,7 @@ def test_cancel_of_run_policy_holds(harness, tiny_policy, wait):
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
     assert h.node.status().state == PolicyStatus.STATE_HOLD   # no instruction yet
-    client = h.run_policy
-    assert client.wait_for_server(timeout_sec=10)
-    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
-    assert wait(future.done, timeout=10) and future.result().accepted
-    handle = future.result()
+    handle = h.send_goal(wait, instruction='pick', max_duration=60.0)
     assert wait(lambda: len(h.received()) >= 2, timeout=60)
     cancel = handle.cancel_goal_async()
     assert wait(cancel.done, timeout=10)
@@ -403,14 +406,11 @@ def test_run_policy_ends_with_success_when_the_task_succeeds(harness, tiny_polic
     h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
-    client = h.run_policy
-    assert client.wait_for_server(timeout_sec=10)
-    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
-    assert wait(future.done, timeout=10) and future.result().accepted
+    handle = h.send_goal(wait, instruction='pick', max_duration=60.0)
     assert wait(lambda: len(h.received()) >= 1, timeout=60)
     h.success_pub.publish(Bool(data=False))
     h.success_pub.publish(Bool(data=True))
-    result = future.result().get_result_async()
+    result = handle.get_result_async()
     assert wait(result.done, timeout=10)
     assert result.result().result.success and result.result().result.reason == 'success'
     assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
@@ -423,11 +423,7 @@ def test_a_success_left_over_from_the_last_episode_does_not_end_the_next_goal(
     h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
-    client = h.run_policy
-    assert client.wait_for_server(timeout_sec=10)
-    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=60.0))
-    assert wait(future.done, timeout=10) and future.result().accepted
-    result = future.result().get_result_async()
+    result = h.send_goal(wait, instruction='pick', max_duration=60.0).get_result_async()
     h.success_pub.publish(Bool(data=True))   # stale: before any task_success=False of this run
     assert wait(lambda: len(h.received()) >= 2, timeout=60)
     assert not result.done()
@@ -566,11 +562,7 @@ def test_run_policy_times_out_and_holds(harness, tiny_policy, wait):
     h = harness({'inference_rate_hz': 5.0, 'max_tracking_error': 10.0, **RELAXED},
                 factory=lambda cfg: tiny_policy)
     h.configure_and_activate(wait)
-    client = h.run_policy
-    assert client.wait_for_server(timeout_sec=10)
-    future = client.send_goal_async(RunPolicy.Goal(instruction='pick', max_duration=1.0))
-    assert wait(future.done, timeout=10) and future.result().accepted
-    result = future.result().get_result_async()
+    result = h.send_goal(wait, instruction='pick', max_duration=1.0).get_result_async()
     assert wait(result.done, timeout=30)
     assert result.result().result.reason == 'timeout' and not result.result().result.success
     assert result.result().result.duration >= 1.0
@@ -638,11 +630,7 @@ def test_a_run_plans_from_inputs_stamped_after_its_inputs_after_not_stale_ones(
     h.q, h.stamp_offset = old, -5.0          # still in flight from before the reset
     assert wait(lambda: np.allclose(h.node._q_measured[:7], old), timeout=10)
     reset_stamp = RosTime(nanoseconds=h.tap.get_clock().now().nanoseconds - 1_000_000_000)
-    client = h.run_policy
-    assert client.wait_for_server(timeout_sec=10)
-    future = client.send_goal_async(RunPolicy.Goal(
-        instruction='pick', max_duration=60.0, inputs_after=reset_stamp.to_msg()))
-    assert wait(future.done, timeout=10) and future.result().accepted
+    h.send_goal(wait, instruction='pick', max_duration=60.0, inputs_after=reset_stamp.to_msg())
     time.sleep(0.5)
     assert h.node._chunks == 0, 'a chunk was planned from inputs stamped before inputs_after'
     before = len(h.received())               # holds at most (the run has not started)

@@ -422,14 +422,14 @@ class PolicyNode(LifecycleNode):
                 torch.set_num_threads(cfg.torch_threads)
             from iflybot_vla_policy.bundle import noise_scale
 
-            requested = cfg.noise_scale if cfg.noise_scale >= 0 else None
-            engine = {'device': cfg.device,
-                      'noise_scale': noise_scale(cfg.checkpoint or None, requested)}
+            requested = cfg.noise_scale if cfg.noise_scale >= 0 else None   # None: the bundle's
             if cfg.checkpoint:
-                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, **engine)
+                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, device=cfg.device,
+                                                noise_scale=requested)
                 self._model_id = cfg.checkpoint
             else:
-                policy = Policy.from_config(cfg.preset, seed=cfg.seed, **engine)
+                policy = Policy.from_config(cfg.preset, seed=cfg.seed, device=cfg.device,
+                                            noise_scale=noise_scale(None, requested))
                 self._model_id = f'{cfg.preset} (random weights)'
         for _ in range(cfg.warmup_inferences):
             out = policy.infer(self._blank_observation(cfg))
