@@ -114,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         print('iflybot eval: --episodes must be at least 1', file=sys.stderr)
         return 2
+    if args.checkpoint is not None:
+        from iflybot_vla_policy.bundle import bundle_info
+
+        try:
+            bundle_info(args.checkpoint)
+        except ValueError as exc:   # a typo in bundle.yaml: named, before any episode runs
+            print(f'iflybot eval: {exc}', file=sys.stderr)
+            return 2
     started = time.time()
     jobs = [(task, seed) for task in tasks for seed in eval_seeds(args.episodes, args.seed_offset)]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -106,3 +106,12 @@ def test_eval_and_its_through_ros_graph_take_the_bundle_noise_scale_unless_told(
     assert eval_cmd.through_ros_graph(args)[0][-1] == 'noise_scale:=1.0'
     eval_cmd, args = _eval_args('--expert')
     assert eval_cmd._noise_scale(args) is None
+
+
+def test_eval_names_a_bad_bundle_instead_of_a_traceback(tmp_path: Path, capsys) -> None:
+    from iflybot_vla_policy import cli
+
+    (tmp_path / 'bundle.yaml').write_text('inference: {noise_scale: 2}\n')
+    assert cli.main(['eval', '--checkpoint', str(tmp_path), '--episodes', '1',
+                     '--out', str(tmp_path / 'out')]) == 2
+    assert 'bundle.yaml: inference.noise_scale must be' in capsys.readouterr().err
