@@ -10,7 +10,11 @@ from iflybot_vla_policy.robot import RobotSpec
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for no trials."""
+    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for no trials.
+
+    The bounds always contain successes / trials: rounding alone gives 0.9999999999999999 as the
+    upper bound of 10/10, and an interval that excludes the rate breaks error bars drawn from it.
+    """
     if trials <= 0:
         return 0.0, 1.0
     if not 0 <= successes <= trials:
@@ -19,7 +23,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     denom = 1.0 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

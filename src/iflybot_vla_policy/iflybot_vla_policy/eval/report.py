@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,7 @@ def _fmt(value: float, digits: int = 1, scale: float = 1.0) -> str:
 
 def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Write report.json and report.md (and a success plot); returns the JSON document."""
+    """Write report.json and report.md, then try a success plot; returns the JSON document."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(episodes)
     doc = {'meta': meta, 'tasks': {k: v for k, v in summary.items() if k != 'overall'},
@@ -128,9 +129,21 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
     if holds:
         lines += ['', '## Why the safety filter held', '', '| reason | chunks held |', '|---|---|']
         lines += [f'| {reason} | {count} |' for reason, count in holds.most_common()]
-    if (out_dir / 'success.png').exists() or _plot_success(out_dir / 'success.png', summary):
-        lines += ['', '![success per task](success.png)']
+    # The results are on disk before any plot is tried, and a plot that fails (matplotlib
+    # missing, a backend error, a value it refuses) costs only the figure, never the report.
     (out_dir / 'report.md').write_text('\n'.join(lines) + '\n')
+    plot = out_dir / 'success.png'
+    plot.unlink(missing_ok=True)            # a figure left from an earlier run would mislead
+    try:
+        plotted = _plot_success(plot, summary)
+    except Exception as exc:  # noqa: BLE001 - any plotting failure is reported, not raised
+        print(f'warning: {plot} not drawn ({type(exc).__name__}: {exc}); the results are in '
+              f'{out_dir / "report.json"}', file=sys.stderr)
+        plot.unlink(missing_ok=True)
+        plotted = False
+    if plotted:
+        lines += ['', '![success per task](success.png)']
+        (out_dir / 'report.md').write_text('\n'.join(lines) + '\n')
     return doc
 
 
@@ -160,7 +173,8 @@ def _plot_success(path: Path, summary: dict[str, Any]) -> bool:
     rates = np.array([summary[n]['success_rate'] for n in names])
     ci = np.array([summary[n]['success_ci95'] for n in names])
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
-    ax.bar(names, rates, yerr=[rates - ci[:, 0], ci[:, 1] - rates], capsize=4, color='#4c72b0')
+    errors = np.clip([rates - ci[:, 0], ci[:, 1] - rates], 0.0, None)   # rounding: never < 0
+    ax.bar(names, rates, yerr=errors, capsize=4, color='#4c72b0')
     ax.set_ylim(0, 1.05)
     ax.set_ylabel('success rate')
     ax.set_title('closed-loop success (Wilson 95% CI)')
