@@ -481,7 +481,9 @@ class Qwen25VLBackbone(Backbone):
         ids = torch.cat([img_ids, text_ids], dim=1)
         embeds = self.embed(ids)
         is_img = ids == self.image_token_id
-        embeds = embeds.masked_scatter(is_img[..., None], feats.reshape(-1, self.hidden))
+        # under autocast the vision tower returns bf16 while the embedding table stays fp32
+        embeds = embeds.masked_scatter(is_img[..., None],
+                                       feats.reshape(-1, self.hidden).to(embeds.dtype))
         mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
         # mRoPE: per camera [start][t=0, row, col grid][end], text 1-D after it
         pos = []
@@ -551,7 +553,8 @@ class SmolVLMBackbone(Backbone):
         feats = self.vlm.connector(vis).view(b, n_cam, -1, self.hidden)         # (B, cam, n, D)
         n_img = feats.shape[2]
         img_ids = torch.full((b, n_cam * n_img), self.image_token_id, device=text_ids.device)
-        embeds = torch.cat([feats.flatten(1, 2), self.embed(text_ids)], dim=1)
+        text = self.embed(text_ids)
+        embeds = torch.cat([feats.flatten(1, 2).to(text.dtype), text], dim=1)
         mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
         features = feats.flatten(1, 2) if self.cfg.expert.direct_vision else None
         summary = feats.mean(dim=(1, 2)) if self.cfg.expert.direct_vision else None
