@@ -13,6 +13,11 @@ vision tower), `Qwen25VLBackbone` (the paper's Qwen2.5-VL) and `SmolVLMBackbone`
 (Idefics3/SmolVLM). Each is built from config (random init) or loaded from a local directory with
 `local_files_only=True`: nothing is ever fetched from the hub.
 
+A pretrained directory's chat template shapes the prefix of the transformers families as their
+processor would: [template head (system turn, user turn opening)][image tokens][instruction +
+template tail (assistant turn opening)]; exact for Qwen2.5-VL, whose template puts the images
+right before the text (the tokenizer renders the template, see text_tokenizer.py).
+
 Positions are explicit everywhere (`cumsum(mask) - 1` over real tokens; 3-D mRoPE for image
 tokens in Qwen2.5-VL), so padding inside the prefix changes nothing for the real tokens.
 """
@@ -392,6 +397,35 @@ def _load_extra(module: nn.Module, file: Path) -> None:
         raise ValueError(f"{file}: {'missing' if missing else 'unexpected'} key '{key}'")
 
 
+def _from_local_dir(model_cls, cfg: VLAConfig, path: Path, vision_pairs) -> nn.Module:
+    """A transformers VLM from a local directory in fp32, refused when its shapes differ from
+    the config (config.yaml must describe what runs, and latent/FAST ids follow text_vocab) or
+    when any weight is missing (transformers would silently leave it randomly initialised)."""
+    model, info = model_cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                            attn_implementation='sdpa',
+                                            output_loading_info=True)
+    b, text = cfg.backbone, model.config.text_config
+    pairs = [(f'text_config.{a}', getattr(text, a), key, want) for a, key, want in (
+        ('hidden_size', 'backbone.hidden', b.hidden),
+        ('num_hidden_layers', 'backbone.layers', b.layers),
+        ('num_attention_heads', 'backbone.heads', b.heads),
+        ('num_key_value_heads', 'backbone.kv_heads', b.kv_heads),
+        ('intermediate_size', 'backbone.intermediate', b.intermediate))]
+    # a release has text_vocab rows; a directory we saved also has the latent and FAST rows
+    if text.vocab_size != cfg.vocab_size:
+        pairs.append(('text_config.vocab_size', text.vocab_size, 'backbone.text_vocab',
+                      b.text_vocab))
+    for attr, have, key, want in pairs + vision_pairs(model.config):
+        if have != want:
+            raise ValueError(f"{path}/config.json: {attr} = {have} but config key '{key}' asks "
+                             f'for {want}')
+    missing = sorted(set(info['missing_keys']) | set(info['mismatched_keys']))
+    if missing:
+        raise ValueError(f"{path}: no weights for '{missing[0]}' ({len(missing)} tensors in "
+                         f'all): not a {model_cls.__name__} checkpoint?')
+    return model
+
+
 def _template_tokenizer(cfg: VLAConfig) -> TextTokenizer:
     """Random-init VLMs (tests, shape checks) still need a text tokenizer: ours, in their range."""
     return TextTokenizer.train(cfg.backbone.text_vocab, cfg.tokens.latent_codebook,
@@ -412,10 +446,13 @@ class Qwen25VLBackbone(Backbone):
         b = cfg.backbone
         if b.path:
             path = Path(b.path)
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32, attn_implementation='sdpa')
+            model = _from_local_dir(Qwen2_5_VLForConditionalGeneration, cfg, path, lambda c: [
+                ('vision_config.patch_size', c.vision_config.patch_size, 'backbone.patch_size',
+                 b.patch_size),
+                ('vision_config.spatial_merge_size', c.vision_config.spatial_merge_size,
+                 'backbone.spatial_merge', b.spatial_merge)])
             self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
-            model.resize_token_embeddings(cfg.vocab_size)
+            model.resize_token_embeddings(cfg.vocab_size)   # + latent and FAST rows
         else:
             top = b.text_vocab - 1  # placeholder ids at the top of the text range (unused ids)
             mrope = [b.head_dim // 8, b.head_dim * 3 // 16, b.head_dim * 3 // 16]
@@ -467,6 +504,16 @@ class Qwen25VLBackbone(Backbone):
         grid = torch.tensor([[1, gh, gw]] * n, device=images.device)
         return flat, grid
 
+    def prompt_ids(self, text_ids: torch.Tensor, n_cam: int, n_img: int) -> torch.Tensor:
+        """(B, T) encoded instructions -> (B, S) the token sequence the chat template and the
+        processor make: [prompt head][<|vision_start|> n_img x <|image_pad|> <|vision_end|>]
+        per camera [instruction + prompt tail]."""
+        b = text_ids.shape[0]
+        block = [self.vision_start_id] + [self.image_token_id] * n_img + [self.vision_end_id]
+        head = torch.tensor(self.tokenizer.prompt_head + block * n_cam, dtype=torch.long,
+                            device=text_ids.device).expand(b, -1)
+        return torch.cat([head, text_ids], dim=1)
+
     def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> _Inputs:
         b, n_cam, _, h, w = images.shape
@@ -476,18 +523,18 @@ class Qwen25VLBackbone(Backbone):
         feats = torch.cat(list(feats), 0).view(b, n_cam, -1, self.hidden)       # (B, cam, n, D)
         n_img = feats.shape[2]
         gh, gw = h // self.patch // self.merge, w // self.patch // self.merge
-        block = [self.vision_start_id] + [self.image_token_id] * n_img + [self.vision_end_id]
-        img_ids = torch.tensor(block * n_cam, device=text_ids.device).expand(b, -1)
-        ids = torch.cat([img_ids, text_ids], dim=1)
+        ids = self.prompt_ids(text_ids, n_cam, n_img)
+        n_head = len(self.tokenizer.prompt_head)
         embeds = self.embed(ids)
         is_img = ids == self.image_token_id
         # under autocast the vision tower returns bf16 while the embedding table stays fp32
         embeds = embeds.masked_scatter(is_img[..., None],
                                        feats.reshape(-1, self.hidden).to(embeds.dtype))
-        mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
-        # mRoPE: per camera [start][t=0, row, col grid][end], text 1-D after it
-        pos = []
-        cur = 0
+        mask = torch.cat([torch.ones_like(ids[:, :ids.shape[1] - text_ids.shape[1]]),
+                          text_mask.long()], dim=1)
+        # mRoPE: the prompt head 1-D, per camera [start][t=0, row, col grid][end], text 1-D
+        pos = [torch.arange(n_head, device=ids.device).expand(3, -1)]
+        cur = n_head
         rows = torch.arange(gh, device=ids.device).repeat_interleave(gw)
         cols = torch.arange(gw, device=ids.device).repeat(gh)
         for _ in range(n_cam):
@@ -517,10 +564,12 @@ class SmolVLMBackbone(Backbone):
         b = cfg.backbone
         if b.path:
             path = Path(b.path)
-            model = Idefics3ForConditionalGeneration.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32, attn_implementation='sdpa')
+            model = _from_local_dir(Idefics3ForConditionalGeneration, cfg, path, lambda c: [
+                ('vision_config.patch_size', c.vision_config.patch_size, 'backbone.patch_size',
+                 b.patch_size),
+                ('scale_factor', c.scale_factor, 'backbone.spatial_merge', b.spatial_merge)])
             self.tokenizer = tokenizer or _pretrained_tokenizer(cfg, path)
-            model.resize_token_embeddings(cfg.vocab_size)
+            model.resize_token_embeddings(cfg.vocab_size)   # + latent and FAST rows
         else:
             mcfg = Idefics3Config(
                 text_config=dict(
@@ -552,10 +601,15 @@ class SmolVLMBackbone(Backbone):
         vis = self.vlm.vision_model(pixel_values=x).last_hidden_state
         feats = self.vlm.connector(vis).view(b, n_cam, -1, self.hidden)         # (B, cam, n, D)
         n_img = feats.shape[2]
-        img_ids = torch.full((b, n_cam * n_img), self.image_token_id, device=text_ids.device)
-        text = self.embed(text_ids)
-        embeds = torch.cat([feats.flatten(1, 2).to(text.dtype), text], dim=1)
-        mask = torch.cat([torch.ones_like(img_ids), text_mask.long()], dim=1)
+        head = torch.tensor(self.tokenizer.prompt_head, dtype=torch.long,
+                            device=text_ids.device).expand(b, -1)
+        text = self.embed(torch.cat([head, text_ids], dim=1))
+        n_head = head.shape[1]
+        # [chat template head][image tokens][instruction + template tail]
+        embeds = torch.cat([text[:, :n_head], feats.flatten(1, 2).to(text.dtype),
+                            text[:, n_head:]], dim=1)
+        mask = torch.cat([torch.ones(b, n_head + n_cam * n_img, dtype=torch.long,
+                                     device=text_ids.device), text_mask.long()], dim=1)
         features = feats.flatten(1, 2) if self.cfg.expert.direct_vision else None
         summary = feats.mean(dim=(1, 2)) if self.cfg.expert.direct_vision else None
         return _Inputs(embeds, mask, _positions_1d(mask), features, summary)

@@ -5,6 +5,14 @@ Vocabulary layout (ids): [text tokens ... padded with <unused_k> up to `text_voc
 byte-level BPE trained with HF `tokenizers` on instruction and VQA text generated from templates of
 our simulator tasks (any text still encodes: unknown words fall back to bytes). The transformers
 VLMs use their own `tokenizer.json` from the local model directory, extended the same way.
+
+Chat template: a pretrained instruct VLM was trained on prompts in its chat template (Qwen2.5-VL:
+system turn, user turn holding the images then the text, then the assistant's turn), so an
+instruction must reach it in that form. The template is read from the model directory
+(`chat_template.jinja`, `chat_template.json` or `tokenizer_config.json`, as transformers writes
+them) and rendered once around a placeholder: `prompt_head` (ids before the user's content,
+which the backbone puts before the image tokens) and `prompt_tail` (ids after it, which `encode`
+appends to every instruction). It is saved beside `tokenizer.json`, so a Policy keeps it.
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 _MAX_FILL = 4096
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'
+_PLACEHOLDER = '\x00instruction\x00'   # stands for the user's content when rendering
 SPECIAL = ('<pad>', '<bos>', '<eos>', '<unk>')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'orange', 'purple', 'cyan', 'magenta', 'white',
            'black', 'pink', 'brown', 'gray', 'grey')
@@ -69,7 +79,7 @@ class TextTokenizer:
     """`tokenizers.Tokenizer` plus the id layout of latent and FAST tokens."""
 
     def __init__(self, tokenizer: Tokenizer, text_vocab: int, latent_codebook: int,
-                 fast_vocab: int) -> None:
+                 fast_vocab: int, chat_template: str | None = None) -> None:
         self.tok = tokenizer
         self.text_vocab = text_vocab
         self.latent_codebook = latent_codebook
@@ -81,6 +91,12 @@ class TextTokenizer:
             raise ValueError('tokenizer has no padding token (<pad>, <|endoftext|>)')
         self.pad_id = vocab[pad]
         self._extend()
+        self.chat_template = chat_template
+        self.prompt_head: list[int] = []   # before the images (system turn, user turn opening)
+        self.prompt_tail: list[int] = []   # after the instruction (assistant turn opening)
+        if chat_template is not None:
+            head, tail = _render_around_placeholder(chat_template)
+            self.prompt_head, self.prompt_tail = self.encode_text(head), self.encode_text(tail)
 
     def _extend(self) -> None:
         """Append <unused_k> up to text_vocab, then latent and FAST tokens at fixed ids.
@@ -135,23 +151,41 @@ class TextTokenizer:
     @classmethod
     def load(cls, path: Path, text_vocab: int, latent_codebook: int,
              fast_vocab: int) -> TextTokenizer:
+        """tokenizer.json, with the chat template found beside it (if any)."""
         if not path.is_file():
             raise FileNotFoundError(f'tokenizer not found: {path}')
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f'{path}: cannot parse tokenizer: {err}') from None
+        template, source = read_chat_template(path.parent)
         try:
-            return cls(tok, text_vocab, latent_codebook, fast_vocab)
+            return cls(tok, text_vocab, latent_codebook, fast_vocab, template)
         except ValueError as err:
-            raise ValueError(f'{path}: {err}') from None
+            raise ValueError(f'{source or path}: {err}') from None
 
     def save(self, path: Path) -> None:
+        """tokenizer.json, and the chat template beside it (removed when there is none, so
+        the directory never pairs this tokenizer with another one's template)."""
         self.tok.save(str(path))
+        template_file = path.parent / CHAT_TEMPLATE_FILE
+        if self.chat_template is not None:
+            template_file.write_text(self.chat_template)
+        elif template_file.is_file():
+            template_file.unlink()
 
     def encode(self, text: str, max_len: int) -> tuple[list[int], list[int]]:
-        """Ids padded/truncated to max_len, and the mask (1 = real token)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids[:max_len]
+        """Ids padded/truncated to max_len, and the mask (1 = real token). With a chat template
+        the instruction is followed by `prompt_tail`, which truncation never cuts."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if self.chat_template is not None:
+            keep = max_len - len(self.prompt_tail)
+            if keep < 1:
+                raise ValueError(f'backbone.max_text_tokens = {max_len} leaves no room for the '
+                                 f"instruction before the chat template's "
+                                 f'{len(self.prompt_tail)} closing tokens')
+            ids = ids[:keep] + self.prompt_tail
+        ids = ids[:max_len]
         n = len(ids)
         return ids + [self.pad_id] * (max_len - n), [1] * n + [0] * (max_len - n)
 
@@ -170,3 +204,47 @@ class TextTokenizer:
     def summary(self) -> str:
         return json.dumps({'text_vocab': self.text_vocab, 'latent': self.latent_codebook,
                            'fast': self.fast_vocab})
+
+
+def read_chat_template(directory: Path) -> tuple[str | None, Path | None]:
+    """The chat template of a model directory in any of the places transformers keeps it
+    (`chat_template.jinja` since 4.5x, `chat_template.json` of processors, or the
+    `chat_template` key of `tokenizer_config.json`), and the file it came from."""
+    jinja = directory / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(), jinja
+    for name in ('chat_template.json', 'tokenizer_config.json'):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            template = json.loads(file.read_text()).get('chat_template')
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f'{file}: cannot read the chat template: {err}') from None
+        if isinstance(template, list):    # named templates: [{'name': ..., 'template': ...}]
+            template = next((t.get('template') for t in template
+                             if isinstance(t, dict) and t.get('name') == 'default'), None)
+        if isinstance(template, str):
+            return template, file
+    return None, None
+
+
+def _render_around_placeholder(template: str) -> tuple[str, str]:
+    """The text a chat template puts before and after one user turn's content, with the
+    assistant's turn opened (what generation, and so our action tokens, follow)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    last: Exception | None = None
+    for content in ([{'type': 'text', 'text': _PLACEHOLDER}], _PLACEHOLDER):
+        try:
+            rendered = render_jinja_template([[{'role': 'user', 'content': content}]],
+                                             chat_template=template,
+                                             add_generation_prompt=True)[0][0]
+        except Exception as err:  # jinja errors of a template that wants the other form
+            last = err
+            continue
+        if rendered.count(_PLACEHOLDER) == 1:
+            head, tail = rendered.split(_PLACEHOLDER)
+            return head, tail
+    raise ValueError('chat template does not render one user message with text content'
+                     + (f': {last}' if last else ''))
