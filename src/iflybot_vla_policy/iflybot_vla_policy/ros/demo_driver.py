@@ -60,20 +60,28 @@ class Taps:
 # Holds that are the policy waiting between runs, not an interruption of one.
 IDLE_HOLDS = ('waiting for an instruction', 'run_policy ended', 'run_policy canceled')
 
+# The policy publishes /vla/status at >= 2 Hz (its status_rate_hz is validated so) whenever it is
+# configured. A goal whose policy is silent this long (wall seconds) has lost its node: DDS takes
+# ~20 s (Fast DDS's lease) to drop a SIGKILLed node from the graph, the status stops at once.
+POLICY_SILENCE_S = 5.0
+
 
 def _stamp(msg_stamp) -> float:
     return msg_stamp.sec + msg_stamp.nanosec * 1e-9
 
 
 class DemoDriver(Node):
-    def __init__(self, frame_every: int = 2, context: object | None = None) -> None:
+    def __init__(self, frame_every: int = 2, context: object | None = None,
+                 policy_silence_s: float = POLICY_SILENCE_S) -> None:
         super().__init__('iflybot_demo', context=context)
+        self.policy_silence_s = policy_silence_s
         self.robot = load_robot()
         self.taps = Taps()
         self._lock = threading.Lock()
         self._frame_every = frame_every
         self._frames_seen = 0
         self._latest_status: PolicyStatus | None = None
+        self._status_heard_at: float | None = None    # time.monotonic() of the last /vla/status
         self._last_js_t = 0.0
         self.last_instruction = ''
         self._reset_stamp = Time()   # sim clock of the last reset (ResetSim.stamp)
@@ -134,6 +142,7 @@ class DemoDriver(Node):
 
     def _on_status(self, msg: PolicyStatus) -> None:
         previous, self._latest_status = self._latest_status, msg
+        self._status_heard_at = time.monotonic()
         if msg.state not in (PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR):
             return
         if previous is not None and (previous.state, previous.last_error) == \
@@ -208,9 +217,39 @@ class DemoDriver(Node):
                 raise RuntimeError('the policy rejected the goal for 60 s (is it active? see '
                                    'its log)')
             time.sleep(0.5)
-        result = self._wait_future(handle.get_result_async(), max_duration * 4 + 60.0,
-                                   'the policy result').result
+        result = self._wait_result(handle, max_duration * 4 + 60.0)
         return bool(result.success), float(result.duration), result.reason
+
+    def _wait_result(self, handle, timeout: float):
+        """The goal's result; raises within seconds once the policy node is gone, rather than
+        waiting out `timeout` for a result that cannot come."""
+        future = handle.get_result_async()
+        accepted_at = time.monotonic()
+        deadline, next_check = accepted_at + timeout, accepted_at
+        while not future.done():
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError('timed out waiting for the policy result')
+            if now >= next_check:
+                next_check = now + 0.25
+                problem = self._policy_gone(accepted_at, now)
+                if problem:
+                    handle.cancel_goal_async()    # a hung node that recovers stops the run
+                    raise RuntimeError(f'{problem} during a run_policy goal; the policy node '
+                                       'died or hung: see its log')
+            time.sleep(0.02)
+        return future.result().result
+
+    def _policy_gone(self, accepted_at: float, now: float) -> str:
+        """Why the running goal's server is gone ('' while it looks alive)."""
+        if not self.run_client.server_is_ready():
+            return 'the action server /iflybot_policy/run_policy disappeared'
+        heard = self._status_heard_at
+        if heard is not None:     # only a policy that publishes its status can fall silent
+            silent = now - max(heard, accepted_at)
+            if silent > self.policy_silence_s:
+                return f'no /vla/status from the policy for {silent:.1f} s'
+        return ''
 
     def latency_p50(self) -> float:
         status = self._latest_status
