@@ -1,4 +1,4 @@
-"""`iflybot bag-repair BAG...`: recover bags cut off by a crash (no footer / no metadata.yaml)."""
+"""`iflybot bag-repair BAG...`: recover bags cut off by a crash or damaged, and count the loss."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,5 @@ def run(args: argparse.Namespace) -> int:
         if not report.repaired:
             print(f'{bag}: intact ({report.message_count} messages), nothing to do')
             continue
-        topics = ', '.join(f'{t} {n}' for t, n in sorted(report.topics.items()))
-        print(f'{bag}: recovered {report.message_count} messages ({topics}); '
-              f'{report.lost_bytes} unreadable bytes dropped; cause: {report.reason}')
+        print(f'{bag}: {report.describe()}')
     return status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,22 +213,37 @@ def summary(path: Path | str) -> BagSummary:
 
 
 def read_messages(path: Path | str, topics: set[str] | None = None) -> Iterator[BagMessage]:
-    """All messages of a bag in log-time order (optionally only `topics`), as CDR bytes."""
+    """All messages of a bag in log-time order (optionally only `topics`), as CDR bytes.
+
+    Raises BagError, after the last readable message, when the bag holds fewer messages than
+    its metadata counts: rosbags skips the rest of a damaged chunk without a word.
+    """
     from rosbags.rosbag2 import Reader
 
     path = Path(path)
     _check_bag_dir(path)
+    repair = f'`iflybot bag-repair {path}` keeps the readable messages and counts the rest'
     try:
         with Reader(path) as reader:
             connections = [c for c in reader.connections if topics is None or c.topic in topics]
             if not connections:   # rosbags reads every topic when given an empty list
                 return
+            read: Counter[int] = Counter()
             for conn, timestamp, data in reader.messages(connections=connections):
+                read[conn.id] += 1
                 yield BagMessage(conn.topic, conn.msgtype, timestamp, bytes(data))
+            missing = {c.topic: c.msgcount - read[c.id] for c in connections
+                       if read[c.id] < c.msgcount}
     except BagError:
         raise
-    except Exception as err:
-        raise BagError(f'cannot read bag {path}: {type(err).__name__}: {err}') from err
+    except Exception as err:  # rosbags on damaged bytes: OverflowError, ReaderError, ...
+        raise BagError(f'cannot read bag {path}: its .mcap is damaged or not a rosbag2 MCAP '
+                       f'file ({type(err).__name__}: {err}); {repair}') from err
+    if missing:
+        expected = sum(c.msgcount for c in connections)
+        detail = ', '.join(f'{t} {n}' for t, n in sorted(missing.items()))
+        raise BagError(f'bag {path} is damaged: {sum(missing.values())} of {expected} messages '
+                       f'unreadable ({detail}); {repair}')
 
 
 def read_episode_info(path: Path | str) -> dict[str, Any]:

@@ -74,6 +74,15 @@ def _header_stamp_from_cdr(data: bytes) -> int:
     return sec * 1_000_000_000 + nanosec
 
 
+def _decode(bag: Path, m: bags.BagMessage) -> Any:
+    """m.decode(), with the bag and the message named when its bytes do not decode."""
+    try:
+        return m.decode()
+    except bags.BagError as err:
+        raise bags.BagError(f'bag {bag}: a {m.topic} message logged at {m.timestamp_ns} ns does '
+                            f'not decode ({err}); `iflybot bag-repair {bag}` drops it') from err
+
+
 def image_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8) -> (H, W, 3) uint8 RGB."""
     channels = {'rgb8': 3, 'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1}
@@ -165,10 +174,14 @@ def read_episode(bag: Path, config: ConvertConfig, arm_joints: Sequence[str],
     n_arm = len(arm_joints)
     for m in bags.read_messages(bag, topics):
         if m.topic in config.cameras:
-            stamp = _header_stamp_from_cdr(m.data)
+            try:
+                stamp = _header_stamp_from_cdr(m.data)
+            except (struct.error, IndexError) as err:
+                raise bags.BagError(f'bag {bag}: a {m.topic} message logged at '
+                                    f'{m.timestamp_ns} ns is too short for a header') from err
             images[config.cameras[m.topic]].append((stamp, m.timestamp_ns))
             continue
-        msg = m.decode()
+        msg = _decode(bag, m)
         if m.topic == config.joint_states_topic:
             pos = dict(zip(msg.name, np.asarray(msg.position, dtype=np.float64), strict=False))
             if not all(n in pos for n in arm_joints):
@@ -369,7 +382,11 @@ def _load_images(rec: RecordedEpisode, config: ConvertConfig,
         i = counters[cam]
         counters[cam] += 1
         if i in wanted[cam]:
-            by_log[cam][i] = image_to_rgb(m.decode())
+            try:
+                by_log[cam][i] = image_to_rgb(_decode(rec.bag, m))
+            except ValueError as err:    # sizes that do not match its data, an encoding
+                raise ConversionError(f'{rec.bag}: {m.topic} image logged at {m.timestamp_ns} '
+                                      f'ns: {err}') from err
     decoded = {cam: {int(k): by_log[cam][int(rec.image_log_index[cam][k])] for k in idx}
                for cam, idx in chosen.items()}
     out = {}
