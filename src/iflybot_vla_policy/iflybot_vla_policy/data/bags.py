@@ -109,6 +109,21 @@ class BagWriter:
         """Write a rosbags message object (e.g. EpisodeInfo built by `make_message`)."""
         self.write(topic, msgtype, timestamp_ns, bytes(typestore().serialize_cdr(msg, msgtype)))
 
+    def flush(self) -> None:
+        """Put every message written so far into the file (the OS's page cache).
+
+        rosbags holds the open MCAP chunk in memory until it passes 1 MiB, which is seconds of
+        joint states and camera frames that a SIGKILL or a power cut would take with it. This
+        closes that chunk early (with its message index, so a repair can count its messages)
+        and flushes the file; `bag-repair` recovers everything flushed.
+        """
+        storage = self._writer.storage      # rosbags' McapWriter (rosbags 0.11, pinned)
+        if storage is None:
+            return
+        if storage.chunk.msgs:              # schema/channel records alone wait for a message
+            storage.close_chunk()
+        storage.bio.flush()
+
     def set_custom_data(self, data: Mapping[str, str]) -> None:
         for key, value in data.items():
             self._writer.set_custom_data(f'{CUSTOM_DATA_PREFIX}{key}', str(value))

@@ -5,6 +5,11 @@ never touches the disk. A single writer thread drains a bounded queue into the b
 queue is full (disk slower than the sensors) messages are dropped and counted per topic, and the
 count is reported when the episode stops. An index of all finalised episodes is kept as JSON
 lines in `<root>/episodes.jsonl`.
+
+Flush policy: the writer thread puts what it has written into the file at most
+`flush_period_s` after the first message not yet there (one MCAP chunk per flush), so a
+recorder killed without a chance to finalise (SIGKILL, OOM, a crash) loses at most that window
+plus whatever waits in the queue; `iflybot bag-repair` recovers the rest (docs/recording.md).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class RecorderConfig:
     queue_size: int = 2000             # messages waiting for the writer thread
     queue_max_mb: float = 1024.0       # bytes waiting for the writer thread
     robot: str = 'fr3'
+    flush_period_s: float = 0.1        # written messages reach the file within this (s)
 
     def __post_init__(self) -> None:
         if self.compression not in ('none', 'zstd'):
@@ -40,6 +46,8 @@ class RecorderConfig:
             raise ValueError('queue_size and queue_max_mb must be positive')
         if self.min_free_disk_gb < 0:
             raise ValueError(f'min_free_disk_gb must be >= 0, got {self.min_free_disk_gb}')
+        if not 0 <= self.flush_period_s <= 60:
+            raise ValueError(f'flush_period_s must be within 0..60 s, got {self.flush_period_s}')
 
 
 class RecorderError(RuntimeError):
@@ -147,6 +155,7 @@ class EpisodeRecorder:
             # episode; the closing one (success, duration) is written at stop.
             writer.write_message(bags.EPISODE_INFO_TOPIC, bags.EPISODE_INFO_TYPE, now_ns,
                                  bags.episode_info_message(info))
+            writer.flush()
             ep.thread = threading.Thread(target=self._drain, args=(ep,), daemon=True,
                                          name=f'bag-writer-{episode_id}')
             ep.thread.start()
@@ -174,20 +183,39 @@ class EpisodeRecorder:
             ep.lost[topic] += count
 
     def _drain(self, ep: _Episode) -> None:
+        period = self.config.flush_period_s
+        flush_at: float | None = None    # deadline of the oldest message not in the file yet
         while True:
-            item = ep.queue.get()
-            if item is _STOP:
-                return
-            topic, msgtype, timestamp_ns, data = item
-            ep.queued_bytes -= len(data)
-            if ep.error:
-                ep.dropped[topic] += 1
-                continue
+            wait = None if flush_at is None else max(0.0, flush_at - time.monotonic())
             try:
-                ep.writer.write(topic, msgtype, timestamp_ns, data)
-            except Exception as err:  # disk full, bad type: stop writing, keep counting
-                ep.error = f'{type(err).__name__}: {err}'
-                ep.dropped[topic] += 1
+                item = ep.queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return                   # stop() closes the bag, discard() drops it
+            if item is not None:
+                self._write(ep, item)
+                if flush_at is None and not ep.error:
+                    flush_at = time.monotonic() + period
+            if flush_at is not None and time.monotonic() >= flush_at:
+                flush_at = None
+                try:
+                    ep.writer.flush()
+                except Exception as err:  # disk full: stop writing, keep counting
+                    ep.error = ep.error or f'{type(err).__name__}: {err}'
+
+    @staticmethod
+    def _write(ep: _Episode, item: tuple[str, str, int, bytes]) -> None:
+        topic, msgtype, timestamp_ns, data = item
+        ep.queued_bytes -= len(data)
+        if ep.error:
+            ep.dropped[topic] += 1
+            return
+        try:
+            ep.writer.write(topic, msgtype, timestamp_ns, data)
+        except Exception as err:  # disk full, bad type: stop writing, keep counting
+            ep.error = f'{type(err).__name__}: {err}'
+            ep.dropped[topic] += 1
 
     def _finish(self, ep: _Episode) -> None:
         ep.queue.put(_STOP)

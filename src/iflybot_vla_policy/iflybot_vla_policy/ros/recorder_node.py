@@ -84,6 +84,9 @@ class RecorderNode(Node):
         self.declare_parameter('queue_size', 2000, d('messages waiting for the writer thread'))
         self.declare_parameter('queue_max_mb', 1024.0, d('bytes waiting for the writer thread'))
         self.declare_parameter('robot', 'fr3', d('robot identifier stored in EpisodeInfo'))
+        self.declare_parameter('flush_period_s', 0.1, d(
+            'recorded messages reach the bag file within this many seconds (one MCAP chunk per '
+            'flush): what a SIGKILLed recorder can lose, plus its queue'))
         self.declare_parameter('qos_depth', 100, d('subscription history depth'))
         self.declare_parameter('skip_published_before_start', True, d(
             'leave out messages published before start_episode (by their DDS source '
@@ -93,7 +96,8 @@ class RecorderNode(Node):
         self.recorder = EpisodeRecorder(RecorderConfig(
             root=Path(p('output_dir')).expanduser(), compression=p('compression'),
             min_free_disk_gb=float(p('min_free_disk_gb')), queue_size=int(p('queue_size')),
-            queue_max_mb=float(p('queue_max_mb')), robot=p('robot')))
+            queue_max_mb=float(p('queue_max_mb')), robot=p('robot'),
+            flush_period_s=float(p('flush_period_s'))))
         self.received = 0
         self.skipped_before_start = 0
         self._skip_early = bool(p('skip_published_before_start'))
