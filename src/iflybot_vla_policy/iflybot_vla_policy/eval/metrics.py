@@ -65,6 +65,14 @@ def jitter(stamps: Sequence[float], period: float) -> dict[str, float]:
             'max_ms': float(dev.max())}
 
 
+def missed_ticks(stamps: Sequence[float], period: float) -> int:
+    """Ticks a periodic callback skipped: an interval of k periods (rounded) misses k - 1."""
+    intervals = np.diff(np.asarray(stamps, dtype=np.float64))
+    if intervals.size == 0 or not period > 0:
+        return 0
+    return int(np.maximum(np.rint(intervals / period) - 1.0, 0.0).sum())
+
+
 def limit_violations(robot: RobotSpec, positions: np.ndarray, velocities: np.ndarray | None = None,
                      tolerance: float = 1e-6) -> dict[str, int]:
     """Count commanded samples outside the joint position / velocity limits.

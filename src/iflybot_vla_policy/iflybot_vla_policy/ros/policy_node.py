@@ -30,9 +30,10 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.task import Future
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
@@ -40,6 +41,7 @@ from trajectory_msgs.msg import JointTrajectory
 from visualization_msgs.msg import MarkerArray
 
 from iflybot_vla_policy.chunking import STRATEGIES, ChunkExecutor, ChunkPlan, ExecutionConfig
+from iflybot_vla_policy.eval.metrics import jitter, missed_ticks
 from iflybot_vla_policy.robot import RobotSpec, load_robot
 from iflybot_vla_policy.ros.conversions import (
     action_chunk_msg,
@@ -256,7 +258,7 @@ def safety_config(cfg: NodeConfig) -> SafetyConfig:
 @dataclass
 class _Request:
     generation: int
-    t_obs: float                 # time.monotonic() of the snapshot
+    t_obs: float                 # node time (PolicyNode.now_s) of the snapshot
     obs_stamp: float             # oldest image header stamp (s, ROS clock), 0 if unknown
     images: dict[str, Image]
     joint_state: JointState
@@ -348,7 +350,7 @@ class PolicyNode(LifecycleNode):
         self._twist = np.zeros(6)
         self._chunk_dt = 0.1
         self._chunks = 0
-        self._success_since = -math.inf   # monotonic time of the last task_success=True
+        self._success_since = -math.inf   # node time of the last task_success=True
         # False once a goal starts, True when a task_success=False arrives during it: a True
         # still queued from the episode before the simulator's reset does not end the goal
         self._success_armed = False
@@ -358,8 +360,17 @@ class PolicyNode(LifecycleNode):
         self.inference_ms: deque[float] = deque(maxlen=200)
         self.e2e_latency_ms: deque[float] = deque(maxlen=200)
         self.round_trip_ms: deque[float] = deque(maxlen=200)
-        self.tick_times: deque[float] = deque(maxlen=1000)
+        self.tick_times: deque[float] = deque(maxlen=1000)   # node time of control ticks
+        self._tick_waiters: list[Future] = []   # running goals, woken by each control tick
         self._model_id = ''
+
+    def now_s(self) -> float:
+        """Seconds on the clock the controller runs on: the simulator's with use_sim_time (a
+        slow simulator slows everything together, freshness included), else monotonic."""
+        clock = self.get_clock()
+        if clock.ros_time_is_active:
+            return clock.now().nanoseconds * 1e-9
+        return time.monotonic()
 
     # ------------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -488,7 +499,7 @@ class PolicyNode(LifecycleNode):
             self._active = True
             self._generation += 1
             self._last_request = -math.inf
-            self._run_start = time.monotonic()
+            self._run_start = self.now_s()
             self._set_state(RUNNING if self._instruction else HOLD,
                             '' if self._instruction else 'waiting for an instruction',
                             '' if self._instruction else 'user')
@@ -516,6 +527,7 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _teardown(self) -> None:
+        self._wake_goals()   # a goal still running sees the node inactive and ends
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
@@ -536,7 +548,7 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------------- inputs
     def _on_image(self, name: str, msg: Image) -> None:
-        now = time.monotonic()
+        now = self.now_s()
         with self._lock:
             self._images[name] = msg
             self._image_stamps[name] = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
@@ -544,7 +556,7 @@ class PolicyNode(LifecycleNode):
                 self.watchdog.feed(name, now)
 
     def _on_joint_state(self, msg: JointState) -> None:
-        now = time.monotonic()
+        now = self.now_s()
         cfg = self.config
         if cfg is None:
             return
@@ -583,7 +595,7 @@ class PolicyNode(LifecycleNode):
             if not msg.data:
                 self._success_armed = True
             elif self._success_armed:
-                self._success_since = time.monotonic()
+                self._success_since = self.now_s()
 
     def _start_instruction(self, text: str) -> None:
         """(lock held) Run with a new instruction; resumes from a user hold."""
@@ -593,7 +605,7 @@ class PolicyNode(LifecycleNode):
             if text:
                 if self._state != RUNNING:
                     self._start_from_measured()
-                    self._run_start = time.monotonic()
+                    self._run_start = self.now_s()
                 self._set_state(RUNNING, '', '')
                 self._last_request = -math.inf
             else:
@@ -606,15 +618,16 @@ class PolicyNode(LifecycleNode):
         if (self.config is None or self.config.action_mode != 'joint'
                 or self._q_measured is None or self.executor_.command is None):
             return
-        now = time.monotonic()
+        now = self.now_s()
         q_cmd, _ = self.executor_.commanded(now)
         if self.safety.tracking_error_reason(q_cmd, self._q_measured):
             self.executor_.reset(self._q_measured, now)
 
     # ------------------------------------------------------------------------- control
     def _on_control_tick(self) -> None:
-        now = time.monotonic()
+        now = self.now_s()
         self.tick_times.append(now)
+        self._wake_goals()
         if not self._lock.acquire(blocking=False):
             return   # the worker is splicing; the controller keeps executing the trajectory
         try:
@@ -662,6 +675,21 @@ class PolicyNode(LifecycleNode):
         finally:
             self._lock.release()
 
+    def _wake_goals(self) -> None:
+        """Resume the running goals' coroutines: they re-check their end conditions once per
+        control tick without holding an executor thread."""
+        with self._lock:
+            waiters, self._tick_waiters = self._tick_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def _next_tick(self) -> Future:
+        future = Future()
+        with self._lock:
+            self._tick_waiters.append(future)
+        return future
+
     def _submit(self, now: float) -> None:
         """(lock held) Hand the newest observation to the worker."""
         cfg = self.config
@@ -701,7 +729,7 @@ class PolicyNode(LifecycleNode):
         self.executor_.plan.clear()
         self.delta_plan.clear()
         if q is not None:
-            self.executor_.reset(q, time.monotonic())
+            self.executor_.reset(q, self.now_s())
 
     def _set_state(self, state: int, error: str, cause: str) -> None:
         if state != self._state or error != self._last_error:
@@ -723,7 +751,7 @@ class PolicyNode(LifecycleNode):
         node-clock time of the trajectory's start, which removes the transport delay."""
         stamp = None
         if self.config.stamp_trajectories:
-            offset = trajectory.start - time.monotonic()
+            offset = trajectory.start - self.now_s()
             stamp = (self.get_clock().now() + Duration(nanoseconds=int(offset * 1e9))).to_msg()
         self.trajectory_pub.publish(trajectory_msg(trajectory, self.config.arm_joint_names,
                                                    stamp))
@@ -746,7 +774,7 @@ class PolicyNode(LifecycleNode):
             return
         if self.executor_.command is None:
             return
-        trajectory = self.executor_.hold(time.monotonic())
+        trajectory = self.executor_.hold(self.now_s())
         self._publish_trajectory(trajectory)
         self.marker_pub.publish(path_markers(self.robot, trajectory.positions,
                                              self.get_clock().now().to_msg()))
@@ -777,7 +805,7 @@ class PolicyNode(LifecycleNode):
                 if self._active and self._state != ERROR:
                     if self._hold_cause != 'server':
                         self._hold(f'inference server unreachable: {exc}', cause='server')
-                    self._last_request = time.monotonic() - 1.0 / cfg.inference_rate_hz + \
+                    self._last_request = self.now_s() - 1.0 / cfg.inference_rate_hz + \
                         getattr(exc, 'retry_in_s', 0.0)
             return
         except Exception as exc:  # noqa: BLE001 - any model failure holds the robot
@@ -815,7 +843,7 @@ class PolicyNode(LifecycleNode):
             self._reject_chunk(check.hold_reason)
             return
         values = np.hstack([check.positions, check.gripper[:, None]])
-        now = time.monotonic()
+        now = self.now_s()
         trajectory, reason = self.executor_.splice(values, dt, request.t_obs, now)
         self._publish_trajectory(trajectory)
         stamp = self.get_clock().now()
@@ -837,7 +865,7 @@ class PolicyNode(LifecycleNode):
         if reason:
             self._reject_chunk(reason)
             return
-        self.delta_plan.splice(values, dt, request.t_obs, time.monotonic())
+        self.delta_plan.splice(values, dt, request.t_obs, self.now_s())
         self._record_e2e(self.get_clock().now(), request.obs_stamp)
         self._chunks += 1
         self.chunk_pub.publish(action_chunk_msg(values, dt, ['x', 'y', 'z', 'rx', 'ry', 'rz'],
@@ -851,11 +879,26 @@ class PolicyNode(LifecycleNode):
         if obs_stamp > 0.0 and 0.0 <= latency < 60.0:
             self.e2e_latency_ms.append(latency * 1e3)
 
+    def shutdown(self) -> None:
+        """Process exit: brake while the middleware is up (Ctrl-C shuts rclpy's context down
+        first; the controller then holds the last trajectory's end on its own), stop the
+        worker."""
+        with self._lock:
+            if self._active and self.config is not None and self.context.ok():
+                try:
+                    self._hold('shutting down', cause='user')
+                except RuntimeError as exc:   # the context went down meanwhile
+                    print(f'iflybot_policy: no brake trajectory at shutdown: {exc}',
+                          file=sys.stderr)
+            self._active = False
+        if self._worker is not None:
+            self._worker.stop(timeout=2.0)
+
     # ------------------------------------------------------------------------- monitoring
     def status(self) -> PolicyStatus:
         with self._lock:
             latencies = np.asarray(self.inference_ms, dtype=np.float64)
-            ticks = np.asarray(self.tick_times, dtype=np.float64)[-100:]
+            ticks = np.asarray(self.tick_times, dtype=np.float64)[-250:]
             msg = PolicyStatus(state=self._state if self._active else IDLE,
                                instruction=self._instruction, chunks_produced=self._chunks,
                                last_error=self._last_error)
@@ -865,6 +908,13 @@ class PolicyNode(LifecycleNode):
             msg.inference_latency_p99_ms = float(np.percentile(latencies, 99))
         if len(ticks) > 1 and ticks[-1] > ticks[0]:
             msg.control_rate_hz = float((len(ticks) - 1) / (ticks[-1] - ticks[0]))
+            period = 1.0 / self.config.control_rate_hz
+            msg.control_jitter_p99_ms = jitter(ticks, period)['p99_ms']
+            msg.missed_ticks = missed_ticks(ticks, period)
+        e2e = np.asarray(self.e2e_latency_ms, dtype=np.float64)
+        if len(e2e):
+            msg.e2e_latency_p50_ms = float(np.percentile(e2e, 50))
+            msg.e2e_latency_p99_ms = float(np.percentile(e2e, 99))
         return msg
 
     def _publish_status(self) -> None:
@@ -918,7 +968,7 @@ class PolicyNode(LifecycleNode):
             return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
-    def _execute_goal(self, goal_handle: Any) -> RunPolicy.Result:
+    async def _execute_goal(self, goal_handle: Any) -> RunPolicy.Result:
         goal = goal_handle.request
         with self._lock:
             self._goal_token += 1
@@ -926,14 +976,14 @@ class PolicyNode(LifecycleNode):
             self._inputs_after = goal.inputs_after.sec + goal.inputs_after.nanosec * 1e-9
             self._start_instruction(goal.instruction)
             if self._inputs_after > 0 and self._run_start is None:
-                self._run_start = time.monotonic()
+                self._run_start = self.now_s()
             chunks0 = self._chunks
             self._success_armed = False
-            start = time.monotonic()
+            start = self.now_s()
         result = RunPolicy.Result()
         last_feedback = 0.0
         while True:
-            now = time.monotonic()
+            now = self.now_s()
             elapsed = now - start
             with self._lock:
                 state, error, active = self._state, self._last_error, self._active
@@ -972,8 +1022,8 @@ class PolicyNode(LifecycleNode):
                 last_feedback = now
                 goal_handle.publish_feedback(RunPolicy.Feedback(elapsed=elapsed, chunks=chunks,
                                                                 state=state))
-            time.sleep(0.02)
-        result.duration = time.monotonic() - start
+            await self._next_tick()
+        result.duration = self.now_s() - start
         return result
 
 
@@ -988,30 +1038,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = None
     try:
         node = PolicyNode()
-        executor = MultiThreadedExecutor(num_threads=4)
+        # One thread: every callback is short and inference runs on the worker thread. Python's
+        # MultiThreadedExecutor spent ~85% of a core rebuilding its wait set and handing work to
+        # its pool, which starved the callbacks (docs/realtime.md).
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         if node is not None:
-            with node._lock:
-                # Brake only while the middleware is up: Ctrl-C shuts rclpy's context down
-                # first, and the controller then holds the last trajectory's end on its own.
-                if node._active and node.config is not None and node.context.ok():
-                    try:
-                        node._hold('shutting down', cause='user')
-                    except RuntimeError as exc:   # the context went down meanwhile
-                        print(f'iflybot_policy: no brake trajectory at shutdown: {exc}',
-                              file=sys.stderr)
-                node._active = False
-            if node._worker is not None:
-                node._worker.stop(timeout=2.0)
+            node.shutdown()
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())
