@@ -58,6 +58,9 @@ from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter, Trajectory, Wa
 IDLE, RUNNING, HOLD, ERROR = (PolicyStatus.STATE_IDLE, PolicyStatus.STATE_RUNNING,
                               PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR)
 STATE_NAMES = {IDLE: 'IDLE', RUNNING: 'RUNNING', HOLD: 'HOLD', ERROR: 'ERROR'}
+# Requests follow camera frames: one may come this early (s) so that frame timing jitter does
+# not push it to the frame after.
+REQUEST_SLACK_S = 0.02
 
 
 # --------------------------------------------------------------------------------- parameters
@@ -346,6 +349,10 @@ class PolicyNode(LifecycleNode):
         self._joint_state: JointState | None = None
         self._q_measured: np.ndarray | None = None
         self._last_request = -math.inf
+        # frames received per camera, and the counts at the last request (counted, not
+        # compared by stamp: some drivers do not stamp their images)
+        self._frames: dict[str, int] = {}
+        self._frames_used: dict[str, int] = {}
         self._gripper_sent: tuple[float, bool] | None = None
         self._twist = np.zeros(6)
         self._chunk_dt = 0.1
@@ -361,6 +368,7 @@ class PolicyNode(LifecycleNode):
         self.e2e_latency_ms: deque[float] = deque(maxlen=200)
         self.round_trip_ms: deque[float] = deque(maxlen=200)
         self.tick_times: deque[float] = deque(maxlen=1000)   # node time of control ticks
+        self._torn_down = False
         self._tick_waiters: list[Future] = []   # running goals, woken by each control tick
         self._model_id = ''
 
@@ -400,6 +408,7 @@ class PolicyNode(LifecycleNode):
                                         f'{type(exc).__name__}: {exc}')
         self._instruction = cfg.instruction
         self._create_interfaces(cfg)
+        self._torn_down = False
         self._worker = _InferenceWorker(self._run_inference)
         self.configure_error = ''
         self.get_logger().info(f'configured: {self._model_id}, {cfg.action_mode} mode, '
@@ -527,6 +536,7 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _teardown(self) -> None:
+        self._torn_down = True
         self._wake_goals()   # a goal still running sees the node inactive and ends
         if self._worker is not None:
             self._worker.stop()
@@ -551,9 +561,15 @@ class PolicyNode(LifecycleNode):
         now = self.now_s()
         with self._lock:
             self._images[name] = msg
+            self._frames[name] = self._frames.get(name, 0) + 1
             self._image_stamps[name] = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-            if self.config is not None:
-                self.watchdog.feed(name, now)
+            if self.config is None:
+                return
+            self.watchdog.feed(name, now)
+            if self._fresh_images():
+                # Plan on a frame as soon as it is complete instead of at the next tick: the
+                # frame's age at the request is what the image-to-trajectory latency adds.
+                self._step(now, outputs=False)
 
     def _on_joint_state(self, msg: JointState) -> None:
         now = self.now_s()
@@ -575,6 +591,7 @@ class PolicyNode(LifecycleNode):
     def _on_instruction(self, msg: String) -> None:
         with self._lock:
             self._start_instruction(msg.data)
+            self._step(self.now_s(), outputs=False)   # a paused (lockstep) clock has no ticks
 
     def _inputs_current(self) -> bool:
         """(lock held) Whether the joint state and every image are stamped at or after the
@@ -631,49 +648,62 @@ class PolicyNode(LifecycleNode):
         if not self._lock.acquire(blocking=False):
             return   # the worker is splicing; the controller keeps executing the trajectory
         try:
-            if not self._active or self.config is None:
-                return
-            if self._q_measured is not None and self.executor_.command is None:
-                self._reset_command(self._q_measured)
-            stale = self.watchdog.stale_reason(now)
-            if stale:
-                if self._state == RUNNING:
-                    self._hold(stale, cause='input')
-                elif self._state == HOLD and self._hold_cause not in ('user', 'input'):
-                    self._set_state(HOLD, stale, 'input')
-                if self.config.action_mode == 'ee_delta':   # Servo gets explicit zeros
-                    self._command_gripper_and_twist(now)
-                return
-            if self._state == HOLD and self._hold_cause == 'input':
-                self._set_state(RUNNING, '', '')   # inputs fresh again: resume
-            if self._run_start is not None and self._state == RUNNING:
-                # A run's first check and first chunk use inputs that arrived after it began:
-                # the joint state of a sim reset may still be in flight when the goal lands.
-                if not self.watchdog.fed_since(self._run_start) or not self._inputs_current():
-                    return
-                self._run_start, self._inputs_after = None, 0.0
-                self._start_from_measured()
-            command = self.executor_.command
-            if self.config.action_mode == 'joint' and command is not None:
-                if self._state != RUNNING and now > command.end:
-                    # At rest and not running: the measurement is the truth (a sim reset or
-                    # a person may have moved the arm); the next run starts from it.
-                    self.executor_.reset(self._q_measured, now)
-                q_cmd, _ = self.executor_.commanded(now)
-                reason = self.safety.tracking_error_reason(q_cmd, self._q_measured)
-                if reason and self._state == RUNNING:
-                    self._hold(reason, cause='error', state=ERROR)
-                    return
-            # While the server is down the robot holds but requests go on: they reconnect
-            # (the remote client paces them with its backoff).
-            wants_chunks = self._state == RUNNING or (self._state == HOLD
-                                                      and self._hold_cause == 'server')
-            if wants_chunks and not self._worker.busy and \
-                    now - self._last_request >= 1.0 / self.config.inference_rate_hz:
-                self._submit(now)
-            self._command_gripper_and_twist(now)
+            self._step(now, outputs=True)
         finally:
             self._lock.release()
+
+    def _fresh_images(self) -> bool:
+        """(lock held) Every camera has a frame newer than those of the last request."""
+        return all(self._frames.get(c, 0) > self._frames_used.get(c, 0)
+                   for c in self.config.camera_names)
+
+    def _step(self, now: float, outputs: bool) -> None:
+        """(lock held) Watchdog, run start, tracking check and chunk requests; with `outputs`
+        (the control tick) also the gripper and ee_delta twists. Runs on every tick and when a
+        camera frame completes a new observation."""
+        if not self._active or self.config is None:
+            return
+        if self._q_measured is not None and self.executor_.command is None:
+            self._reset_command(self._q_measured)
+        stale = self.watchdog.stale_reason(now)
+        if stale:
+            if self._state == RUNNING:
+                self._hold(stale, cause='input')
+            elif self._state == HOLD and self._hold_cause not in ('user', 'input'):
+                self._set_state(HOLD, stale, 'input')
+            if outputs and self.config.action_mode == 'ee_delta':   # explicit zeros
+                self._command_gripper_and_twist(now)
+            return
+        if self._state == HOLD and self._hold_cause == 'input':
+            self._set_state(RUNNING, '', '')   # inputs fresh again: resume
+        if self._run_start is not None and self._state == RUNNING:
+            # A run's first check and first chunk use inputs that arrived after it began:
+            # the joint state of a sim reset may still be in flight when the goal lands.
+            if not self.watchdog.fed_since(self._run_start) or not self._inputs_current():
+                return
+            self._run_start, self._inputs_after = None, 0.0
+            self._start_from_measured()
+        command = self.executor_.command
+        if self.config.action_mode == 'joint' and command is not None:
+            if self._state != RUNNING and now > command.end:
+                # At rest and not running: the measurement is the truth (a sim reset or
+                # a person may have moved the arm); the next run starts from it.
+                self.executor_.reset(self._q_measured, now)
+            q_cmd, _ = self.executor_.commanded(now)
+            reason = self.safety.tracking_error_reason(q_cmd, self._q_measured)
+            if reason and self._state == RUNNING:
+                self._hold(reason, cause='error', state=ERROR)
+                return
+        # While the server is down the robot holds but requests go on: they reconnect
+        # (the remote client paces them with its backoff).
+        wants_chunks = self._state == RUNNING or (self._state == HOLD
+                                                  and self._hold_cause == 'server')
+        period = 1.0 / self.config.inference_rate_hz
+        if wants_chunks and not self._worker.busy and self._fresh_images() and \
+                now - self._last_request >= period - min(REQUEST_SLACK_S, period / 4):
+            self._submit(now)
+        if outputs:
+            self._command_gripper_and_twist(now)
 
     def _wake_goals(self) -> None:
         """Resume the running goals' coroutines: they re-check their end conditions once per
@@ -699,6 +729,7 @@ class PolicyNode(LifecycleNode):
                            self._instruction)
         if self._worker.submit(request):
             self._last_request = now
+            self._frames_used = dict(self._frames)
 
     def _command_gripper_and_twist(self, now: float) -> None:
         """(lock held) Gripper on change; ee_delta twist at control rate."""
@@ -977,6 +1008,7 @@ class PolicyNode(LifecycleNode):
             self._start_instruction(goal.instruction)
             if self._inputs_after > 0 and self._run_start is None:
                 self._run_start = self.now_s()
+            self._step(self.now_s(), outputs=False)   # a paused (lockstep) clock has no ticks
             chunks0 = self._chunks
             self._success_armed = False
             start = self.now_s()
@@ -1023,6 +1055,8 @@ class PolicyNode(LifecycleNode):
                 goal_handle.publish_feedback(RunPolicy.Feedback(elapsed=elapsed, chunks=chunks,
                                                                 state=state))
             await self._next_tick()
+            if self._torn_down:    # the action server is gone: nobody to report to
+                return result
         result.duration = self.now_s() - start
         return result
 
