@@ -346,9 +346,10 @@ class PolicyNode(LifecycleNode):
         self._instruction = ''
         self._images: dict[str, Image] = {}
         self._image_stamps: dict[str, float] = {}
+        self._frame_times: dict[str, float] = {}   # header stamp, or node time if unstamped
         self._joint_state: JointState | None = None
         self._q_measured: np.ndarray | None = None
-        self._last_request = -math.inf
+        self._last_frame_time = self._retry_at = -math.inf
         # frames received per camera, and the counts at the last request (counted, not
         # compared by stamp: some drivers do not stamp their images)
         self._frames: dict[str, int] = {}
@@ -507,7 +508,7 @@ class PolicyNode(LifecycleNode):
             self._reset_command(q)
             self._active = True
             self._generation += 1
-            self._last_request = -math.inf
+            self._last_frame_time = self._retry_at = -math.inf
             self._run_start = self.now_s()
             self._set_state(RUNNING if self._instruction else HOLD,
                             '' if self._instruction else 'waiting for an instruction',
@@ -563,6 +564,7 @@ class PolicyNode(LifecycleNode):
             self._images[name] = msg
             self._frames[name] = self._frames.get(name, 0) + 1
             self._image_stamps[name] = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            self._frame_times[name] = self._image_stamps[name] or now
             if self.config is None:
                 return
             self.watchdog.feed(name, now)
@@ -624,7 +626,7 @@ class PolicyNode(LifecycleNode):
                     self._start_from_measured()
                     self._run_start = self.now_s()
                 self._set_state(RUNNING, '', '')
-                self._last_request = -math.inf
+                self._last_frame_time = self._retry_at = -math.inf
             else:
                 self._hold('waiting for an instruction', cause='user')
 
@@ -699,9 +701,13 @@ class PolicyNode(LifecycleNode):
         wants_chunks = self._state == RUNNING or (self._state == HOLD
                                                   and self._hold_cause == 'server')
         period = 1.0 / self.config.inference_rate_hz
+        frame_time = min(self._frame_times.get(c, -math.inf) for c in self.config.camera_names)
+        # The cadence follows the frames' own times: a request made late (worker busy) does
+        # not push the next one off its frame.
         if wants_chunks and not self._worker.busy and self._fresh_images() and \
-                now - self._last_request >= period - min(REQUEST_SLACK_S, period / 4):
-            self._submit(now)
+                now >= self._retry_at and \
+                frame_time - self._last_frame_time >= period - min(REQUEST_SLACK_S, period / 4):
+            self._submit(now, frame_time)
         if outputs:
             self._command_gripper_and_twist(now)
 
@@ -720,7 +726,7 @@ class PolicyNode(LifecycleNode):
             self._tick_waiters.append(future)
         return future
 
-    def _submit(self, now: float) -> None:
+    def _submit(self, now: float, frame_time: float) -> None:
         """(lock held) Hand the newest observation to the worker."""
         cfg = self.config
         stamps = [self._image_stamps.get(c, 0.0) for c in cfg.camera_names]
@@ -728,7 +734,7 @@ class PolicyNode(LifecycleNode):
                            {c: self._images[c] for c in cfg.camera_names}, self._joint_state,
                            self._instruction)
         if self._worker.submit(request):
-            self._last_request = now
+            self._last_frame_time = frame_time
             self._frames_used = dict(self._frames)
 
     def _command_gripper_and_twist(self, now: float) -> None:
@@ -836,8 +842,7 @@ class PolicyNode(LifecycleNode):
                 if self._active and self._state != ERROR:
                     if self._hold_cause != 'server':
                         self._hold(f'inference server unreachable: {exc}', cause='server')
-                    self._last_request = self.now_s() - 1.0 / cfg.inference_rate_hz + \
-                        getattr(exc, 'retry_in_s', 0.0)
+                    self._retry_at = self.now_s() + getattr(exc, 'retry_in_s', 0.0)
             return
         except Exception as exc:  # noqa: BLE001 - any model failure holds the robot
             self.get_logger().error('inference failed:\n' + traceback.format_exc())
