@@ -9,6 +9,10 @@ from pathlib import Path
 TASKS = ('pick_place', 'stack', 'push', 'drawer')
 
 
+# Lockstep renders one frame per chunk request: the policy node's inference_rate_hz
+# (src/iflybot_bringup/config/policy.yaml), so every frame is answered.
+LOCKSTEP_CAMERA_RATE_HZ = 5.0
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', type=Path, help='policy checkpoint directory')
@@ -27,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument('--through-ros', action='store_true',
                       help='run the policy node against the sim node over DDS (iflybot up sim): '
                            'the deployment path, real time')
+    parser.add_argument('--lockstep', action='store_true',
+                        help='--through-ros: the simulator stops its clock at each camera frame '
+                             "(rendered at the policy's 5 Hz request rate) until the policy "
+                             'answers it, so results do not depend on how fast the machine is')
     parser.add_argument('--max-time', type=float, default=20.0,
                         help='simulated seconds per episode before it counts as failed')
     parser.add_argument('--policy-threads', type=int, default=None,
@@ -127,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.through_ros:
         episodes, policy_name = _through_ros(args, jobs)
-        mode = 'through ROS (iflybot up sim)'
+        mode = 'through ROS (iflybot up sim)' + (', lockstep' if args.lockstep else '')
     else:
         episodes, policy_name = _direct(args, jobs)
         mode = 'direct'
@@ -156,6 +164,8 @@ def through_ros_graph(args: argparse.Namespace) -> tuple[list[str], str]:
     overrides += [f'image_width:={size}', f'image_height:={size}']
     if args.policy_threads is not None:
         overrides.append(f'policy_threads:={args.policy_threads}')
+    if getattr(args, 'lockstep', False):
+        overrides.append(f'camera_rate:={LOCKSTEP_CAMERA_RATE_HZ}')
     if args.noise_scale is not None:   # else the node takes the bundle's, as the direct eval
         overrides.append(f'noise_scale:={args.noise_scale}')
     return overrides, name
@@ -168,7 +178,8 @@ def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]]):
         raise SystemExit('iflybot eval: --through-ros runs the policy node; use --checkpoint '
                          'or --preset (the expert through ROS is `iflybot record`)')
     overrides, name = through_ros_graph(args)
-    episodes = run_episodes(jobs, overrides, args.out, args.max_time, on_episode=_print_episode)
+    episodes = run_episodes(jobs, overrides, args.out, args.max_time, on_episode=_print_episode,
+                            lockstep=args.lockstep)
     return episodes, name
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 rclpy = pytest.importorskip('rclpy')
@@ -54,3 +55,21 @@ def test_holds_during_a_run_are_counted_by_cause_and_idle_holds_are_not(ros_cont
         thread.join(timeout=5)
         driver.destroy_node()
         tap.destroy_node()
+
+
+def test_joint_states_from_before_the_reset_do_not_count_in_the_episode():
+    """A reset's reply can overtake the old scene's last joint states: their jump to the new
+    pose is not the policy's motion (it made RMS jerk ~10^4 instead of ~10^2)."""
+    from iflybot_vla_policy.ros.demo_driver import Taps
+
+    robot = load_robot()
+    taps = Taps()
+    t = np.arange(0.0, 4.0, 0.02)
+    q = np.tile(robot.home, (len(t), 1)) + 0.05 * np.sin(t)[:, None]
+    q[t < 1.0] += 0.4                       # the old scene, stamped before the reset at 1 s
+    taps.measured_t, taps.measured_q = list(t), list(q)
+    before = dict.fromkeys(('measured', 'commanded', 'arrivals', 'latency', 'holds'), 0)
+    after = {**before, 'measured': len(t)}
+    args = (taps, before, after, robot, 'pick_place', 1, 'pick', True, 3.0)
+    assert _episode_result(*args).rms_jerk > 1e3
+    assert _episode_result(*args, start=1.0).rms_jerk < 1.0

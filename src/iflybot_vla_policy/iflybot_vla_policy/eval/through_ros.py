@@ -43,9 +43,10 @@ def stop_graph(proc: subprocess.Popen, timeout: float = 15.0) -> int:
 
 def run_episodes(jobs: Sequence[tuple[str, int]], graph_overrides: Sequence[str],
                  out_dir: Path, max_time_s: float,
-                 on_episode: Callable[[EpisodeResult], None] | None = None
-                 ) -> list[EpisodeResult]:
-    """Run (task, seed) jobs through the node graph; returns one result per job."""
+                 on_episode: Callable[[EpisodeResult], None] | None = None,
+                 lockstep: bool = False) -> list[EpisodeResult]:
+    """Run (task, seed) jobs through the node graph; returns one result per job. `lockstep`:
+    the simulator waits for the policy at each camera frame (ResetSim.lockstep)."""
     from iflybot_vla_policy.robot import load_robot
     from iflybot_vla_policy.ros import demo_driver
 
@@ -60,11 +61,12 @@ def run_episodes(jobs: Sequence[tuple[str, int]], graph_overrides: Sequence[str]
             if proc.poll() is not None:
                 raise RuntimeError(f'the node graph exited with code {proc.returncode}; see '
                                    f'{out_dir / "graph.log"}')
-            instruction = driver.reset(task, seed)
+            instruction = driver.reset(task, seed, lockstep=lockstep)
             before = driver.counts()
             success, duration, reason = driver.run_policy(instruction, max_time_s)
             results.append(_episode_result(driver.taps, before, driver.counts(), robot, task,
-                                           seed, instruction, success, duration))
+                                           seed, instruction, success, duration,
+                                           driver.reset_stamp_s))
             if on_episode is not None:
                 on_episode(results[-1])
     finally:
@@ -74,8 +76,11 @@ def run_episodes(jobs: Sequence[tuple[str, int]], graph_overrides: Sequence[str]
 
 
 def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, task: str,
-                    seed: int, instruction: str, success: bool,
-                    duration: float) -> EpisodeResult:
+                    seed: int, instruction: str, success: bool, duration: float,
+                    start: float = -math.inf) -> EpisodeResult:
+    """One episode's metrics from the taps between two counts. Joint states stamped before
+    `start` (the reset's stamp) still show the old scene: a reply can overtake them, and the
+    reset's jump counted in an RMS jerk of ~10^4 instead of ~10^2."""
     window = lambda values, key: values[before[key]:after[key]]  # noqa: E731
     mt = np.asarray(window(taps.measured_t, 'measured'))
     mq = np.asarray(window(taps.measured_q, 'measured')).reshape(-1, robot.n_joints)
@@ -84,6 +89,7 @@ def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, 
     arrivals = window(taps.trajectory_arrivals, 'arrivals')
     period = float(np.median(np.diff(arrivals))) if len(arrivals) > 2 else math.nan
     keep = np.concatenate([[True], np.diff(mt) > 0]) if len(mt) else np.zeros(0, bool)
+    keep &= mt >= start
     holds: dict[str, int] = {}
     for reason in window(taps.holds, 'holds'):
         holds[hold_category(reason)] = holds.get(hold_category(reason), 0) + 1

@@ -165,13 +165,19 @@ class DemoDriver(Node):
             time.sleep(0.01)
         return future.result()
 
-    def reset(self, task: str, seed: int) -> str:
-        reply = self.call(self.reset_client, ResetSim.Request(task=task, seed=seed))
+    def reset(self, task: str, seed: int, lockstep: bool = False) -> str:
+        reply = self.call(self.reset_client, ResetSim.Request(task=task, seed=seed,
+                                                              lockstep=lockstep))
         if not reply.success:
             raise RuntimeError(f'simulator reset failed: {reply.message}')
         self._reset_stamp = reply.stamp   # the next run starts from the new scene's inputs
         self.mark_episode_start()
         return reply.instruction
+
+    @property
+    def reset_stamp_s(self) -> float:
+        """Sim clock (s) at which the last reset's scene began."""
+        return _stamp(self._reset_stamp)
 
     def mark_episode_start(self) -> None:
         with self._lock:

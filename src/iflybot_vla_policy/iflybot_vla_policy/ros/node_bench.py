@@ -1,22 +1,28 @@
-"""Benchmark of the policy node over real DDS, with `tiny` (random weights) on CPU.
+"""Benchmark of the policy node over real DDS, in the deployment shape, with `tiny` on CPU.
 
 - image conversion: our `image_to_rgb` (bgr8, padded rows) vs a per-pixel Python loop;
-- end-to-end latency, camera image stamp -> JointTrajectory publish, p50/p99, next to the bare
-  `policy.infer` time in the same run (the difference is what the node adds);
-- control-timer jitter p99 while inference runs back to back vs with no inference (same node);
-- resident memory at the start and end of the loaded phase (flat = no leak).
-
-In-process: a feeder node publishes 320x240 bgr8 images at 15 Hz and joint states at 100 Hz
-with wall-clock stamps; the policy node runs on a MultiThreadedExecutor like `iflybot_policy`.
+- the node as deployed: the policy node in its own process, a feeder process publishing
+  320x240 bgr8 images of two cameras at 15 Hz and joint states at 100 Hz (wall-clock stamps),
+  and this process listening. Reported per executor layout, side by side in one run: the
+  single-threaded executor `iflybot_policy` runs, and the MultiThreadedExecutor(4) it ran before.
+  Control rate, timer jitter p99 and missed ticks (from /vla/status, idle and while inference
+  runs back to back), image-stamp-to-trajectory latency (/vla/action_chunk arrival minus its
+  observation stamp), inference time in the node next to the bare `policy.infer` time, CPU and
+  resident memory of the node process.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
-import threading
 import time
 
 import numpy as np
+
+CAMERAS = ('scene_camera', 'wrist_camera')
+CONTROL_RATE_HZ = 50.0
+INSTRUCTION = 'pick up the red block'
+LAYOUTS = ('single', 'multi')   # ours first, then the executor the node used before
 
 
 def _percentiles(values: list[float] | np.ndarray) -> dict:
@@ -25,14 +31,6 @@ def _percentiles(values: list[float] | np.ndarray) -> dict:
         return {'n': 0}
     return {'p50': float(np.percentile(values, 50)), 'p99': float(np.percentile(values, 99)),
             'max': float(values.max()), 'n': int(len(values))}
-
-
-def _rss_mb() -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024.0
-    return float('nan')
 
 
 def bench_image_conversion(quick: bool) -> dict:
@@ -68,121 +66,200 @@ def bench_image_conversion(quick: bool) -> dict:
             'naive_loop_ms': loop, 'speedup': loop / ours}
 
 
-def bench_node(quick: bool) -> dict:
-    """Latency, timer jitter (idle vs loaded) and memory of the node with tiny on CPU."""
-    os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(140, 230)))
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+# ------------------------------------------------------------------------- child processes
+def _feeder(stop: multiprocessing.synchronize.Event) -> None:
+    """Joint states at 100 Hz and two 320x240 bgr8 cameras at 15 Hz, wall-clock stamps."""
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
+    from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import Image, JointState
-    from std_msgs.msg import String
+
+    from iflybot_vla_policy.robot import load_robot
+    from iflybot_vla_policy.ros.conversions import rgb_to_image
+
+    robot = load_robot()
+    rclpy.init()
+    node = rclpy.create_node('bench_feeder')
+    joints = node.create_publisher(JointState, '/joint_states', 10)
+    cameras = [node.create_publisher(Image, f'/{c}/color/image_raw', 2) for c in CAMERAS]
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    names = list(robot.arm_joint_names) + list(robot.finger_joint_names)
+    position = list(robot.home) + [0.02, 0.02]
+
+    def publish_joints() -> None:
+        msg = JointState(name=names, position=position)
+        msg.header.stamp = node.get_clock().now().to_msg()
+        joints.publish(msg)
+
+    def publish_images() -> None:
+        stamp = node.get_clock().now().to_msg()
+        for pub in cameras:
+            pub.publish(rgb_to_image(image, 'bgr8', stamp=stamp))
+
+    node.create_timer(0.01, publish_joints)
+    node.create_timer(1.0 / 15.0, publish_images)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    while not stop.is_set():
+        executor.spin_once(timeout_sec=0.1)
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+def _policy_node(layout: str, stop: multiprocessing.synchronize.Event) -> None:
+    """The policy node as `iflybot_policy` runs it ('single'), or on the executor it used
+    before ('multi'), configured and activated as `iflybot up` does."""
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from iflybot_vla_policy.ros.policy_node import PolicyNode
+
+    rclpy.init()
+    params = [Parameter('preset', value='tiny'), Parameter('torch_threads', value=1),
+              Parameter('control_rate_hz', value=CONTROL_RATE_HZ),
+              Parameter('inference_rate_hz', value=CONTROL_RATE_HZ),   # back to back
+              Parameter('max_tracking_error', value=10.0)]              # static joint states
+    node = PolicyNode(parameter_overrides=params)
+    executor = SingleThreadedExecutor() if layout == 'single' else MultiThreadedExecutor(4)
+    executor.add_node(node)
+    node.trigger_configure()
+    node.trigger_activate()
+    while not stop.is_set():
+        executor.spin_once(timeout_sec=0.1)
+    node.shutdown()
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+# ------------------------------------------------------------------------------ measurement
+def _bare_inference_ms(quick: bool) -> dict:
+    import torch
 
     from iflybot_vla_policy.policy import Policy
     from iflybot_vla_policy.robot import load_robot
-    from iflybot_vla_policy.ros.conversions import rgb_to_image
-    from iflybot_vla_policy.ros.policy_node import PolicyNode
 
+    torch.set_num_threads(1)
     robot = load_robot()
-    control_rate = 50.0
-    idle_s, load_s = (8.0, 20.0) if quick else (30.0, 600.0)
     policy = Policy.from_config('tiny', seed=0)
     image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    state = np.append(robot.home, 0.04).astype(np.float32)
-    obs = {'images': {'scene_camera': image, 'wrist_camera': image}, 'state': state,
-           'instruction': 'pick up the red block'}
+    obs = {'images': dict.fromkeys(CAMERAS, image), 'instruction': INSTRUCTION,
+           'state': np.append(robot.home, 0.04).astype(np.float32)}
     policy.infer(obs)
-    bare = []
+    times = []
     for _ in range(5 if quick else 30):
         start = time.perf_counter()
         policy.infer(obs)
-        bare.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3)
+    return _percentiles(times)
 
+
+def _measure_layout(layout: str, quick: bool) -> dict:
+    import psutil
+    import rclpy
+    from iflybot_vla_msgs.msg import ActionChunk, PolicyStatus
+    from rclpy.executors import SingleThreadedExecutor
+    from std_msgs.msg import String
+
+    idle_s, load_s = (6.0, 10.0) if quick else (20.0, 120.0)
+    spawn = multiprocessing.get_context('spawn')
+    stop = spawn.Event()
+    feeder = spawn.Process(target=_feeder, args=(stop,), daemon=True)
+    policy = spawn.Process(target=_policy_node, args=(layout, stop), daemon=True)
+    feeder.start()
+    policy.start()
     context = rclpy.Context()
     rclpy.init(context=context)
-    params = [Parameter('control_rate_hz', value=control_rate),
-              Parameter('inference_rate_hz', value=control_rate),   # back to back
-              Parameter('max_tracking_error', value=10.0),          # joint states are static
-              Parameter('warmup_inferences', value=1)]
-    node = PolicyNode(policy_factory=lambda cfg: policy, context=context,
-                      parameter_overrides=params)
-    feeder = rclpy.create_node('bench_feeder', context=context)
-    js_pub = feeder.create_publisher(JointState, '/joint_states', 10)
-    image_pubs = [feeder.create_publisher(Image, f'/{c}/color/image_raw', 2)
-                  for c in ('scene_camera', 'wrist_camera')]
-    instruction_pub = feeder.create_publisher(String, '/vla/instruction', 10)
-    names = list(robot.arm_joint_names) + list(robot.finger_joint_names)
+    node = rclpy.create_node('bench_listener', context=context)
+    statuses: list[tuple[float, PolicyStatus]] = []
+    e2e: list[tuple[float, float]] = []
+    node.create_subscription(PolicyStatus, '/vla/status',
+                             lambda m: statuses.append((time.monotonic(), m)), 50)
 
-    def publish_joints() -> None:
-        msg = JointState(name=names, position=list(robot.home) + [0.02, 0.02])
-        msg.header.stamp = feeder.get_clock().now().to_msg()
-        js_pub.publish(msg)
+    def on_chunk(msg: ActionChunk) -> None:
+        now = node.get_clock().now().nanoseconds * 1e-9
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        e2e.append((time.monotonic(), (now - stamp) * 1e3))
 
-    def publish_images() -> None:
-        stamp = feeder.get_clock().now().to_msg()
-        for pub in image_pubs:
-            pub.publish(rgb_to_image(image, 'bgr8', stamp=stamp))
-
-    feeder.create_timer(0.01, publish_joints)
-    feeder.create_timer(1.0 / 15.0, publish_images)
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    node.create_subscription(ActionChunk, '/vla/action_chunk', on_chunk, 50)
+    instruction = node.create_publisher(String, '/vla/instruction', 10)
+    executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    executor.add_node(feeder)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
+
+    def spin_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+
     try:
-        node.trigger_configure()
-        deadline = time.monotonic() + 30
-        while node._q_measured is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        node.trigger_activate()   # no instruction yet: active but no inference
-        time.sleep(idle_s)
-        idle_ticks = np.asarray(node.tick_times)
-        rss_start = _rss_mb()
-        instruction_pub.publish(String(data='pick up the red block'))
-        node.e2e_latency_ms.clear()
-        node.inference_ms.clear()
-        e2e: list[float] = []
-        infer: list[float] = []
-        loaded_ticks: list[np.ndarray] = []
-        rss_trace = [rss_start]                   # every 10 s of the loaded phase
+        deadline = time.monotonic() + 120.0
+        while not statuses and time.monotonic() < deadline:   # configured and publishing
+            spin_for(0.2)
+        if not statuses:
+            raise RuntimeError(f'{layout}: the policy node published no /vla/status in 120 s')
+        proc = psutil.Process(policy.pid)
+        spin_for(idle_s)
         t_load = time.monotonic()
-        while time.monotonic() - t_load < load_s:
-            time.sleep(min(10.0, load_s))
-            rss_trace.append(_rss_mb())
-            e2e += list(node.e2e_latency_ms)
-            infer += list(node.inference_ms)
-            node.e2e_latency_ms.clear()
-            node.inference_ms.clear()
-            ticks = np.asarray(node.tick_times)
-            loaded_ticks.append(ticks[ticks > t_load + 1.0])
-        rss_end = _rss_mb()
-        chunks = node.status().chunks_produced
+        idle = [m for t, m in statuses if t < t_load]
+        for _ in range(3):
+            instruction.publish(String(data=INSTRUCTION))
+            spin_for(0.3)
+        spin_for(1.0)
+        proc.cpu_percent()
+        rss_start = proc.memory_info().rss / 2**20
+        t_measure = time.monotonic()
+        spin_for(load_s)
+        cpu = proc.cpu_percent()
+        rss_end = proc.memory_info().rss / 2**20
     finally:
-        node.trigger_deactivate()
-        node.trigger_cleanup()   # joins the inference worker (a thread inside torch at exit
-        executor.shutdown(timeout_sec=5)   # aborts the interpreter)
-        thread.join(timeout=5)   # a spin thread alive at exit aborts the interpreter
+        stop.set()
+        executor.shutdown()
         node.destroy_node()
-        feeder.destroy_node()
         rclpy.shutdown(context=context)
+        for child in (policy, feeder):
+            child.join(timeout=15)
+            if child.is_alive():
+                child.kill()
+    loaded = [m for t, m in statuses if t >= t_measure + 5.0]   # windows fully under load
+    if not loaded:
+        loaded = [m for t, m in statuses if t >= t_measure]
+    last = loaded[-1] if loaded else statuses[-1]
+    first = next((m for t, m in statuses if t >= t_measure), last)
 
-    def jitter(ticks: np.ndarray) -> dict:
-        periods = np.diff(np.unique(ticks))
-        return {**_percentiles(np.abs(periods - 1.0 / control_rate) * 1e3),
-                'rate_hz': float(1.0 / periods.mean()) if len(periods) else 0.0}
+    def window(messages: list) -> dict:
+        return {'control_rate_hz_p50': float(np.median([m.control_rate_hz for m in messages])),
+                'control_rate_hz_min': float(min(m.control_rate_hz for m in messages)),
+                'jitter_p99_ms_median': float(np.median([m.control_jitter_p99_ms
+                                                         for m in messages])),
+                'jitter_p99_ms_max': float(max(m.control_jitter_p99_ms for m in messages))}
 
-    loaded = np.concatenate(loaded_ticks) if loaded_ticks else np.zeros(0)
-    return {'model': 'tiny (random weights), CPU', 'control_rate_hz': control_rate,
-            'load_seconds': load_s, 'chunks': int(chunks),
-            'bare_infer_ms': _percentiles(bare), 'node_inference_ms': _percentiles(infer),
-            'e2e_image_stamp_to_trajectory_ms': _percentiles(e2e),
-            'timer_jitter_ms_idle': jitter(idle_ticks),
-            'timer_jitter_ms_under_inference': jitter(loaded),
-            'rss_mb_start': rss_start, 'rss_mb_end': rss_end,
-            # growth after the first minute (allocator warm-up excluded): ~0 when flat
-            'rss_mb_growth_after_1min': rss_end - rss_trace[min(6, len(rss_trace) - 1)],
-            'rss_mb_trace_10s': [round(x, 1) for x in rss_trace]}
+    chunks = int(last.chunks_produced - first.chunks_produced)
+    return {'idle': window(idle or statuses[:1]), 'under_inference': window(loaded),
+            'missed_ticks_under_inference': int(last.missed_ticks - first.missed_ticks),
+            'chunks_per_s': chunks / max(load_s, 1e-9),
+            'node_inference_ms_p50': float(last.inference_latency_p50_ms),
+            'node_inference_ms_p99': float(last.inference_latency_p99_ms),
+            'e2e_image_stamp_to_chunk_ms': _percentiles([v for t, v in e2e if t >= t_measure]),
+            'node_process_cpu_percent': cpu,
+            'rss_mb_start': rss_start, 'rss_mb_end': rss_end}
+
+
+def bench_node(quick: bool) -> dict:
+    """Each executor layout in turn, the same feeder and node, one run."""
+    os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(140, 230)))
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    out: dict = {'model': 'tiny (random weights), CPU, torch_threads 1',
+                 'shape': 'feeder, policy node and listener in three processes; 2 cameras '
+                          '320x240 bgr8 at 15 Hz, joint states at 100 Hz',
+                 'control_rate_hz': CONTROL_RATE_HZ, 'cores': os.cpu_count(),
+                 'bare_infer_ms': _bare_inference_ms(quick)}
+    for layout in LAYOUTS:
+        out[layout] = _measure_layout(layout, quick)
+    single, multi = out['single'], out['multi']
+    out['e2e_p99_over_bare_p50'] = (single['e2e_image_stamp_to_chunk_ms'].get('p99', np.nan)
+                                    / out['bare_infer_ms']['p50'])
+    out['rate_kept_single_vs_multi'] = (single['under_inference']['control_rate_hz_p50'],
+                                        multi['under_inference']['control_rate_hz_p50'])
+    return out
 
 
 def run(quick: bool = False) -> dict:

@@ -370,6 +370,7 @@ class PolicyNode(LifecycleNode):
         self.round_trip_ms: deque[float] = deque(maxlen=200)
         self.tick_times: deque[float] = deque(maxlen=1000)   # node time of control ticks
         self._torn_down = False
+        self._missed_ticks = 0   # control ticks skipped while active
         self._tick_waiters: list[Future] = []   # running goals, woken by each control tick
         self._model_id = ''
 
@@ -645,6 +646,9 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------------- control
     def _on_control_tick(self) -> None:
         now = self.now_s()
+        if self.tick_times and self._active:
+            self._missed_ticks += missed_ticks([self.tick_times[-1], now],
+                                               1.0 / self.config.control_rate_hz)
         self.tick_times.append(now)
         self._wake_goals()
         if not self._lock.acquire(blocking=False):
@@ -681,7 +685,11 @@ class PolicyNode(LifecycleNode):
         if self._run_start is not None and self._state == RUNNING:
             # A run's first check and first chunk use inputs that arrived after it began:
             # the joint state of a sim reset may still be in flight when the goal lands.
-            if not self.watchdog.fed_since(self._run_start) or not self._inputs_current():
+            # With inputs_after the stamps decide (a lockstep simulator's clock stands still,
+            # so nothing arrives 'after' on it); without, arrival after the run began does.
+            current = self._inputs_current() if self._inputs_after > 0 else \
+                self.watchdog.fed_since(self._run_start)
+            if not current:
                 return
             self._run_start, self._inputs_after = None, 0.0
             self._start_from_measured()
@@ -936,6 +944,7 @@ class PolicyNode(LifecycleNode):
             latencies = np.asarray(self.inference_ms, dtype=np.float64)
             ticks = np.asarray(self.tick_times, dtype=np.float64)[-250:]
             msg = PolicyStatus(state=self._state if self._active else IDLE,
+                               missed_ticks=self._missed_ticks,
                                instruction=self._instruction, chunks_produced=self._chunks,
                                last_error=self._last_error)
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -946,7 +955,6 @@ class PolicyNode(LifecycleNode):
             msg.control_rate_hz = float((len(ticks) - 1) / (ticks[-1] - ticks[0]))
             period = 1.0 / self.config.control_rate_hz
             msg.control_jitter_p99_ms = jitter(ticks, period)['p99_ms']
-            msg.missed_ticks = missed_ticks(ticks, period)
         e2e = np.asarray(self.e2e_latency_ms, dtype=np.float64)
         if len(e2e):
             msg.e2e_latency_p50_ms = float(np.percentile(e2e, 50))

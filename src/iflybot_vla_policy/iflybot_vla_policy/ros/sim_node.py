@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import rclpy
 from geometry_msgs.msg import TwistStamped
-from iflybot_vla_msgs.msg import GripperCommand
+from iflybot_vla_msgs.msg import ActionChunk, GripperCommand
 from iflybot_vla_msgs.srv import ResetSim
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -71,6 +71,12 @@ class SimNode(Node):
         self._go = threading.Event()      # publishers exist: the loop may start
         self._running = True
         self.failed = False
+        # Lockstep (ResetSim.lockstep): the frame stamp the loop waits on, and its answer
+        self._lockstep = False
+        self._waiting_on: float | None = None
+        self._answer = threading.Condition()
+        self._chunk_answered = False
+        self._trajectory_answered = False
         self._thread = threading.Thread(target=self._run, name='iflybot_sim_physics',
                                         daemon=True)
         self._thread.start()
@@ -94,6 +100,7 @@ class SimNode(Node):
                                  self._on_trajectory, 10)
         self.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds', self._on_twist, 10)
         self.create_subscription(GripperCommand, '/vla/gripper_command', self._on_gripper, 10)
+        self.create_subscription(ActionChunk, '/vla/action_chunk', self._on_chunk, 10)
         self.create_service(ResetSim, '~/reset', self._on_reset)
         self._publish_instruction()
         self._go.set()
@@ -121,6 +128,9 @@ class SimNode(Node):
                                              0.01, 5.0)),
             'allow_nonzero_velocity_at_trajectory_end': (False, _describe(
                 'JTC: accept trajectories whose last point still moves')),
+            'lockstep_timeout_s': (5.0, _describe(
+                'lockstep (ResetSim.lockstep): wall seconds a frame waits for an answer of the '
+                'policy before the simulation goes on without it', 0.1, 600.0)),
         }
         values = {}
         for name, (default, descriptor) in spec.items():
@@ -144,7 +154,18 @@ class SimNode(Node):
     def sim_time(self) -> float:
         return self._clock_offset + self._env.time
 
+    def _on_chunk(self, msg: ActionChunk) -> None:
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        with self._answer:
+            if self._waiting_on is not None and stamp >= self._waiting_on - 1e-6:
+                self._chunk_answered = True
+                self._answer.notify_all()
+
     def _on_trajectory(self, msg: JointTrajectory) -> None:
+        with self._answer:
+            if self._waiting_on is not None:
+                self._trajectory_answered = True
+                self._answer.notify_all()
         with self._lock:
             try:
                 traj = trajectory_from_msg(msg, self._clock_offset)
@@ -191,7 +212,9 @@ class SimNode(Node):
             return response
         self._reset_done.clear()
         with self._lock:
-            self._reset_request = (task, int(request.seed))
+            self._reset_request = (task, int(request.seed), bool(request.lockstep))
+        with self._answer:              # a loop waiting on the old scene's frame lets go
+            self._answer.notify_all()
         if not self._reset_done.wait(timeout=60.0):
             response.success = False
             response.message = 'reset timed out (simulation thread busy or stopped)'
@@ -204,8 +227,9 @@ class SimNode(Node):
             self.get_logger().info(f'{response.message}: "{response.instruction}"')
         return response
 
-    def _do_reset(self, task: str, seed: int) -> None:
+    def _do_reset(self, task: str, seed: int, lockstep: bool) -> None:
         """On the physics thread, with the lock held; the sim clock stays continuous."""
+        self._lockstep = lockstep
         try:
             self._clock_offset += self._env.time
             if task != self._env.task_name:
@@ -215,7 +239,8 @@ class SimNode(Node):
                 self._env.reset(seed)
             self._clock_offset -= self._env.time   # reset settles objects for a moment
             self._reset_stamp = self.sim_time     # earlier messages show the old scene
-            self._reset_result = (True, f'reset {task} with seed {seed}')
+            self._reset_result = (True, f'reset {task} with seed {seed}'
+                                        + (' (lockstep)' if lockstep else ''))
         except Exception as err:  # noqa: BLE001 - the reply carries the reason
             self._reset_result = (False, f'reset failed: {err!r}')
         self._reset_done.set()
@@ -260,12 +285,25 @@ class SimNode(Node):
                 if self._reset_request is not None:
                     self._do_reset(*self._reset_request)
                     self._reset_request = None
+                    if self._lockstep:   # the new scene's first frame at its first instant
+                        due = dict.fromkeys(periods, 0.0)
                 now = self.sim_time
                 if sim0 is None:
                     sim0 = now
                 if now < sim0:          # clock offset changed by a reset: restart pacing
                     wall0, sim0 = time.monotonic(), now
-                self._publish_due(now, due, periods)
+                frame = self._publish_due(now, due, periods)
+                lockstep = self._lockstep and frame
+                if lockstep:
+                    with self._answer:
+                        self._waiting_on = now
+                        self._chunk_answered = self._trajectory_answered = False
+            if lockstep:
+                self._wait_for_answer(now)
+                wall0, sim0 = time.monotonic(), now   # the pause is not lag to catch up
+            with self._lock:
+                if self._reset_request is not None:
+                    continue           # reset during the pause: the old scene does not step
                 self._env.step(float(tick))
                 after = self.sim_time
             if rtf > 0:
@@ -280,7 +318,26 @@ class SimNode(Node):
                         behind_warned = time.monotonic()
                     wall0, sim0 = time.monotonic(), after
 
-    def _publish_due(self, now: float, due: dict[str, float], periods: dict[str, float]) -> None:
+    def _wait_for_answer(self, stamp: float) -> None:
+        """Lockstep: hold the clock at the frame `stamp` until the policy's chunk for it and a
+        trajectory have arrived, a reset is requested, or lockstep_timeout_s passes."""
+        timeout = float(self._params['lockstep_timeout_s'])
+        deadline = time.monotonic() + timeout
+        with self._answer:
+            while not (self._chunk_answered and self._trajectory_answered):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._running or self._reset_request is not None:
+                    break
+                self._answer.wait(min(left, 0.1))
+            answered = self._chunk_answered and self._trajectory_answered
+            self._waiting_on = None
+        if not answered and self._reset_request is None and self._running:
+            self.get_logger().warning(
+                f'lockstep: no answer to the frame at {stamp:.3f} s within {timeout} s '
+                '(policy holding or idle?): going on', throttle_duration_sec=10.0)
+
+    def _publish_due(self, now: float, due: dict[str, float], periods: dict[str, float]) -> bool:
+        """Publish what is due at `now`; True when a camera frame went out."""
         env = self._env
         if now >= due['clock']:
             self._clock_pub.publish(Clock(clock=to_time(now)))
@@ -303,6 +360,8 @@ class SimNode(Node):
                 self._info_pubs[camera].publish(
                     camera_info_msg(env.camera_info(camera), now, frame))
             due['camera'] = now + periods['camera'] - 1e-9
+            return True
+        return False
 
     def shutdown(self) -> None:
         self._running = False
