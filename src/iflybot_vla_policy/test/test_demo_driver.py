@@ -68,8 +68,19 @@ def test_joint_states_from_before_the_reset_do_not_count_in_the_episode():
     q = np.tile(robot.home, (len(t), 1)) + 0.05 * np.sin(t)[:, None]
     q[t < 1.0] += 0.4                       # the old scene, stamped before the reset at 1 s
     taps.measured_t, taps.measured_q = list(t), list(q)
-    before = dict.fromkeys(('measured', 'commanded', 'arrivals', 'latency', 'holds'), 0)
+    before = dict.fromkeys(('measured', 'commanded', 'arrivals', 'latency', 'holds', 'status'), 0)
     after = {**before, 'measured': len(t)}
     args = (taps, before, after, robot, 'pick_place', 1, 'pick', True, 3.0)
     assert _episode_result(*args).rms_jerk > 1e3
     assert _episode_result(*args, start=1.0).rms_jerk < 1.0
+
+
+def test_an_episode_reports_the_worst_control_timing_the_policy_published():
+    from iflybot_vla_policy.ros.demo_driver import Taps
+
+    taps = Taps(status_timing=[(50.0, 1.0, 40.0), (46.0, 4.0, 55.0), (49.5, 2.0, 45.0)])
+    before = dict.fromkeys(('measured', 'commanded', 'arrivals', 'latency', 'holds', 'status'), 0)
+    result = _episode_result(taps, before, {**before, 'status': 3}, load_robot(), 'pick_place',
+                             1, 'pick', True, 3.0)
+    assert (result.control_rate_hz_min, result.timer_jitter_p99_ms,
+            result.e2e_latency_p99_ms) == (46.0, 4.0, 55.0)

@@ -38,6 +38,13 @@ class EpisodeResult:
     # False where the offset cannot be known: tasks without a grasp, runs through ROS (the
     # object poses are not published)
     grasp_measured: bool = True
+    # through ROS, from /vla/status while running: control timer rate (lowest window, Hz),
+    # timer jitter p99 and image-stamp-to-trajectory p99 (highest windows, ms, node clock),
+    # and simulated over wall seconds of the run
+    control_rate_hz_min: float = math.nan
+    timer_jitter_p99_ms: float = math.nan
+    e2e_latency_p99_ms: float = math.nan
+    real_time_factor: float = math.nan
 
 
 def hold_category(reason: str) -> str:
@@ -71,6 +78,12 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
             'inference_latency_ms_p99': percentile(latencies, 99),
             'control_jitter_p99_ms': _nanmax([e.control_jitter_p99_ms for e in group]),
             'rms_jerk_mean': _nanmean([e.rms_jerk for e in group]),
+            'control_rate_hz_min': _nanmin([e.control_rate_hz_min for e in group]),
+            'timer_jitter_p99_ms': _nanmax([e.timer_jitter_p99_ms for e in group]),
+            'e2e_latency_p99_ms': _nanmax([e.e2e_latency_p99_ms for e in group]),
+            'real_time_factor_mean': _nanmean([e.real_time_factor for e in group]),
+            'episodes_with_stale_input_holds': sum(
+                any(k.startswith('stale input') for k in e.hold_reasons) for e in group),
             'limit_violations': violations,
             'grasp_attempts': len(grasp_xy),
             'grasp_xy_error_m_median': float(np.median(grasp_xy)) if grasp_xy else math.nan,
@@ -81,6 +94,11 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def _nanmin(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.min(finite)) if finite else math.nan
 
 
 def _nanmax(values: Sequence[float]) -> float:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,10 +64,13 @@ def run_episodes(jobs: Sequence[tuple[str, int]], graph_overrides: Sequence[str]
                                    f'{out_dir / "graph.log"}')
             instruction = driver.reset(task, seed, lockstep=lockstep)
             before = driver.counts()
+            wall = time.monotonic()
             success, duration, reason = driver.run_policy(instruction, max_time_s)
+            wall = time.monotonic() - wall
             results.append(_episode_result(driver.taps, before, driver.counts(), robot, task,
                                            seed, instruction, success, duration,
                                            driver.reset_stamp_s))
+            results[-1].real_time_factor = duration / wall if wall > 0 else math.nan
             if on_episode is not None:
                 on_episode(results[-1])
     finally:
@@ -100,4 +104,13 @@ def _episode_result(taps, before: dict[str, int], after: dict[str, int], robot, 
         control_jitter_p99_ms=jitter(arrivals, period)['p99_ms'] if period > 0 else math.nan,
         rms_jerk=rms_jerk(mt[keep], mq[keep]) if keep.sum() > 3 else math.nan,
         limit_violations=limit_violations(robot, cq, cdq),
-        chunks=after['latency'] - before['latency'], hold_reasons=holds, grasp_measured=False)
+        chunks=after['latency'] - before['latency'], hold_reasons=holds, grasp_measured=False,
+        **_status_timing(window(taps.status_timing, 'status')))
+
+
+def _status_timing(rows: Sequence[tuple[float, float, float]]) -> dict[str, float]:
+    if not len(rows):
+        return {}
+    rates, jitters, e2e = np.asarray(rows, dtype=np.float64).T
+    return {'control_rate_hz_min': float(rates.min()), 'timer_jitter_p99_ms': float(jitters.max()),
+            'e2e_latency_p99_ms': float(e2e.max())}

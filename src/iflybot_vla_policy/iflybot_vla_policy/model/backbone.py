@@ -44,10 +44,11 @@ class PrefixCache:
     kv: KV                       # per layer, after rotary encoding
     mask: torch.Tensor           # (B, S) bool: keys the expert may attend (real, non-FAST)
     next_pos: torch.Tensor       # (B,) position of the next token to append
-    next_logits: torch.Tensor    # (B, V) logits for the next token
+    next_logits: torch.Tensor | None  # (B, V) logits for the next token; fast path: (B,
+    #                                   codebook) latent rows, None when no token follows
     features: torch.Tensor | None  # (B, N_img, D) image tokens (direct expert path)
     summary: torch.Tensor | None   # (B, D) flat vision readout (direct expert path)
-    cache: object | None = None  # transformers DynamicCache, extended by append_tokens
+    cache: object | None = None  # transformers DynamicCache (append_tokens) or StaticKV
 
 
 @dataclass
@@ -300,6 +301,184 @@ class Backbone(nn.Module):
             return torch.zeros(prefix.mask.shape[0], 0, dtype=torch.long), prefix
         return torch.stack(codes, dim=1), prefix
 
+    # -- inference fast path (engine.py): the computation of encode_prefix + generate_latents
+    # with static shapes, preallocated KV buffers and fewer, larger ops
+
+    @property
+    def lean_layers(self) -> bool:
+        """The decoder layers are plain pre-norm blocks (RMSNorm, SiLU gated MLP, full
+        attention, rotate-half RoPE: Qwen2, Llama, Qwen2.5-VL's text model), which the lean
+        passes reimplement; anything else keeps transformers' own forward for the prefix."""
+        c = self.decoder.config
+        types = getattr(c, 'layer_types', None) or ['full_attention']
+        return c.hidden_act == 'silu' and all(t == 'full_attention' for t in types)
+
+    def _prefix_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor) -> _Inputs:
+        return self._prefix(images, text_ids, text_mask)
+
+    def _rotary(self, h: torch.Tensor,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B, k) positions -> cos, sin (B, 1, k, hd); A = 3 gives Qwen2.5-VL's mRoPE
+        (transformers recomposes the sections into one rotate-half table)."""
+        cos, sin = self.decoder.rotary_emb(h, self._pos_arg(positions))
+        return cos[:, None], sin[:, None]
+
+    def _lean_qkv(self, h: torch.Tensor, fused: tuple, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, k, D) -> q (B, H, k, hd), rotated k and v (B, kvh, k, hd)."""
+        w_qkv, b_qkv, _, n1, _, eps = fused
+        b, k, width = h.shape
+        hd = self.head_dim
+        c = self.decoder.config
+        n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
+        x = F.rms_norm(h, (width,), n1, eps)
+        qk, v = F.linear(x, w_qkv, b_qkv).split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+        qk = _rope(qk.view(b, k, n_q + n_kv, hd).transpose(1, 2), cos, sin)
+        q, kk = qk.split([n_q, n_kv], dim=1)
+        return q, kk, v.view(b, k, n_kv, hd).transpose(1, 2)
+
+    def _lean_rest(self, layer: nn.Module, fused: tuple, h: torch.Tensor, q: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor,
+                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over (keys, values), output projection and MLP, both residual."""
+        _, _, w_gu, _, n2, eps = fused
+        b, k, width = h.shape
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
+                                           scale=layer.self_attn.scaling,
+                                           enable_gqa=q.shape[1] != keys.shape[1])
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, k, -1))
+        gate, up = F.linear(F.rms_norm(h, (width,), n2, eps), w_gu).chunk(2, dim=-1)
+        return h + layer.mlp.down_proj(F.silu(gate) * up)
+
+    def _latent_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and the latent-code rows of the LM head only: (B, D) -> (B, codebook)."""
+        offset, size = self.cfg.latent_offset, self.cfg.tokens.latent_codebook
+        bias = self.lm_head.bias
+        return F.linear(self.decoder.norm(h), self.lm_head.weight[offset:offset + size],
+                        None if bias is None else bias[offset:offset + size])
+
+    def encode_prefix_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
+                           text_mask: torch.Tensor, latent_slots: int = 0) -> PrefixCache:
+        """`encode_prefix` for inference. The KV of every layer lands in buffers with
+        `latent_slots` free positions after the prefix (a `StaticKV` in `cache`, for
+        `decode_latents_static`); `next_logits` holds the latent-code rows only (B, codebook),
+        and neither they nor the last layer's output are computed when no latent token follows
+        (the expert reads only the keys/values)."""
+        if not self.lean_layers:
+            raise ValueError(f'{type(self).__name__}: its decoder layers are not plain '
+                             'Qwen2/Llama blocks; use encode_prefix')
+        p = self._prefix_fast(images, text_ids, text_mask)
+        b, s = p.mask.shape
+        last = self._last_real(p.mask)
+        rows = torch.arange(b, device=last.device)
+        fused = self._fused_layers()
+        h = p.embeds
+        cos, sin = self._rotary(h, p.positions)
+        keys_ok = p.mask.bool()
+        causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
+        attn_mask = keys_ok[:, None, None, :] & causal                        # (B,1,S,S)
+        kv, logits = [], None
+        n_layers = len(self.decoder.layers)
+        for i, (layer, f) in enumerate(zip(self.decoder.layers, fused, strict=True)):
+            q, k, v = self._lean_qkv(h, f, cos, sin)
+            kv.append((k, v))
+            if i < n_layers - 1:
+                h = self._lean_rest(layer, f, h, q, k, v, attn_mask)
+            elif latent_slots:
+                # only the last real token's output feeds the logits; it attends every
+                # real key (those after it are padding)
+                h_last = h[rows, last][:, None]                                   # (B,1,D)
+                q_last = q[rows, :, last][:, :, None]                       # (B,H,1,hd)
+                h_last = self._lean_rest(layer, f, h_last, q_last, k, v,
+                                         keys_ok[:, None, None, :])
+                logits = self._latent_logits(h_last[:, 0])
+        cache = None
+        if latent_slots:
+            cache = StaticKV.allocate(kv, latent_slots)
+            kv = cache.views(s)
+        return PrefixCache(kv=kv, mask=p.mask.bool(), next_pos=p.positions.amax(dim=(0, 2)) + 1,
+                           next_logits=logits, features=p.features, summary=p.summary,
+                           cache=cache)
+
+    def decode_latents_static(self, prefix: PrefixCache,
+                              n: int) -> tuple[torch.Tensor, PrefixCache]:
+        """`generate_latents` with static shapes: the n greedy latent codes and the cache
+        extended by their KV, written in place into the preallocated buffers of
+        `encode_prefix_fast(..., latent_slots=n)`. Positions and attention masks of all n
+        steps are fixed before the loop; no value is read back to the host (no `.item()`,
+        no data-dependent shape), so the loop can be compiled or graph-captured as is."""
+        b, s = prefix.mask.shape
+        dev = prefix.mask.device
+        if n == 0:
+            return torch.zeros(b, 0, dtype=torch.long, device=dev), prefix
+        cache = prefix.cache
+        if not isinstance(cache, StaticKV) or cache.capacity < s + n or prefix.next_logits is None:
+            raise ValueError(f'decode_latents_static needs encode_prefix_fast(..., '
+                             f'latent_slots={n})')
+        fused = self._fused_layers()
+        offset = self.cfg.latent_offset
+        keys_ok = torch.cat([prefix.mask, prefix.mask.new_ones(b, n)], dim=1)     # (B, S+n)
+        slot = torch.arange(s + n, device=dev)
+        # step j attends the prefix and latent slots 0..j: (n, B, 1, 1, S+n)
+        step_masks = keys_ok[None, :, None, None, :] & \
+            (slot <= s + torch.arange(n, device=dev)[:, None])[:, None, None, None, :]
+        positions = prefix.next_pos[:, None] + torch.arange(n, device=dev)          # (B, n)
+        axes = 3 if isinstance(self, Qwen25VLBackbone) else 1
+        cos, sin = self._rotary(cache.keys[0], positions[None].expand(axes, -1, -1))
+
+        codes = torch.empty(b, n, dtype=torch.long, device=dev)
+        logits = prefix.next_logits
+        layers = self.decoder.layers
+        for j in range(n):
+            code = logits.argmax(-1)                                                 # (B,)
+            codes[:, j] = code
+            h = self.embed((code + offset)[:, None])                                 # (B,1,D)
+            for i, (layer, f) in enumerate(zip(layers, fused, strict=True)):
+                q, k, v = self._lean_qkv(h, f, cos[:, :, j:j + 1], sin[:, :, j:j + 1])
+                cache.keys[i][:, :, s + j:s + j + 1] = k
+                cache.values[i][:, :, s + j:s + j + 1] = v
+                if j == n - 1 and i == len(layers) - 1:
+                    break       # the last token's KV is all that is needed from it
+                h = self._lean_rest(layer, f, h, q, cache.keys[i][:, :, :s + n],
+                                    cache.values[i][:, :, :s + n], step_masks[j])
+            else:
+                logits = self._latent_logits(h[:, -1])
+        return codes, PrefixCache(kv=cache.views(s + n), mask=keys_ok,
+                                  next_pos=prefix.next_pos + n, next_logits=None,
+                                  features=prefix.features, summary=prefix.summary, cache=cache)
+
+
+@dataclass
+class StaticKV:
+    """Preallocated per-layer key/value buffers (B, kv_heads, capacity, head_dim): the prefix
+    is written once, each decoded token into its own fixed slot."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @classmethod
+    def allocate(cls, kv: KV, extra: int) -> StaticKV:
+        """Buffers for the prefix `kv` plus `extra` slots, zeroed (a masked slot must hold a
+        finite value: attention weights of 0 times NaN would still be NaN)."""
+        keys, values = [], []
+        for k, v in kv:
+            b, h, s, d = k.shape
+            kb, vb = k.new_zeros(b, h, s + extra, d), v.new_zeros(b, h, s + extra, d)
+            kb[:, :, :s] = k
+            vb[:, :, :s] = v
+            keys.append(kb)
+            values.append(vb)
+        return cls(keys, values)
+
+    def views(self, length: int) -> KV:
+        return [(k[:, :, :length], v[:, :, :length])
+                for k, v in zip(self.keys, self.values, strict=True)]
+
 
 # ---------------------------------------------------------------------------------------------
 # tiny: Qwen2 decoder from config + conv vision tower
@@ -354,6 +533,14 @@ class TinyBackbone(Backbone):
     def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> _Inputs:
         tokens, summary = self.vision(images, text_ids, text_mask)   # (B, N, D), (B, D)
+        embeds = torch.cat([tokens.to(self.lm_head.weight.dtype), self.embed(text_ids)], dim=1)
+        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.long,
+                                     device=text_mask.device), text_mask.long()], dim=1)
+        return _Inputs(embeds, mask, _positions_1d(mask), tokens, summary)
+
+    def _prefix_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor) -> _Inputs:
+        tokens, summary = self.vision.forward_fast(images, text_ids, text_mask)
         embeds = torch.cat([tokens.to(self.lm_head.weight.dtype), self.embed(text_ids)], dim=1)
         mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.long,
                                      device=text_mask.device), text_mask.long()], dim=1)

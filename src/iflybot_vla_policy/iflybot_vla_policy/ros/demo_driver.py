@@ -55,6 +55,8 @@ class Taps:
     chunk_latency_ms: list[float] = field(default_factory=list)     # from /vla/action_chunk
     episode_starts: list[float] = field(default_factory=list)
     holds: list[str] = field(default_factory=list)     # reason of each HOLD/ERROR on /vla/status
+    # per /vla/status: control timer rate (Hz) and jitter p99 (ms), image-to-trajectory p99 (ms)
+    status_timing: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 # Holds that are the policy waiting between runs, not an interruption of one.
@@ -143,6 +145,10 @@ class DemoDriver(Node):
     def _on_status(self, msg: PolicyStatus) -> None:
         previous, self._latest_status = self._latest_status, msg
         self._status_heard_at = time.monotonic()
+        if msg.state == PolicyStatus.STATE_RUNNING and msg.control_rate_hz > 0:
+            with self._lock:
+                self.taps.status_timing.append((msg.control_rate_hz, msg.control_jitter_p99_ms,
+                                                msg.e2e_latency_p99_ms))
         if msg.state not in (PolicyStatus.STATE_HOLD, PolicyStatus.STATE_ERROR):
             return
         if previous is not None and (previous.state, previous.last_error) == \
@@ -190,7 +196,7 @@ class DemoDriver(Node):
                     'commanded': len(self.taps.commanded_t),
                     'arrivals': len(self.taps.trajectory_arrivals),
                     'latency': len(self.taps.chunk_latency_ms),
-                    'holds': len(self.taps.holds)}
+                    'holds': len(self.taps.holds), 'status': len(self.taps.status_timing)}
 
     def start_episode(self, task: str, instruction: str, operator: str) -> str:
         reply = self.call(self.start_client, StartEpisode.Request(
