@@ -164,3 +164,12 @@ def test_path_markers_follow_forward_kinematics():
     assert (line.points[-1].x, line.points[-1].y, line.points[-1].z) == pytest.approx(tuple(tcp))
     assert markers[1].pose.position.z == pytest.approx(tcp[2])
     assert path_markers(ROBOT, np.zeros((0, 7))).markers[0].action == Marker.DELETE
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
+def test_a_non_finite_joint_position_is_refused_naming_the_joint(value):
+    msg = JointState(name=['fr3_joint1', 'fr3_joint2', 'fr3_joint3'],
+                     position=[0.1, value, 0.3])
+    with pytest.raises(ValueError, match=f'fr3_joint2 = {value}'):
+        joint_positions(msg, ['fr3_joint1', 'fr3_joint2'])
+    np.testing.assert_allclose(joint_positions(msg, ['fr3_joint1']), [0.1])  # others unharmed

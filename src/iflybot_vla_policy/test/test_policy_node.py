@@ -665,3 +665,72 @@ def test_a_run_that_starts_before_the_reset_pose_arrives_waits_for_it_instead_of
     assert np.abs(first.positions[0] - moved).max() < 0.3   # spliced from where the arm is
     status = h.node.status()
     assert status.state != PolicyStatus.STATE_ERROR, status.last_error
+
+
+# ------------------------------------------------------------------------- hostile inputs
+def test_a_non_finite_joint_state_holds_with_its_cause_and_never_kills_the_node(
+        harness, tiny_policy, wait):
+    h = harness({'joint_state_timeout_s': 0.5, 'max_tracking_error': 10.0},
+                factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    h.q = ROBOT.home.copy()
+    h.q[2] = np.nan                       # idle, no goal: the case that killed the node
+    time.sleep(1.5)                       # three watchdog timeouts of control ticks
+    assert h.node.status().state == PolicyStatus.STATE_HOLD   # waiting for an instruction
+    h.q = ROBOT.home.copy()
+    h.send_goal(wait, instruction='pick', max_duration=60.0)   # alive: it runs a goal
+    assert wait(lambda: len(h.received()) >= 2, timeout=60)
+    h.q[4] = np.inf                       # during a run
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=10)
+    assert 'joint_states' in h.node.status().last_error
+    h.q = ROBOT.home.copy()               # the input recovers, so does the node
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_RUNNING, timeout=10)
+    for msg in h.received():
+        assert_valid_trajectory(msg)
+
+
+class WideGripper:
+    """Wraps a policy; its gripper column swings beyond the hand's range (0 to 0.08 m)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def infer(self, obs: dict) -> dict:
+        out = dict(self.inner.infer(obs))
+        self.calls += 1
+        actions = np.tile(np.asarray(obs['state'], np.float32), (len(out['actions']), 1))
+        actions[:, 7] = 0.09 if self.calls % 2 else -0.01
+        return {**out, 'actions': actions}
+
+
+def test_every_gripper_command_is_within_the_hands_range(harness, tiny_policy, wait):
+    h = harness({'instruction': 'pick', 'max_tracking_error': 10.0, 'inference_rate_hz': 5.0},
+                factory=lambda cfg: WideGripper(tiny_policy))
+    h.configure_and_activate(wait)
+    assert wait(lambda: len(h.grippers) >= 3, timeout=60)
+    widths = [g.width for g in h.grippers]
+    assert all(0.0 <= w <= ROBOT.gripper.max_width for w in widths), widths
+
+
+def test_an_overlong_instruction_is_refused_on_the_topic_and_as_a_goal(harness, tiny_policy,
+                                                                       wait):
+    from std_msgs.msg import String
+
+    h = harness({}, factory=lambda cfg: tiny_policy)
+    h.configure_and_activate(wait)
+    pub = h.tap.create_publisher(String, '/vla/instruction', 10)
+    assert wait(lambda: pub.get_subscription_count() > 0, timeout=10)
+    pub.publish(String(data='x' * 1_000_000))
+    time.sleep(0.5)
+    assert h.node.status().instruction == ''
+    assert h.run_policy.wait_for_server(timeout_sec=10)
+    future = h.run_policy.send_goal_async(RunPolicy.Goal(instruction='y' * 5000))
+    assert wait(future.done, timeout=10) and not future.result().accepted
+
+
+def test_a_misspelled_parameter_is_named_with_the_closest_known_one(harness):
+    h = harness({'contrl_rate_hz': 20.0, 'control_rate_hz': 40.0}, inputs=False,
+                factory=lambda cfg: pytest.fail('must not load a model'))
+    assert h.node.unknown_parameters() == [
+        "unknown parameter 'contrl_rate_hz' ignored; did you mean 'control_rate_hz'?"]

@@ -123,8 +123,11 @@ def joint_positions(msg: JointState, names: Sequence[str]) -> np.ndarray:
     if len(msg.position) < len(msg.name):
         raise ValueError(f'joint state has {len(msg.name)} names but {len(msg.position)} '
                          'positions')
-    position = np.asarray(msg.position, dtype=np.float64)
-    return position[[index[n] for n in names]]
+    position = np.asarray(msg.position, dtype=np.float64)[[index[n] for n in names]]
+    bad = [f'{n} = {v}' for n, v in zip(names, position, strict=True) if not np.isfinite(v)]
+    if bad:   # an encoder glitch or a driver bug: never a state to plan or brake from
+        raise ValueError(f'joint state has non-finite position(s): {", ".join(bad)}')
+    return position
 
 
 def robot_state(msg: JointState, arm_names: Sequence[str],

@@ -18,7 +18,7 @@ from iflybot_vla_msgs.action import RunPolicy
 from iflybot_vla_msgs.msg import ActionChunk, PolicyStatus
 from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
 from rclpy.action import ActionClient
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -277,8 +277,10 @@ class DemoDriver(Node):
         return future.result()
 
 
-def spin_in_background(node: Node) -> tuple[MultiThreadedExecutor, threading.Thread]:
-    executor = MultiThreadedExecutor(num_threads=2)
+def spin_in_background(node: Node) -> tuple[SingleThreadedExecutor, threading.Thread]:
+    """One executor thread: rclpy's MultiThreadedExecutor took a third of a core here, which the
+    graph it measures needed (docs/realtime.md)."""
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
@@ -289,7 +291,7 @@ def init() -> None:
     rclpy.init()
 
 
-def shutdown(node: Node, executor: MultiThreadedExecutor) -> None:
+def shutdown(node: Node, executor: SingleThreadedExecutor) -> None:
     executor.shutdown()
     node.destroy_node()
     rclpy.try_shutdown()

@@ -10,6 +10,7 @@ splicing live in the core; this module converts and wires.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 import threading
@@ -61,6 +62,9 @@ STATE_NAMES = {IDLE: 'IDLE', RUNNING: 'RUNNING', HOLD: 'HOLD', ERROR: 'ERROR'}
 # Requests follow camera frames: one may come this early (s) so that frame timing jitter does
 # not push it to the frame after.
 REQUEST_SLACK_S = 0.02
+# An instruction longer than this is refused: every /vla/status repeats it, and the model's
+# tokenizer keeps only its first max_text_tokens anyway (a 1 MB one stalled inference).
+MAX_INSTRUCTION_CHARS = 2000
 
 
 # --------------------------------------------------------------------------------- parameters
@@ -383,7 +387,22 @@ class PolicyNode(LifecycleNode):
         return time.monotonic()
 
     # ------------------------------------------------------------------------ lifecycle
+    def unknown_parameters(self) -> list[str]:
+        """Params-file keys that are no parameter of this node (typos), each named with the
+        closest known name, so that they are not silently ignored."""
+        known = [f.name for f in fields(NodeConfig)]
+        problems = []
+        for name in sorted(getattr(self, '_parameter_overrides', {})):
+            if self.has_parameter(name) or name.startswith('qos_overrides'):
+                continue
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            problems.append(f"unknown parameter '{name}' ignored{hint}")
+        return problems
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for problem in self.unknown_parameters():
+            self.get_logger().warning(problem)
         values = {f.name: self.get_parameter(f.name).value for f in fields(NodeConfig)}
         for name in ('arm_joint_names', 'finger_joint_names'):
             values[name] = [v for v in (values[name] or []) if v]
@@ -592,6 +611,10 @@ class PolicyNode(LifecycleNode):
             self.watchdog.feed('joint_states', now)
 
     def _on_instruction(self, msg: String) -> None:
+        if len(msg.data) > MAX_INSTRUCTION_CHARS:
+            self.get_logger().error(f'instruction refused: {len(msg.data)} characters (limit '
+                                    f'{MAX_INSTRUCTION_CHARS})', throttle_duration_sec=2.0)
+            return
         with self._lock:
             self._start_instruction(msg.data)
             self._step(self.now_s(), outputs=False)   # a paused (lockstep) clock has no ticks
@@ -759,8 +782,11 @@ class PolicyNode(LifecycleNode):
             self.twist_pub.publish(twist_msg(self._twist, self.get_clock().now().to_msg(),
                                              cfg.twist_frame))
             width = None if values is None else float(values[6])
-        if width is None:
+        if width is None or not math.isfinite(width):
             return
+        # Interpolating between chunk values can step outside the hand's range (-0.0046 and
+        # 0.0825 m were seen): what is published stays within it.
+        width = min(max(width, 0.0), self.robot.gripper.max_width)
         grasp = width <= cfg.grasp_width
         last = self._gripper_sent
         if last is None or grasp != last[1] or abs(width - last[0]) > cfg.gripper_deadband:
@@ -1009,6 +1035,11 @@ class PolicyNode(LifecycleNode):
             return GoalResponse.REJECT
         if not goal.instruction.strip():
             self.get_logger().warning('run_policy rejected: empty instruction')
+            return GoalResponse.REJECT
+        if len(goal.instruction) > MAX_INSTRUCTION_CHARS:
+            self.get_logger().warning(f'run_policy rejected: instruction of '
+                                      f'{len(goal.instruction)} characters (limit '
+                                      f'{MAX_INSTRUCTION_CHARS})')
             return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
