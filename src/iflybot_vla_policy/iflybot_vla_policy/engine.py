@@ -1,18 +1,37 @@
 """Inference engine: per chunk, the VLM prefix once, the latent tokens with the cache, then N
 Euler steps of the expert on the cached (projected) KV.
 
-`recompute_prefix_every_step=True` re-encodes the prefix (and the chosen latent tokens) before
-every Euler step instead; it exists only so tests and benchmarks can show that caching changes
-nothing but the time.
+Two paths compute the same chunk:
+- fast (the default): the prefix with channels-last convolutions and lean decoder layers that
+  skip what the expert never reads, the latent tokens decoded into preallocated KV buffers with
+  static shapes and no host synchronisation, the Euler loop with everything that does not
+  depend on x_t hoisted out of it (backbone.encode_prefix_fast / decode_latents_static,
+  action_expert.euler_sample_fast). Backbones whose decoder layers the lean path does not know
+  keep transformers' prefix and decoding there.
+- eager (`eager=True`): the modules' own forward passes, the reference the fast path is tested
+  against (equal to ~1e-6 in float32).
+
+The fast path has static shapes (instructions are padded to `backbone.max_text_tokens`) and no
+host synchronisation inside a chunk, so `compile=True` can hand the whole chunk to
+torch.compile as one graph that never recompiles for a new instruction or image (tests check
+it with dynamo's counters). On CPU it is off by default, by measurement: inductor made the
+bundled checkpoint's chunk ~10% faster for ~2 min of compilation on 2 cores (docs/benchmarks.md).
+
+`recompute_prefix_every_step=True` (eager) re-encodes the prefix (and the chosen latent tokens)
+before every Euler step instead; it exists only so tests and benchmarks can show that caching
+changes nothing but the time.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from iflybot_vla_policy.model.action_expert import euler_sample
+from iflybot_vla_policy.model.action_expert import euler_sample, euler_sample_fast
 from iflybot_vla_policy.model.vla import VLA, as_float_images
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -29,11 +48,14 @@ class InferenceEngine:
     """Batched, deterministic (given a seed or generator) chunk sampling under inference_mode.
 
     dtype: 'float32' (CPU default) or 'bfloat16'/'float16' (GPU; the model is cast in place).
-    compile: torch.compile the expert (off by default: compile time dominates on CPU).
+    eager: run the modules' own forward passes instead of the fast path (module docstring).
+    compile: torch.compile the chunk: True for inductor with frozen weights (deployment: a
+      later weight update is not seen), or a backend name ('eager' traces only, for tests);
+      on the eager path it compiles the expert. Compilation happens in `warm_up`.
     """
 
-    def __init__(self, model: VLA, dtype: str = 'float32', compile: bool = False,
-                 device: str | torch.device | None = None) -> None:
+    def __init__(self, model: VLA, dtype: str = 'float32', compile: bool | str = False,
+                 device: str | torch.device | None = None, eager: bool = False) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f'dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
         self.model = model.eval()
@@ -41,8 +63,22 @@ class InferenceEngine:
         self.device = torch.device(device) if device is not None else \
             next(model.parameters()).device
         self.model.to(device=self.device, dtype=self.dtype)
-        self._expert = torch.compile(model.expert) if compile else model.expert
         self.cfg = model.cfg
+        self.eager = eager
+        self.warmup_s: float | None = None   # set by warm_up()
+        if self.device.type == 'cpu' and not eager:
+            keep_freed_memory()
+        self._expert = model.expert
+        self._compiled_chunk = None
+        if compile and eager:
+            self._expert = torch.compile(model.expert)
+        elif compile:
+            backend = 'inductor' if compile is True else compile
+            options = {'freezing': True} if backend == 'inductor' else None
+            self._compiled_chunk = torch.compile(self._fast_chunk, fullgraph=True,
+                                                 dynamic=False, backend=backend,
+                                                 options=options)
+        self.compiled = bool(compile)
 
     def noise(self, batch: int, seed: int | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,22 +93,45 @@ class InferenceEngine:
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                steps: int | None = None,
                recompute_prefix_every_step: bool = False) -> EngineOutput:
-        """images (B, n_cam, 3, S, S), text (B, T), state (B, state_dim) -> EngineOutput."""
-        model, cfg = self.model, self.cfg
+        """images (B, n_cam, 3, S, S) uint8 or float in [0, 1], text (B, T), state
+        (B, state_dim) -> EngineOutput."""
+        cfg = self.cfg
         dev = self.device
         steps = steps or cfg.flow.denoise_steps
-        images = as_float_images(images).to(dev, self.dtype)
         text_ids, text_mask = text_ids.to(dev), text_mask.to(dev)
         state = state.to(dev, torch.float32)
         if noise is None:
             noise = self.noise(images.shape[0], seed, generator)
         noise = noise.to(dev, torch.float32)
+        if self.eager or recompute_prefix_every_step:
+            images = as_float_images(images).to(dev, self.dtype)
+            return self._sample_eager(images, text_ids, text_mask, state, noise, steps,
+                                      recompute_prefix_every_step)
+        images = images.to(dev)
+        if self._compiled_chunk is not None:             # one graph: no stage timings
+            # the graph is guarded on its inputs' dispatch keys: made alike here (inference
+            # tensors, small copies), whether a caller built them inside inference_mode or not
+            args = [t if t.is_inference() else t.clone()
+                    for t in (images, text_ids, text_mask, state, noise)]
+            t0 = self._clock()
+            actions, codes = self._compiled_chunk(*args, steps)
+            total = (self._clock() - t0) * 1e3
+            return EngineOutput(actions.float(), codes, {'total': total})
         timing: dict[str, float] = {}
-        t0 = time.perf_counter()
+        actions, codes = self._fast_chunk(images, text_ids, text_mask, state, noise, steps,
+                                          timing)
+        return EngineOutput(actions.float(), codes, timing)
+
+    def _sample_eager(self, images: torch.Tensor, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor, state: torch.Tensor, noise: torch.Tensor,
+                      steps: int, recompute_prefix_every_step: bool) -> EngineOutput:
+        model, cfg = self.model, self.cfg
+        timing: dict[str, float] = {}
+        t0 = self._clock()
         prefix = model.backbone.encode_prefix(images, text_ids, text_mask)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         codes, prefix = model.backbone.generate_latents(prefix, cfg.tokens.latent_tokens)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         timing['prefix'] = (t1 - t0) * 1e3
         timing['latent'] = (t2 - t1) * 1e3
         expert = self._expert
@@ -91,7 +150,89 @@ class InferenceEngine:
                 return ctx
         actions = euler_sample(expert, state, noise, ctx_fn, steps,
                                reuse_context=not recompute_prefix_every_step)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         timing['denoise'] = (t3 - t2) * 1e3
         timing['total'] = (t3 - t0) * 1e3
         return EngineOutput(actions.float(), codes, timing)
+
+    def _fast_chunk(self, images: torch.Tensor, text_ids: torch.Tensor,
+                    text_mask: torch.Tensor, state: torch.Tensor, noise: torch.Tensor,
+                    steps: int, timing: dict[str, float] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path: (actions, latent codes); stage times (ms) into `timing` if given."""
+        model, bb = self.model, self.model.backbone
+        n = self.cfg.tokens.latent_tokens
+        clock = self._clock if timing is not None else _no_clock
+        t0 = clock()
+        if bb.lean_layers:
+            prefix = bb.encode_prefix_fast(images, text_ids, text_mask, latent_slots=n)
+            t1 = clock()
+            codes, prefix = bb.decode_latents_static(prefix, n)
+        else:
+            prefix = bb.encode_prefix(as_float_images(images).to(self.dtype), text_ids,
+                                      text_mask)
+            t1 = clock()
+            codes, prefix = bb.generate_latents(prefix, n)
+        t2 = clock()
+        ctx = model.context_from_prefix(prefix)
+        actions = euler_sample_fast(model.expert, state, noise, ctx, steps)
+        t3 = clock()
+        if timing is not None:
+            timing.update(prefix=(t1 - t0) * 1e3, latent=(t2 - t1) * 1e3,
+                          denoise=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        return actions, codes
+
+    def _clock(self) -> float:
+        """Stage boundaries wait for the device, so stage timings measure work, not launches."""
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def warm_up(self, text_ids: torch.Tensor, text_mask: torch.Tensor, batch: int = 1,
+                runs: int = 2) -> float:
+        """Run `runs` chunks on blank inputs: builds the fast path's derived weights (and
+        compiles, with `compile`), so the first real chunk is not the slow one. Returns and
+        keeps (`warmup_s`) the seconds it took; text_ids/text_mask (T,): one instruction."""
+        cfg, a = self.cfg, self.cfg.action
+        images = torch.zeros(batch, len(cfg.cameras), 3, cfg.image_size, cfg.image_size,
+                             dtype=torch.uint8)
+        ids, mask = text_ids.expand(batch, -1), text_mask.expand(batch, -1)
+        state = torch.zeros(batch, a.state_dim)
+        noise = torch.zeros(batch, a.horizon, a.action_dim)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            self.sample(images, ids, mask, state, noise=noise)
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
+
+
+def _no_clock() -> float:
+    return 0.0
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed activation buffers back to the kernel (process-wide,
+    once; True if applied).
+
+    Why: glibc trims the heap top once more than ~2x its mmap threshold (128 KiB..32 MiB,
+    adapted at run time) is free, so each chunk's activations, freed at its end, are faulted
+    back in 4 KiB at a time by the next chunk: ~1,100 minor page faults per chunk of the
+    bundled checkpoint, ~2.5 ms of its ~25 ms on this VM (a fault costs ~2.5 us under
+    virtualisation). Fixed thresholds of 32 MiB (mmap) and 256 MiB (trim) keep the steady-state
+    working set mapped. Only glibc; elsewhere (musl, macOS) nothing changes.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith('linux'):
+        return _MALLOC_TUNED
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _MALLOC_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)) and \
+        bool(mallopt(m_trim_threshold, 256 << 20))
+    return _MALLOC_TUNED

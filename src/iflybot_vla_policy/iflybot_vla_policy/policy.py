@@ -11,6 +11,7 @@ Every load error names the file and, where it applies, the key.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,14 +35,21 @@ TOKENIZER_FILE = 'tokenizer.json'
 FAST_DIR = 'fast'
 LAM_DIR = 'lam'
 
+log = logging.getLogger(__name__)
+
 
 class Policy:
-    """Wraps model, transforms and engine. `infer(obs)` is the whole inference contract."""
+    """Wraps model, transforms and engine. `infer(obs)` is the whole inference contract.
+
+    The engine runs its fast path unless `eager=True` (engine.py: the same chunk up to float
+    rounding; eager is the reference). `from_config`/`from_checkpoint` also warm it up and keep
+    the seconds that took in `warmup_s` (None until `warm_up` ran).
+    """
 
     def __init__(self, cfg: VLAConfig, model: VLA, norm: NormStatsSet | None = None, *,
                  fast: Any = None, lam: Any = None, seed: int = 0, dtype: str | None = None,
                  compile: bool = False, device: str | None = None,
-                 noise_scale: float = 1.0) -> None:
+                 noise_scale: float = 1.0, eager: bool = False) -> None:
         if not 0.0 <= noise_scale <= 1.0:
             raise ValueError(f'noise_scale must be in [0, 1], got {noise_scale}')
         self.cfg = cfg
@@ -56,25 +64,33 @@ class Policy:
         self._generator = torch.Generator().manual_seed(seed)
         if dtype is None:
             dtype = 'float32' if (device or 'cpu') == 'cpu' else cfg.dtype
-        self.engine = InferenceEngine(model, dtype=dtype, compile=compile, device=device)
+        self.engine = InferenceEngine(model, dtype=dtype, compile=compile, device=device,
+                                      eager=eager)
 
     # -- construction
 
     @classmethod
     def from_config(cls, cfg_or_name: VLAConfig | str = 'tiny', seed: int = 0,
-                    overrides: Mapping[str, Any] | None = None, **engine: Any) -> Policy:
-        """Random-init model (deterministic given `seed`) with identity normalisation."""
+                    overrides: Mapping[str, Any] | None = None, warm_up: bool = True,
+                    **engine: Any) -> Policy:
+        """Random-init model (deterministic given `seed`) with identity normalisation.
+        `engine` keywords go to `Policy` (eager, device, dtype, compile, noise_scale)."""
         cfg = cfg_or_name if isinstance(cfg_or_name, VLAConfig) else \
             get_config(cfg_or_name, overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VLA(cfg)
-        return cls(cfg, model, seed=seed, **engine)
+        policy = cls(cfg, model, seed=seed, **engine)
+        if warm_up:
+            policy.warm_up()
+        return policy
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, seed: int = 0,
-                        noise_scale: float | None = None, **engine: Any) -> Policy:
-        """Load a saved policy; `noise_scale` None takes its bundle.yaml's, else 1."""
+                        noise_scale: float | None = None, warm_up: bool = True,
+                        **engine: Any) -> Policy:
+        """Load a saved policy; `noise_scale` None takes its bundle.yaml's, else 1. `engine`
+        keywords go to `Policy` (eager=True for the reference path, device, dtype, compile)."""
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f'checkpoint directory not found: {d}')
@@ -99,7 +115,24 @@ class Policy:
         if (d / LAM_DIR).is_dir():
             from iflybot_vla_policy.model.lam import LatentActionModel
             lam = LatentActionModel.load(d / LAM_DIR)
-        return cls(cfg, model, norm, fast=fast, lam=lam, seed=seed, **engine)
+        policy = cls(cfg, model, norm, fast=fast, lam=lam, seed=seed, **engine)
+        if warm_up:
+            policy.warm_up()
+        return policy
+
+    def warm_up(self, runs: int = 2) -> float:
+        """Run `runs` chunks on a blank observation, so that the first real chunk does not pay
+        for building the fast path's derived weights (or a compile); returns the seconds, also
+        kept in `warmup_s` and logged. The policy's noise generator is not advanced."""
+        ids, mask = self.tokenizer.encode('warm up', self.cfg.backbone.max_text_tokens)
+        seconds = self.engine.warm_up(torch.tensor(ids), torch.tensor(mask), runs=runs)
+        log.info('policy warm-up: %.3f s (%d chunks, %s path)', seconds, runs,
+                 'eager' if self.engine.eager else 'fast')
+        return seconds
+
+    @property
+    def warmup_s(self) -> float | None:
+        return self.engine.warmup_s
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iflybot_vla_policy.config import VLAConfig
+from iflybot_vla_policy.model.derived import Dense, derived
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
 from iflybot_vla_policy.model.vision import ConvVisionTower
 
@@ -226,20 +227,19 @@ class Backbone(nn.Module):
             sources.append((a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj))
         params = [t for mods in sources for m in mods for t in (m.weight, m.bias)
                   if t is not None]
-        key = tuple((t.data_ptr(), t._version) for t in params)
-        cached = getattr(self, '_fused_cache', None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        fused = []
-        for layer, (q, k, v, gate, up) in zip(self.decoder.layers, sources, strict=True):
-            w = torch.cat([q.weight, k.weight, v.weight])
-            bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
-            gu = torch.cat([gate.weight, up.weight])
-            fused.append((w, bias, gu, layer.input_layernorm.weight,
-                          layer.post_attention_layernorm.weight,
-                          layer.input_layernorm.variance_epsilon))
-        self._fused_cache = (key, fused) if torch.is_inference_mode_enabled() else None
-        return fused
+
+        def build() -> list[tuple]:
+            fused = []
+            for layer, (q, k, v, gate, up) in zip(self.decoder.layers, sources, strict=True):
+                w = torch.cat([q.weight, k.weight, v.weight])
+                bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
+                gu = torch.cat([gate.weight, up.weight])
+                fused.append((w, bias, gu, layer.input_layernorm.weight,
+                              layer.post_attention_layernorm.weight,
+                              layer.input_layernorm.variance_epsilon))
+            return fused
+
+        return derived(self, '_fused_cache', params, build)
 
     def _append_lean(self, prefix: PrefixCache, ids: torch.Tensor,
                      rows: slice | None = None, fused: list[tuple] | None = None) -> PrefixCache:
@@ -315,6 +315,9 @@ class Backbone(nn.Module):
 
     def _prefix_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor) -> _Inputs:
+        """`_prefix` for inference; images may be uint8 in [0, 255]."""
+        if images.dtype == torch.uint8:
+            images = (images.float() / 255.0).to(self.lm_head.weight.dtype)
         return self._prefix(images, text_ids, text_mask)
 
     def _rotary(self, h: torch.Tensor,
@@ -324,32 +327,58 @@ class Backbone(nn.Module):
         cos, sin = self.decoder.rotary_emb(h, self._pos_arg(positions))
         return cos[:, None], sin[:, None]
 
-    def _lean_qkv(self, h: torch.Tensor, fused: tuple, cos: torch.Tensor,
+    def _lean_weights(self) -> list[tuple]:
+        """Per layer (qkv, o, gate|up, down as `Dense`, the two norm weights, eps): the fast
+        path's weights, derived once (fused projections, inference layout)."""
+        layers = self.decoder.layers
+        sources = [t for layer in layers for m in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+            layer.mlp.down_proj) for t in (m.weight, m.bias) if t is not None]
+
+        def build() -> list[tuple]:
+            out = []
+            for layer in layers:
+                a, mlp = layer.self_attn, layer.mlp
+                bias = None if a.q_proj.bias is None else \
+                    torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                out.append((Dense(torch.cat([a.q_proj.weight, a.k_proj.weight,
+                                             a.v_proj.weight]), bias),
+                            Dense.of(a.o_proj),
+                            Dense(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                            Dense.of(mlp.down_proj), layer.input_layernorm.weight,
+                            layer.post_attention_layernorm.weight,
+                            layer.input_layernorm.variance_epsilon))
+            return out
+
+        return derived(self, '_lean_cache', sources, build)
+
+    def _lean_qkv(self, h: torch.Tensor, w: tuple, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, k, D) -> q (B, H, k, hd), rotated k and v (B, kvh, k, hd)."""
-        w_qkv, b_qkv, _, n1, _, eps = fused
+        qkv, _, _, _, n1, _, eps = w
         b, k, width = h.shape
         hd = self.head_dim
         c = self.decoder.config
         n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
         x = F.rms_norm(h, (width,), n1, eps)
-        qk, v = F.linear(x, w_qkv, b_qkv).split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
+        qk, v = qkv(x).split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
         qk = _rope(qk.view(b, k, n_q + n_kv, hd).transpose(1, 2), cos, sin)
         q, kk = qk.split([n_q, n_kv], dim=1)
         return q, kk, v.view(b, k, n_kv, hd).transpose(1, 2)
 
-    def _lean_rest(self, layer: nn.Module, fused: tuple, h: torch.Tensor, q: torch.Tensor,
+    def _lean_rest(self, layer: nn.Module, w: tuple, h: torch.Tensor, q: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor,
                    attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention over (keys, values), output projection and MLP, both residual."""
-        _, _, w_gu, _, n2, eps = fused
+        _, o_proj, gate_up, down, _, n2, eps = w
         b, k, width = h.shape
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
                                            scale=layer.self_attn.scaling,
                                            enable_gqa=q.shape[1] != keys.shape[1])
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, k, -1))
-        gate, up = F.linear(F.rms_norm(h, (width,), n2, eps), w_gu).chunk(2, dim=-1)
-        return h + layer.mlp.down_proj(F.silu(gate) * up)
+        h = h + o_proj(o.transpose(1, 2).reshape(b, k, -1))
+        gate, up = gate_up(F.rms_norm(h, (width,), n2, eps)).chunk(2, dim=-1)
+        return h + down(F.silu(gate) * up)
 
     def _latent_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and the latent-code rows of the LM head only: (B, D) -> (B, codebook)."""
@@ -372,7 +401,7 @@ class Backbone(nn.Module):
         b, s = p.mask.shape
         last = self._last_real(p.mask)
         rows = torch.arange(b, device=last.device)
-        fused = self._fused_layers()
+        fused = self._lean_weights()
         h = p.embeds
         cos, sin = self._rotary(h, p.positions)
         keys_ok = p.mask.bool()
@@ -416,7 +445,7 @@ class Backbone(nn.Module):
         if not isinstance(cache, StaticKV) or cache.capacity < s + n or prefix.next_logits is None:
             raise ValueError(f'decode_latents_static needs encode_prefix_fast(..., '
                              f'latent_slots={n})')
-        fused = self._fused_layers()
+        fused = self._lean_weights()
         offset = self.cfg.latent_offset
         keys_ok = torch.cat([prefix.mask, prefix.mask.new_ones(b, n)], dim=1)     # (B, S+n)
         slot = torch.arange(s + n, device=dev)

@@ -153,11 +153,16 @@ class ConvVisionTower(nn.Module):
                      text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for inference: channels-last activations and weights, FiLM folded into
         the GroupNorm affine (one pass instead of three), the same outputs up to float
-        rounding (~1e-6)."""
+        rounding (~1e-6). Images may also be uint8 in [0, 255]."""
         b, n_cam, _, s_h, s_w = images.shape
         if n_cam != self.n_cameras:
             raise ValueError(f'expected {self.n_cameras} cameras, got {n_cam}')
-        x = (images.flatten(0, 1).to(self.mean.dtype) - self.mean) / self.std
+        x = images.flatten(0, 1)
+        if x.dtype == torch.uint8:     # [0, 255] -> normalised in one pass
+            x = torch.addcmul(-self.mean / self.std, x.to(self.mean.dtype),
+                              1 / (255 * self.std))
+        else:
+            x = (x.to(self.mean.dtype) - self.mean) / self.std
         if self.cfg.coord_channels:
             ys = torch.linspace(-1, 1, s_h, device=x.device, dtype=x.dtype)
             xs = torch.linspace(-1, 1, s_w, device=x.device, dtype=x.dtype)
@@ -182,11 +187,11 @@ class ConvVisionTower(nn.Module):
                     h = F.group_norm(h, n1.num_groups, None, None, n1.eps)
                     h = torch.addcmul(shift.repeat_interleave(n_cam, 0)[:, :, None, None], h,
                                       scale.repeat_interleave(n_cam, 0)[:, :, None, None])
-            h = F.gelu(h)
-            n2 = stage.norm2
+            h = torch.ops.aten.gelu_(h)         # in place: each fresh activation buffer
+            n2 = stage.norm2                    # costs page faults (a VM's slow path)
             r = F.group_norm(F.conv2d(h, w_conv, b_conv, padding=1), n2.num_groups, n2.weight,
                              n2.bias, n2.eps)
-            x = h + F.gelu(r)
+            x = torch.ops.aten.gelu_(r).add_(h)
         grid = self.cfg.token_grid
         if x.shape[-1] != grid or x.shape[-2] != grid:
             x = F.adaptive_avg_pool2d(x, grid)
