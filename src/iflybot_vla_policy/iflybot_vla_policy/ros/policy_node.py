@@ -78,6 +78,7 @@ class NodeConfig:
     noise_scale: float = -1.0
     device: str = 'cpu'
     torch_threads: int = 0
+    inference_process: bool = True
     inference_backend: str = 'local'
     server_uri: str = 'ws://127.0.0.1:8000'
     api_key: str = ''
@@ -125,6 +126,8 @@ DESCRIPTIONS: dict[str, str] = {
                    "negative: the checkpoint's bundle.yaml inference.noise_scale, else 1",
     'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
     'torch_threads': 'CPU threads of a local model; 0: torch default (one per core)',
+    'inference_process': 'local model in a child process (true: the executor never waits for '
+                         'the model interpreter lock) or on a thread of this one (false)',
     'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
     'server_uri': 'websocket URI of the policy server (inference_backend: remote)',
     'api_key': 'API key sent as "Authorization: Api-Key <key>" (remote); empty: none',
@@ -456,22 +459,17 @@ class PolicyNode(LifecycleNode):
                 self.get_logger().warning(f'policy server not reachable yet: {exc}')
             return policy
         else:
-            import torch
+            from iflybot_vla_policy.inference_process import (
+                InferenceProcess,
+                PolicySpec,
+                load_policy,
+            )
 
-            from iflybot_vla_policy.policy import Policy
-            if cfg.torch_threads:
-                torch.set_num_threads(cfg.torch_threads)
-            from iflybot_vla_policy.bundle import noise_scale
-
-            requested = cfg.noise_scale if cfg.noise_scale >= 0 else None   # None: the bundle's
-            if cfg.checkpoint:
-                policy = Policy.from_checkpoint(cfg.checkpoint, seed=cfg.seed, device=cfg.device,
-                                                noise_scale=requested)
-                self._model_id = cfg.checkpoint
-            else:
-                policy = Policy.from_config(cfg.preset, seed=cfg.seed, device=cfg.device,
-                                            noise_scale=noise_scale(None, requested))
-                self._model_id = f'{cfg.preset} (random weights)'
+            spec = PolicySpec(checkpoint=cfg.checkpoint, preset=cfg.preset, seed=cfg.seed,
+                              device=cfg.device, torch_threads=cfg.torch_threads,
+                              noise_scale=cfg.noise_scale if cfg.noise_scale >= 0 else None)
+            policy = InferenceProcess(spec) if cfg.inference_process else load_policy(spec)
+            self._model_id = cfg.checkpoint or f'{cfg.preset} (random weights)'
         for _ in range(cfg.warmup_inferences):
             out = policy.infer(self._blank_observation(cfg))
             self._chunk_dt = float(out.get('dt', self._chunk_dt))
