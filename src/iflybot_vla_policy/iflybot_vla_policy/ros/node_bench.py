@@ -169,7 +169,8 @@ def _measure_layout(layout: str, in_process: bool, quick: bool) -> dict:
     spawn = multiprocessing.get_context('spawn')
     stop = spawn.Event()
     feeder = spawn.Process(target=_feeder, args=(stop,), daemon=True)
-    policy = spawn.Process(target=_policy_node, args=(layout, in_process, stop), daemon=True)
+    # not a daemon: the node starts its own inference process
+    policy = spawn.Process(target=_policy_node, args=(layout, in_process, stop))
     feeder.start()
     policy.start()
     context = rclpy.Context()
