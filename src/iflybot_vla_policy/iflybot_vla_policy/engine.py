@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iflybot_vla_policy.model.action_expert import euler_sample, euler_sample_fast
+from iflybot_vla_policy.model.action_expert import context_fast, euler_sample, euler_sample_fast
 from iflybot_vla_policy.model.vla import VLA, as_float_images
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -163,9 +163,16 @@ class InferenceEngine:
         model, bb = self.model, self.model.backbone
         n = self.cfg.tokens.latent_tokens
         clock = self._clock if timing is not None else _no_clock
+        # static: fixed shapes, nothing read back (compiled, or a GPU); on a CPU the shapes
+        # may follow the instruction: padding columns are dropped and, with none left, the
+        # attention runs without masks (the same chunk; ~15% fewer tokens in the LM)
+        static = torch.compiler.is_compiling() or self.device.type != 'cpu'
+        if not static:
+            text_ids, text_mask = _drop_padding(text_ids, text_mask)
         t0 = clock()
         if bb.lean_layers:
-            prefix = bb.encode_prefix_fast(images, text_ids, text_mask, latent_slots=n)
+            prefix = bb.encode_prefix_fast(images, text_ids, text_mask, latent_slots=n,
+                                           static=static)
             t1 = clock()
             codes, prefix = bb.decode_latents_static(prefix, n)
         else:
@@ -174,7 +181,8 @@ class InferenceEngine:
             t1 = clock()
             codes, prefix = bb.generate_latents(prefix, n)
         t2 = clock()
-        ctx = model.context_from_prefix(prefix)
+        mask = None if not static and bool(prefix.mask.all()) else prefix.mask
+        ctx = context_fast(model.expert, prefix.kv, mask, prefix.features, prefix.summary)
         actions = euler_sample_fast(model.expert, state, noise, ctx, steps)
         t3 = clock()
         if timing is not None:
@@ -208,6 +216,18 @@ class InferenceEngine:
 
 def _no_clock() -> float:
     return 0.0
+
+
+def _drop_padding(text_ids: torch.Tensor,
+                  text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the text columns after the last real token of every row (instructions are padded
+    at the end; what follows the last real token changes nothing before it). Not when a row
+    is empty: an empty instruction's FiLM encoding reads its padding."""
+    mask = text_mask.bool()
+    if not bool(mask.any(1).all()):
+        return text_ids, text_mask
+    keep = int(mask.any(0).nonzero()[-1]) + 1
+    return text_ids[:, :keep], text_mask[:, :keep]
 
 
 _MALLOC_TUNED = False

@@ -32,7 +32,7 @@ class ExpertContext:
 
     keys: list[torch.Tensor]     # per block (B, kv_heads, S', head_dim_expert)
     values: list[torch.Tensor]
-    mask: torch.Tensor           # (B, 1, 1, S') bool: True = attend
+    mask: torch.Tensor | None    # (B, 1, 1, S') bool: True = attend; None: every key
     summary: torch.Tensor | None  # (B, width) projected vision readout
 
 
@@ -271,17 +271,90 @@ def _norm_mod(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), scale)
 
 
-def _expert_weights(expert: ActionExpert) -> tuple[Dense, Dense, list[tuple]]:
-    """(action_in, out, per block (qkv, attn_out, q_cross, cross_out, fc1, fc2)) as `Dense`."""
-    names = ('qkv', 'attn_out', 'q_cross', 'cross_out')
-    per_block = [[getattr(b, n) for n in names] + [b.mlp[0], b.mlp[2]] for b in expert.blocks]
-    mods = [expert.action_in, expert.out] + [m for ms in per_block for m in ms]
+def _expert_weights(expert: ActionExpert) -> tuple:
+    """The fast path's weights, derived once (`derived`): action_in, out, per block (qkv,
+    attn_out, q_cross, cross_out, fc1, fc2), every adaLN head (blocks', then the final one) as
+    one `Dense`, and the context projections: per block (k_proj, v_proj) and one `Dense` for
+    all blocks' feature keys and values with their LayerNorm affines folded in (None when the
+    blocks' norms differ in eps or there is no direct vision path)."""
+    def parts() -> tuple[list, list, list]:
+        names = ('qkv', 'attn_out', 'q_cross', 'cross_out')
+        blocks = list(expert.blocks)
+        per_block = [[getattr(b, n) for n in names] + [b.mlp[0], b.mlp[2]] for b in blocks]
+        return blocks, per_block, [b.ada[-1] for b in blocks] + [expert.final_ada[-1]]
 
-    def build() -> tuple[Dense, Dense, list[tuple]]:
+    def sources() -> list[torch.Tensor]:
+        blocks, per_block, ada = parts()
+        proj = [m for b in blocks for m in (b.k_proj, b.v_proj, b.k_feat, b.v_feat,
+                                            b.feat_norm) if m is not None]
+        mods = [expert.action_in, expert.out, *ada, *proj, *(m for ms in per_block for m in ms)]
+        return [t for m in mods for t in m.parameters()]
+
+    def build() -> tuple:
+        blocks, per_block, ada = parts()
+        feat = None
+        first = blocks[0]
+        if first.k_feat is not None and len({b.feat_norm.eps for b in blocks}) == 1:
+            weights, biases = [], []
+            for b in blocks:        # Linear(LN(x)) = Linear'(x_hat): LN's affine folded in
+                for lin in (b.k_feat, b.v_feat):
+                    weights.append(lin.weight * b.feat_norm.weight)
+                    biases.append(lin.weight @ b.feat_norm.bias + lin.bias)
+            feat = (Dense(torch.cat(weights), torch.cat(biases)), first.feat_norm.eps)
+        kv = [(None if b.k_proj is None else Dense.of(b.k_proj),
+               None if b.v_proj is None else Dense.of(b.v_proj)) for b in blocks]
         return (Dense.of(expert.action_in), Dense.of(expert.out),
-                [tuple(Dense.of(m) for m in ms) for ms in per_block])
+                [tuple(Dense.of(m) for m in ms) for ms in per_block],
+                Dense(torch.cat([m.weight for m in ada]), torch.cat([m.bias for m in ada])),
+                kv, feat)
 
-    return derived(expert, '_fast_cache', [t for m in mods for t in (m.weight, m.bias)], build)
+    return derived(expert, '_fast_cache', sources, build)
+
+
+def context_fast(expert: ActionExpert, kv: KV, mask: torch.Tensor | None,
+                 features: torch.Tensor | None = None,
+                 summary: torch.Tensor | None = None) -> ExpertContext:
+    """`ActionExpert.context` for inference: the feature keys/values of every block from one
+    normalisation and one matrix product. mask (B, S) or None (every key is real) -> a
+    context whose mask is None when every key is real."""
+    *_, proj, feat = _expert_weights(expert)
+    if features is None or feat is None:
+        b, s = kv[0][0].shape[0], kv[0][0].shape[2]
+        full = mask if mask is not None else kv[0][0].new_ones(b, s, dtype=torch.bool)
+        ctx = expert.context(kv, full, features, summary)
+        return ctx if mask is not None else dataclasses.replace(ctx, mask=None)
+    if len(kv) != len(expert.blocks):
+        raise ValueError(f'expert has {len(expert.blocks)} blocks but got KV of {len(kv)} '
+                         'VLM layers')
+    fused, eps = feat
+    f = fused(F.layer_norm(features, features.shape[-1:], eps=eps))    # (B, N, blocks*2*kvd)
+    keys, values = [], []
+    per_block = [c.chunk(2, dim=-1) for c in f.chunk(len(expert.blocks), dim=-1)]
+    for block, (k, v), (k_proj, v_proj), (kf, vf) in zip(expert.blocks, kv, proj, per_block,
+                                                          strict=True):
+        if k_proj is not None:
+            b, h, s, d = k.shape
+            k = block._heads(k_proj(k.transpose(1, 2).reshape(b, s, h * d)), h)
+            v = block._heads(v_proj(v.transpose(1, 2).reshape(b, s, h * d)), h)
+        keys.append(torch.cat([k, block._heads(kf, block.kv_heads)], dim=2))
+        values.append(torch.cat([v, block._heads(vf, block.kv_heads)], dim=2))
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(features.shape[:2])], dim=1)[:, None, None, :]
+    summ = summary if expert.summary_cond is not None else None
+    return ExpertContext(keys, values, None if mask is None else mask.bool(), summ)
+
+
+def _conditioning_fast(expert: ActionExpert, t: torch.Tensor,
+                       summary: torch.Tensor | None, ada: Dense) -> Conditioning:
+    """`ActionExpert.conditioning` with every adaLN head in one matrix product."""
+    w = expert.pos.shape[-1]
+    cond = expert.time_mlp(timestep_embedding(t, w).to(expert.pos.dtype))
+    if summary is not None:
+        cond = cond + expert.summary_cond(summary.to(cond.dtype))
+    mods = ada(F.silu(cond))
+    n = len(expert.blocks)
+    *blocks, final = mods.split([9 * w] * n + [2 * w], dim=-1)
+    return Conditioning(blocks, final)
 
 
 def _block_fast(block: DiTBlock, w: tuple, x: torch.Tensor, mods: tuple, k: torch.Tensor,
@@ -317,9 +390,8 @@ def euler_sample_fast(expert: ActionExpert, state: torch.Tensor, noise: torch.Te
     dtype = expert.pos.dtype
     t_all = torch.tensor(times, device=x.device).repeat_interleave(b)               # (N * B,)
     summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)       # step-major
-    cond = expert.conditioning(t_all, dataclasses.replace(ctx, summary=summary))
-    step_mods, finals = _step_mods(cond, steps, b)
-    action_in, out, weights = _expert_weights(expert)
+    action_in, out, weights, ada, *_ = _expert_weights(expert)
+    step_mods, finals = _step_mods(_conditioning_fast(expert, t_all, summary, ada), steps, b)
     s_tok = expert.state_in(state.to(dtype))
     if ctx.summary is not None:
         s_tok = s_tok + expert.summary_state(ctx.summary.to(dtype))

@@ -331,10 +331,12 @@ class Backbone(nn.Module):
         """Per layer (qkv, o, gate|up, down as `Dense`, the two norm weights, eps): the fast
         path's weights, derived once (fused projections, inference layout)."""
         layers = self.decoder.layers
-        sources = [t for layer in layers for m in (
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
-            layer.mlp.down_proj) for t in (m.weight, m.bias) if t is not None]
+
+        def sources() -> list[torch.Tensor]:
+            return [t for layer in layers for m in (
+                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                layer.mlp.down_proj) for t in (m.weight, m.bias) if t is not None]
 
         def build() -> list[tuple]:
             out = []
@@ -368,13 +370,13 @@ class Backbone(nn.Module):
         return q, kk, v.view(b, k, n_kv, hd).transpose(1, 2)
 
     def _lean_rest(self, layer: nn.Module, w: tuple, h: torch.Tensor, q: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor,
-                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+                   keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor | None,
+                   is_causal: bool = False) -> torch.Tensor:
         """Attention over (keys, values), output projection and MLP, both residual."""
         _, o_proj, gate_up, down, _, n2, eps = w
         b, k, width = h.shape
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
-                                           scale=layer.self_attn.scaling,
+                                           is_causal=is_causal, scale=layer.self_attn.scaling,
                                            enable_gqa=q.shape[1] != keys.shape[1])
         h = h + o_proj(o.transpose(1, 2).reshape(b, k, -1))
         gate, up = gate_up(F.rms_norm(h, (width,), n2, eps)).chunk(2, dim=-1)
@@ -388,12 +390,14 @@ class Backbone(nn.Module):
                         None if bias is None else bias[offset:offset + size])
 
     def encode_prefix_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
-                           text_mask: torch.Tensor, latent_slots: int = 0) -> PrefixCache:
+                           text_mask: torch.Tensor, latent_slots: int = 0,
+                           static: bool = True) -> PrefixCache:
         """`encode_prefix` for inference. The KV of every layer lands in buffers with
         `latent_slots` free positions after the prefix (a `StaticKV` in `cache`, for
         `decode_latents_static`); `next_logits` holds the latent-code rows only (B, codebook),
         and neither they nor the last layer's output are computed when no latent token follows
-        (the expert reads only the keys/values)."""
+        (the expert reads only the keys/values). `static=False` lets it read the mask on the
+        host: a prefix without padding then runs plain causal attention (no mask tensor)."""
         if not self.lean_layers:
             raise ValueError(f'{type(self).__name__}: its decoder layers are not plain '
                              'Qwen2/Llama blocks; use encode_prefix')
@@ -405,22 +409,23 @@ class Backbone(nn.Module):
         h = p.embeds
         cos, sin = self._rotary(h, p.positions)
         keys_ok = p.mask.bool()
+        dense = not static and bool(keys_ok.all())
         causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
-        attn_mask = keys_ok[:, None, None, :] & causal                        # (B,1,S,S)
+        attn_mask = None if dense else keys_ok[:, None, None, :] & causal     # (B,1,S,S)
         kv, logits = [], None
         n_layers = len(self.decoder.layers)
         for i, (layer, f) in enumerate(zip(self.decoder.layers, fused, strict=True)):
             q, k, v = self._lean_qkv(h, f, cos, sin)
             kv.append((k, v))
             if i < n_layers - 1:
-                h = self._lean_rest(layer, f, h, q, k, v, attn_mask)
+                h = self._lean_rest(layer, f, h, q, k, v, attn_mask, is_causal=dense)
             elif latent_slots:
                 # only the last real token's output feeds the logits; it attends every
                 # real key (those after it are padding)
                 h_last = h[rows, last][:, None]                                   # (B,1,D)
                 q_last = q[rows, :, last][:, :, None]                       # (B,H,1,hd)
                 h_last = self._lean_rest(layer, f, h_last, q_last, k, v,
-                                         keys_ok[:, None, None, :])
+                                         None if dense else keys_ok[:, None, None, :])
                 logits = self._latent_logits(h_last[:, 0])
         cache = None
         if latent_slots:

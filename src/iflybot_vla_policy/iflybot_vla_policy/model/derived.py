@@ -8,7 +8,7 @@ keeps training or gets `load_state_dict`: an optimiser step or a load bumps the 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
@@ -16,9 +16,13 @@ import torch
 T = TypeVar('T')
 
 
-def derived(owner: object, name: str, sources: Sequence[torch.Tensor],
-            build: Callable[[], T]) -> T:
-    """`build()`, cached on `owner` under `name` while every tensor of `sources` is unchanged.
+def derived(owner: object, name: str,
+            sources: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]],
+            build: Callable[[], T], extra: Hashable = None) -> T:
+    """`build()`, cached on `owner` under `name` while every tensor of `sources` is unchanged
+    (same storage, same version counter; and `extra`, a key of whatever else `build` reads,
+    is equal). `sources` may be a function listing them: it is called once and its list kept
+    (walking a module tree every chunk cost more than the check itself).
 
     Cached only under inference_mode: outside it the result could carry an autograd graph
     back to the parameters, which must not outlive the call. Under torch.compile it is
@@ -26,13 +30,24 @@ def derived(owner: object, name: str, sources: Sequence[torch.Tensor],
     """
     if torch.compiler.is_compiling():
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    if callable(sources):
+        listed = getattr(owner, name + '_sources', None)
+        if listed is None:
+            listed = list(sources())
+            object.__setattr__(owner, name + '_sources', listed)
+        sources = listed
+    key = (extra, sources[0].dtype if sources else None,
+           tuple(map(torch.Tensor.data_ptr, sources)), tuple(map(_version, sources)))
     cached = getattr(owner, name, None)
     if cached is not None and cached[0] == key:
         return cached[1]
     value = build()
     object.__setattr__(owner, name, (key, value) if torch.is_inference_mode_enabled() else None)
     return value
+
+
+def _version(t: torch.Tensor) -> int:
+    return t._version
 
 
 class Dense:
