@@ -30,6 +30,16 @@ FAMILY = {
 ALL_LOSSES = {'expert.direct_vision': True, 'loss.grounding_weight': 1.0}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: left at bf16, every later Accelerator() in
+    the test session (the fp32 trainer tests) refused to start."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _config(kind: str) -> VLAConfig:
     if kind == 'tiny':
         return get_config('tiny', {**SMALL, **ALL_LOSSES, 'image_size': 32,

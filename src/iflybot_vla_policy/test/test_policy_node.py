@@ -734,3 +734,4 @@ def test_a_misspelled_parameter_is_named_with_the_closest_known_one(harness):
                 factory=lambda cfg: pytest.fail('must not load a model'))
     assert h.node.unknown_parameters() == [
         "unknown parameter 'contrl_rate_hz' ignored; did you mean 'control_rate_hz'?"]
+

@@ -653,15 +653,17 @@ class PolicyNode(LifecycleNode):
                 self._hold('waiting for an instruction', cause='user')
 
     def _start_from_measured(self) -> None:
-        """(lock held) A run that starts while the arm is far from the held command (a sim
-        reset or a person moved it during the hold) starts from where the arm is, instead of
-        failing the tracking check on its first tick."""
+        """(lock held) A run starts from where the arm is when the held command has finished
+        (a sim reset or a person may have moved the arm within the tracking tolerance: planning
+        from the old command made the first trajectory jump there) or when the arm is far from
+        it (instead of failing the tracking check on the first tick)."""
         if (self.config is None or self.config.action_mode != 'joint'
                 or self._q_measured is None or self.executor_.command is None):
             return
         now = self.now_s()
         q_cmd, _ = self.executor_.commanded(now)
-        if self.safety.tracking_error_reason(q_cmd, self._q_measured):
+        if now >= self.executor_.command.end or \
+                self.safety.tracking_error_reason(q_cmd, self._q_measured):
             self.executor_.reset(self._q_measured, now)
 
     # ------------------------------------------------------------------------- control
