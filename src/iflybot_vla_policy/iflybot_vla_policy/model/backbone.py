@@ -355,15 +355,21 @@ class Backbone(nn.Module):
 
         return derived(self, '_lean_cache', sources, build)
 
-    def _lean_qkv(self, h: torch.Tensor, w: tuple, cos: torch.Tensor,
-                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, k, D) -> q (B, H, k, hd), rotated k and v (B, kvh, k, hd)."""
+    def _lean_qkv(self, h: torch.Tensor, w: tuple, cos: torch.Tensor, sin: torch.Tensor,
+                  queries: bool = True,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """h (B, k, D) -> q (B, H, k, hd) (None unless `queries`), rotated k and v
+        (B, kvh, k, hd)."""
         qkv, _, _, _, n1, _, eps = w
         b, k, width = h.shape
         hd = self.head_dim
         c = self.decoder.config
         n_q, n_kv = c.num_attention_heads, c.num_key_value_heads
         x = F.rms_norm(h, (width,), n1, eps)
+        if not queries:
+            kk, v = qkv.outputs(n_q * hd)(x).split([n_kv * hd, n_kv * hd], dim=-1)
+            kk = _rope(kk.view(b, k, n_kv, hd).transpose(1, 2), cos, sin)
+            return None, kk, v.view(b, k, n_kv, hd).transpose(1, 2)
         qk, v = qkv(x).split([(n_q + n_kv) * hd, n_kv * hd], dim=-1)
         qk = _rope(qk.view(b, k, n_q + n_kv, hd).transpose(1, 2), cos, sin)
         q, kk = qk.split([n_q, n_kv], dim=1)
@@ -415,7 +421,8 @@ class Backbone(nn.Module):
         kv, logits = [], None
         n_layers = len(self.decoder.layers)
         for i, (layer, f) in enumerate(zip(self.decoder.layers, fused, strict=True)):
-            q, k, v = self._lean_qkv(h, f, cos, sin)
+            # the last layer's queries serve only the next-token logits
+            q, k, v = self._lean_qkv(h, f, cos, sin, queries=i < n_layers - 1 or latent_slots > 0)
             kv.append((k, v))
             if i < n_layers - 1:
                 h = self._lean_rest(layer, f, h, q, k, v, attn_mask, is_causal=dense)

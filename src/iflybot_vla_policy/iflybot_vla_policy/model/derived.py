@@ -68,6 +68,13 @@ class Dense:
     def of(cls, module: torch.nn.Linear) -> Dense:
         return cls(module.weight, module.bias)
 
+    def outputs(self, start: int) -> Dense:
+        """The same layer restricted to output features start.. (a view, no copy)."""
+        out = Dense.__new__(Dense)
+        out.weight_t = self.weight_t[:, start:]
+        out.bias = None if self.bias is None else self.bias[start:]
+        return out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.mm(flat, self.weight_t) if self.bias is None else \

@@ -149,6 +149,29 @@ class ConvVisionTower(nn.Module):
         return derived(self, '_fast_cache', lambda: [t for c in convs for t in c.parameters()],
                        build)
 
+    def _stem(self, s_h: int, s_w: int, pixels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first convolution split by linearity (zero padding included): conv(normalised
+        image ++ coordinates) = conv(image, W / std) + a constant map (the mean's and the
+        coordinate channels' share, and the bias). So inference convolves the raw RGB image
+        (3 channels, uint8 values when `pixels`) and adds a cached (1, C, S/2, S/2) map:
+        no normalisation pass, no 5-channel copy."""
+        down = self.stages[0].down
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            scale = (1 / 255 if pixels else 1.0) / self.std.view(1, 3, 1, 1)
+            w = (down.weight[:, :3] * scale).contiguous(memory_format=torch.channels_last)
+            const = (-self.mean / self.std).expand(1, 3, s_h, s_w)
+            if self.cfg.coord_channels:
+                ys = torch.linspace(-1, 1, s_h, device=w.device, dtype=w.dtype)
+                xs = torch.linspace(-1, 1, s_w, device=w.device, dtype=w.dtype)
+                yy, xx = torch.meshgrid(ys, xs, indexing='ij')
+                const = torch.cat([const, torch.stack([xx, yy])[None]], dim=1)
+            stem = F.conv2d(const, down.weight, down.bias, stride=2, padding=1)
+            return w, stem.contiguous(memory_format=torch.channels_last)
+
+        return derived(self, '_stem_cache', lambda: list(down.parameters()), build,
+                       extra=(s_h, s_w, pixels))
+
     def _film_cached(self, text_ids: torch.Tensor,
                      text_mask: torch.Tensor) -> list[torch.Tensor] | None:
         """`_film`, recomputed only when the instruction (or a weight) changes: a robot keeps
@@ -166,29 +189,21 @@ class ConvVisionTower(nn.Module):
 
     def forward_fast(self, images: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for inference: channels-last activations and weights, FiLM folded into
-        the GroupNorm affine (one pass instead of three), the same outputs up to float
-        rounding (~1e-6). Images may also be uint8 in [0, 255]."""
+        """`forward` for inference: channels-last activations and weights, the input
+        normalisation folded into the first convolution (`_stem`), FiLM folded into the
+        GroupNorm affine (one pass instead of three); the same outputs up to float rounding
+        (~1e-6). Images may also be uint8 in [0, 255]."""
         b, n_cam, _, s_h, s_w = images.shape
         if n_cam != self.n_cameras:
             raise ValueError(f'expected {self.n_cameras} cameras, got {n_cam}')
-        x = images.flatten(0, 1)
-        if x.dtype == torch.uint8:     # [0, 255] -> normalised in one pass
-            x = torch.addcmul(-self.mean / self.std, x.to(self.mean.dtype),
-                              1 / (255 * self.std))
-        else:
-            x = (x.to(self.mean.dtype) - self.mean) / self.std
-        if self.cfg.coord_channels:
-            ys = torch.linspace(-1, 1, s_h, device=x.device, dtype=x.dtype)
-            xs = torch.linspace(-1, 1, s_w, device=x.device, dtype=x.dtype)
-            yy, xx = torch.meshgrid(ys, xs, indexing='ij')
-            x = torch.cat([x, torch.stack([xx, yy]).expand(x.shape[0], 2, s_h, s_w)], dim=1)
-        x = x.contiguous(memory_format=torch.channels_last)
         films = self._film_cached(text_ids, text_mask)
         weights = self._fast_weights()
+        x = images.flatten(0, 1).to(memory_format=torch.channels_last)
+        w_stem, stem_map = self._stem(s_h, s_w, x.dtype == torch.uint8)
+        x = F.conv2d(x.to(self.mean.dtype), w_stem, None, stride=2, padding=1).add_(stem_map)
         for i, stage in enumerate(self.stages):
             (w_down, b_down), (w_conv, b_conv) = weights[2 * i:2 * i + 2]
-            h = F.conv2d(x, w_down, b_down, stride=2, padding=1)
+            h = x if i == 0 else F.conv2d(x, w_down, b_down, stride=2, padding=1)
             n1 = stage.norm1
             if films is None:
                 h = F.group_norm(h, n1.num_groups, n1.weight, n1.bias, n1.eps)
