@@ -698,7 +698,9 @@ class PolicyNode(LifecycleNode):
         if stale:
             if self._state == RUNNING:
                 self._hold(stale, cause='input')
-            elif self._state == HOLD and self._hold_cause not in ('user', 'input'):
+            elif self._state == HOLD and self._hold_cause not in ('user', 'input', 'server'):
+                # (a server hold stays one: fresh inputs alone would resume it into RUNNING
+                # with the server still down, as a loaded test machine showed)
                 self._set_state(HOLD, stale, 'input')
             if outputs and self.config.action_mode == 'ee_delta':   # explicit zeros
                 self._command_gripper_and_twist(now)
