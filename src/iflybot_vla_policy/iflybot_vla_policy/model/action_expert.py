@@ -370,7 +370,7 @@ def _block_fast(block: DiTBlock, w: tuple, x: torch.Tensor, mods: tuple, k: torc
     x = torch.addcmul(x, g1, attn_out(a))
     q = q_cross(_norm_mod(x, sh2, sc2)).view(b, n, heads, -1).transpose(1, 2)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                       enable_gqa=heads != k.shape[1])
+                                       enable_gqa=heads != block.kv_heads)
     x = torch.addcmul(x, g2, cross_out(a.transpose(1, 2).reshape(b, n, width)))
     h = F.gelu(fc1(_norm_mod(x, sh3, sc3)), approximate='tanh')
     return torch.addcmul(x, g3, fc2(h))

@@ -381,9 +381,11 @@ class Backbone(nn.Module):
         """Attention over (keys, values), output projection and MLP, both residual."""
         _, o_proj, gate_up, down, _, n2, eps = w
         b, k, width = h.shape
+        c = self.decoder.config       # head counts from the config: plain ints when traced
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
                                            is_causal=is_causal, scale=layer.self_attn.scaling,
-                                           enable_gqa=q.shape[1] != keys.shape[1])
+                                           enable_gqa=c.num_attention_heads
+                                           != c.num_key_value_heads)
         h = h + o_proj(o.transpose(1, 2).reshape(b, k, -1))
         gate, up = gate_up(F.rms_norm(h, (width,), n2, eps)).chunk(2, dim=-1)
         return h + down(F.silu(gate) * up)
