@@ -11,11 +11,13 @@ Two paths compute the same chunk:
 - eager (`eager=True`): the modules' own forward passes, the reference the fast path is tested
   against (equal to ~1e-6 in float32).
 
-The fast path has static shapes (instructions are padded to `backbone.max_text_tokens`) and no
-host synchronisation inside a chunk, so `compile=True` can hand the whole chunk to
-torch.compile as one graph that never recompiles for a new instruction or image (tests check
-it with dynamo's counters). On CPU it is off by default, by measurement: inductor made the
-bundled checkpoint's chunk ~10% faster for ~2 min of compilation on 2 cores (docs/benchmarks.md).
+With `compile` or on a GPU the fast path has static shapes (instructions padded to
+`backbone.max_text_tokens`) and no host synchronisation inside a chunk, so torch.compile takes
+the whole chunk as one graph that never recompiles for a new instruction or image (tests check
+it with dynamo's counters); on a CPU without it, the padding after the instruction is dropped
+first (one read of the mask). Compilation is off by default, by measurement
+(docs/benchmarks.md): inductor gained at most ~10% on this CPU for ~2 min of compilation on 2
+cores, and nothing against the later fast path.
 
 `recompute_prefix_every_step=True` (eager) re-encodes the prefix (and the chosen latent tokens)
 before every Euler step instead; it exists only so tests and benchmarks can show that caching

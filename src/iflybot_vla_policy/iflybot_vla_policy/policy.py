@@ -48,7 +48,7 @@ class Policy:
 
     def __init__(self, cfg: VLAConfig, model: VLA, norm: NormStatsSet | None = None, *,
                  fast: Any = None, lam: Any = None, seed: int = 0, dtype: str | None = None,
-                 compile: bool = False, device: str | None = None,
+                 compile: bool | str = False, device: str | None = None,
                  noise_scale: float = 1.0, eager: bool = False) -> None:
         if not 0.0 <= noise_scale <= 1.0:
             raise ValueError(f'noise_scale must be in [0, 1], got {noise_scale}')
