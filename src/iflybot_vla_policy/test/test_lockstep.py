@@ -136,11 +136,11 @@ def test_lockstep_chunks_cost_no_simulated_time_however_slow_inference_is(sim, r
     for run in (fast, slow):
         stamps = np.array([s for s, _ in run['chunks']])
         assert len(stamps) >= int(RUN_S * FRAME_RATE_HZ) - 1, stamps
-        # one chunk per frame, each planned on the frame the clock stopped at ...
+        # One chunk per frame, each planned on the frame the clock stopped at: at 0.3 s of
+        # inference per chunk and 0.2 s between frames, a simulator that did not wait would
+        # have run past frames while the worker was busy (gaps of 0.4 s). (When the test's own
+        # node heard of a chunk is no measure: under load its /clock callback runs first.)
         assert np.allclose(np.diff(stamps), 1.0 / FRAME_RATE_HZ, atol=1e-6), stamps
-        # ... and answered before the clock moved on: inference took no simulated time
-        for stamp, arrival in run['chunks']:
-            assert arrival - stamp < 0.5 / FRAME_RATE_HZ, (stamp, arrival)
     # The arm moved under the policy's chunks. (The two runs' arm motions are not compared:
     # the second run's first 20 ms differ by ~0.02 rad, an open issue noted in
     # docs/realtime.md.)
