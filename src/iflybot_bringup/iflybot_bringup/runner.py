@@ -8,7 +8,9 @@ What `ros2 launch` would do with the same graph, for machines that have only the
 - Ctrl-C (or SIGTERM) sends SIGINT to every node once (each runs in its own process group, so a
   terminal's Ctrl-C does not reach it twice), then SIGTERM, then SIGKILL: all within
   `sigint_timeout + sigterm_timeout` (default 3 + 1 s). The recorder finalises its bag on SIGINT;
-- a required node that exits ends the graph: exit status 1 when it failed, 0 when it exited 0.
+- a required node that exits ends the graph: exit status 1 when it failed, 0 when it exited 0;
+  a node with `required: false` (the recorder, RViz) that fails is reported, the rest runs on,
+  and the exit status at the end is 1.
 Includes of other launch files, and nodes whose packages are not installed (franka_ros2, MoveIt,
 RViz), are refused before anything starts, with the docker command to use instead.
 """
@@ -164,6 +166,7 @@ class GraphRunner:
         self._stop = threading.Event()
         self._interrupts = 0
         self._failure: str | None = None
+        self._lost: list[str] = []          # optional nodes that failed while the graph ran
         self._children = [
             _Child(node=n, argv=self.commands[n.name],
                    colour=_COLOURS[i % len(_COLOURS)] if colour else '')
@@ -260,9 +263,11 @@ class GraphRunner:
             if self._ros is not None:
                 self._ros.close()
             self.log(f'all nodes stopped in {self._stopped_in:.2f} s')
+            for message in self._lost:
+                self.log(f'FAILED: {message}; the graph ran on without it')
             if self._failure:
                 self.log(f'FAILED: {self._failure}')
-        return 1 if self._failure else 0
+        return 1 if self._failure or self._lost else 0
 
     def __enter__(self) -> GraphRunner:
         return self.start()
@@ -350,6 +355,7 @@ class GraphRunner:
                             + (f' with code {code}' if code > 0 else ''))
                     self.request_stop(f'required node {child.node.name} ended: shutting down')
                     return
+                self._optional_ended(child, what, code)
             if running == 0:
                 self.request_stop('no node is running any more: shutting down')
                 return
@@ -361,6 +367,25 @@ class GraphRunner:
                 self.log(f'graph {self.resolved.graph.name!r} is up: {running} nodes running'
                          + (f', active: {", ".join(active)}' if active else ''))
                 self._up.set()
+
+    def _optional_ended(self, child: _Child, what: str, code: int) -> None:
+        """A node with `required: false` ended while the graph ran: the rest runs on (a dead
+        recorder ends the recording, not the robot's motion); a failure is said now and again
+        at shutdown, and makes the exit status 1."""
+        after = time.monotonic() - child.started
+        if code == 0:
+            self.log(f'optional node {child.node.name} exited after {after:.1f} s; the rest of '
+                     f'the graph runs on')
+            return
+        message = (f'optional node {child.node.name} {what}'
+                   + (f' with code {code}' if code > 0 else '') + f' after {after:.1f} s')
+        self._lost.append(message)
+        self.log(f'{message}: the rest of the graph runs on without it (required: false)')
+
+    @property
+    def lost(self) -> list[str]:
+        """Optional nodes that failed while the graph ran (their exit did not end it)."""
+        return list(self._lost)
 
     def _shutdown(self) -> float:
         t0 = time.monotonic()

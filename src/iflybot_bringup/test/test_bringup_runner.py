@@ -175,6 +175,47 @@ def test_death_of_a_required_node_ends_the_graph_with_nonzero_exit(
         up.close()
 
 
+def _pid_of(output: str, name: str) -> int:
+    """The pid `iflybot up` logged for node `name` ('started /name (pid N)')."""
+    line = next(line for line in output.splitlines() if f'started /{name} (pid ' in line)
+    return int(line.rsplit('pid ', 1)[1].rstrip(')'))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL])
+def test_an_optional_node_stopped_by_a_signal_leaves_the_rest_running_and_is_reported(
+        ament_prefix: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """Issue 27 item 6: a recorder (required: false) that is killed ends the recording, not the
+    graph; a failure is named when it happens and at shutdown, and the exit status says it."""
+    rec, sim = tmp_path / 'rec.json', tmp_path / 'sim.json'
+    graph = _write_graph(tmp_path / 'g.yaml', nodes=[
+        _dummy('recorder', rec, required=False), _dummy('sim', sim)])
+    up = Up(graph, tmp_path)
+    try:
+        assert wait_for(lambda: read_report(rec) and read_report(sim), timeout=60), up.output()
+        assert wait_for(lambda: "graph 'g' is up" in up.output(), timeout=30), up.output()
+        os.kill(_pid_of(up.output(), 'recorder'), sig)
+        assert wait_for(lambda: 'optional node recorder' in up.output(), timeout=30), \
+            up.output()
+        # the runner and the required node run on
+        assert up.proc.poll() is None, up.output()
+        assert _alive(_pid_of(up.output(), 'sim'))
+        assert 'shutting down' not in up.output()
+        code = up.interrupt_and_wait()
+        out = up.output()
+        assert read_report(sim)['events'][-1] == 'clean shutdown'
+        if sig == signal.SIGKILL:
+            assert ('optional node recorder was killed by SIGKILL after' in out
+                    and 'the rest of the graph runs on without it' in out), out
+            assert 'FAILED: optional node recorder was killed by SIGKILL' in out
+            assert code == 1, out
+        else:      # rclpy turns SIGTERM into a clean shutdown: an ending, not a failure
+            assert read_report(rec)['events'][-1] == 'clean shutdown'
+            assert 'optional node recorder exited after' in out, out
+            assert code == 0, out
+    finally:
+        up.close()
+
+
 def test_lifecycle_nodes_with_autostart_are_configured_and_activated(
         ament_prefix: Path, tmp_path: Path) -> None:
     managed, manual = tmp_path / 'managed.json', tmp_path / 'manual.json'

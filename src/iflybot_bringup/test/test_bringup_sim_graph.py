@@ -129,6 +129,56 @@ def test_sim_policy_and_recorder_come_up_move_the_arm_and_ctrl_c_leaves_a_readab
     assert counts.get('/joint_states', 0) > 0, counts
 
 
+def test_a_killed_recorder_ends_the_recording_not_the_motion(
+        tmp_path: Path, ros_node: object) -> None:
+    """Issue 27 item 6: SIGKILL of the recorder in a running sim graph. The simulator keeps
+    publishing joint states, the policy keeps commanding the arm, `iflybot up` stays up and
+    names the failure, and exits 1 at Ctrl-C saying the graph ran on without the recorder."""
+    overrides = {'record': 'true', 'preset': 'tiny', 'instruction': 'pick up the red block'}
+    _require('sim', overrides)
+    from iflybot_vla_msgs.msg import PolicyStatus
+    from sensor_msgs.msg import JointState
+    from trajectory_msgs.msg import JointTrajectory
+
+    node = ros_node
+    counts = {'joint_states': 0, 'trajectories': 0, 'running': 0}
+
+    def count(key: str, msg: object) -> None:
+        if not isinstance(msg, PolicyStatus) or msg.state == PolicyStatus.STATE_RUNNING:
+            counts[key] += 1
+
+    node.create_subscription(JointState, '/joint_states',
+                             lambda m: count('joint_states', m), 10)
+    node.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
+                             lambda m: count('trajectories', m), 10)
+    node.create_subscription(PolicyStatus, '/vla/status', lambda m: count('running', m), 10)
+    proc, log = _up(tmp_path, '--lifecycle-timeout', '90', 'sim',
+                    *(f'{k}:={v}' for k, v in overrides.items()),
+                    f'output_dir:={tmp_path / "bags"}')
+    try:
+        assert wait_for(lambda: counts['trajectories'] >= 1 or proc.poll() is not None,
+                        timeout=240), log.read_text()
+        line = next(x for x in log.read_text().splitlines()
+                    if 'started /iflybot_recorder (pid ' in x)
+        os.kill(int(line.rsplit('pid ', 1)[1].rstrip(')')), signal.SIGKILL)
+        assert wait_for(lambda: 'optional node iflybot_recorder was killed by SIGKILL'
+                        in log.read_text(), timeout=30), log.read_text()
+        seen = dict(counts)
+        assert wait_for(lambda: all(counts[k] >= seen[k] + 3 for k in counts), timeout=60), \
+            (counts, seen, log.read_text())
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert 'required node' not in text, text
+    assert 'FAILED: optional node iflybot_recorder was killed by SIGKILL' in text, text
+    assert code == 1, text
+
+
 @pytest.fixture
 def ros_node() -> object:
     """An rclpy node spun on a background thread, in its own context."""
