@@ -159,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
                   f'{"SUCCESS" if episode.success else "failure"}  '
                   f'{episode.duration_s:5.1f} s sim, {time.monotonic() - tic:5.1f} s wall, '
                   f'inference p50 {latency}', flush=True)
-    except (RuntimeError, TimeoutError) as exc:
-        print(f'iflybot demo: error: {exc}', file=sys.stderr)
+    except (RuntimeError, TimeoutError) as exc:   # a node or the graph died: named, no trace
+        print(f'iflybot demo: error: {exc}; stopped after {len(episodes)} of {len(tasks)} '
+              f'episodes (node logs: {out / "graph.log"})', file=sys.stderr)
         rc = 1
     finally:
         graph_rc = stop_graph(proc)
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if session is not None:
             session.close(shutdown=False)
         demo_driver.shutdown(driver, executor)
-    if graph_rc not in (0, -signal.SIGINT, 130):
+    if graph_rc not in (0, -signal.SIGINT, 130) and rc == 0:
         print(f'iflybot demo: the node graph exited with code {graph_rc}; see '
               f'{out / "graph.log"}', file=sys.stderr)
         rc = rc or 1

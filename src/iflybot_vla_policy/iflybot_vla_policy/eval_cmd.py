@@ -133,8 +133,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     jobs = [(task, seed) for task in tasks for seed in eval_seeds(args.episodes, args.seed_offset)]
     args.out.mkdir(parents=True, exist_ok=True)
+    error = ''
     if args.through_ros:
-        episodes, policy_name = _through_ros(args, jobs)
+        episodes = []
+        try:
+            policy_name = _through_ros(args, jobs, episodes)
+        except (RuntimeError, TimeoutError) as exc:   # the graph or a node died: named, no trace
+            error = f'{exc} (node logs: {args.out / "graph.log"})'
+            policy_name = through_ros_graph(args)[1]
         mode = 'through ROS (iflybot up sim)' + (', lockstep' if args.lockstep else '')
     else:
         episodes, policy_name = _direct(args, jobs)
@@ -144,12 +150,21 @@ def run(args: argparse.Namespace) -> int:
             'replan_steps': args.replan_steps, 'noise_scale': _noise_scale(args),
             'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
             'wall_time_s': round(time.time() - started, 1)}
+    if error:
+        meta['stopped_early'] = f'after {len(episodes)} of {len(jobs)} episodes: {error}'
+        if not episodes:
+            print(f'iflybot eval: error: {error}', file=sys.stderr)
+            return 1
     doc = write_report(args.out, episodes, meta)
     for task, row in doc['tasks'].items():
         low, high = row['success_ci95']
         print(f'{task}: {row["successes"]}/{row["episodes"]} success '
               f'({row["success_rate"]:.0%}, 95% CI {low:.0%}-{high:.0%})')
     print(f'wrote {args.out / "report.json"} and {args.out / "report.md"}')
+    if error:
+        print(f'iflybot eval: error: {error}; stopped after {len(episodes)} of {len(jobs)} '
+              f'episodes (the report holds those)', file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,21 +186,24 @@ def through_ros_graph(args: argparse.Namespace) -> tuple[list[str], str]:
     return overrides, name
 
 
-def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]]):
+def _through_ros(args: argparse.Namespace, jobs: list[tuple[str, int]], episodes: list) -> str:
+    """Run the jobs through ROS, appending each result to `episodes` as it ends (so that
+    those survive an error later on); returns the policy's name."""
     from iflybot_vla_policy.eval.through_ros import run_episodes
 
     if args.expert:
         raise SystemExit('iflybot eval: --through-ros runs the policy node; use --checkpoint '
                          'or --preset (the expert through ROS is `iflybot record`)')
     overrides, name = through_ros_graph(args)
-    episodes = run_episodes(jobs, overrides, args.out, args.max_time, on_episode=_print_episode,
-                            lockstep=args.lockstep)
-    return episodes, name
 
+    def on_episode(result) -> None:
+        episodes.append(result)
+        print(f'{result.task} seed {result.seed}: {"success" if result.success else "failure"} '
+              f'({result.duration_s:.1f} s)', flush=True)
 
-def _print_episode(result) -> None:
-    print(f'{result.task} seed {result.seed}: {"success" if result.success else "failure"} '
-          f'({result.duration_s:.1f} s)', flush=True)
+    run_episodes(jobs, overrides, args.out, args.max_time, on_episode=on_episode,
+                 lockstep=args.lockstep)
+    return name
 
 
 def _direct(args: argparse.Namespace, jobs: list[tuple[str, int]]):
