@@ -101,6 +101,13 @@ class Trajectory:
     def end(self) -> float:
         return self.start + float(self.times[-1])
 
+    def at_rest_from(self, t: float) -> bool:
+        """Whether the command stands still from absolute time t on: every knot from the one
+        before t is at the final position with zero velocity (a hold, or a finished motion)."""
+        i = max(0, int(np.searchsorted(self.times, t - self.start, side='right')) - 1)
+        return bool(np.all(self.velocities[i:] == 0.0)
+                    and np.all(self.positions[i:] == self.positions[-1]))
+
     def sample(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Position and velocity at absolute time t (cubic Hermite, as a JTC interpolates)."""
         rel = t - self.start

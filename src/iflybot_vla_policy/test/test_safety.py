@@ -149,6 +149,20 @@ def test_hold_from_rest_is_a_valid_two_point_trajectory(safety):
     assert safety.verify(traj, ROBOT.home, np.zeros(7)) == ''
 
 
+def test_a_hold_is_at_rest_from_its_start_and_a_motion_only_once_finished(safety):
+    # A lockstep clock never passes a hold's end time: 'finished' alone kept a run planning
+    # from the old episode's pose after a sim reset.
+    hold = safety.hold(ROBOT.home, np.zeros(7), start=5.0)
+    assert hold.at_rest_from(5.0) and hold.at_rest_from(4.0)
+    motion = safety.track(ROBOT.home, np.zeros(7), ROBOT.home + ramp(20, np.full(7, 0.2)), 0.02,
+                          start=5.0)
+    assert not motion.at_rest_from(5.0)
+    assert not motion.at_rest_from(motion.end - 0.01)
+    assert motion.at_rest_from(motion.end)
+    braking = safety.hold(ROBOT.home, safety.limits.v_max * 0.5, start=5.0)
+    assert not braking.at_rest_from(5.0) and braking.at_rest_from(braking.end)
+
+
 def test_verify_rejects_nan_discontinuity_and_speeding(safety):
     traj = safety.track(ROBOT.home, np.zeros(7), ROBOT.home + ramp(20, np.full(7, 0.2)), 0.02)
     bad = type(traj)(traj.start, traj.times, traj.positions.copy(), traj.velocities.copy())
