@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import os
@@ -27,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='only the inference benchmark, whose peer_shape section is the '
                              'reproducible workload for timing other stacks: two 224x224 '
                              'cameras, 50x7 chunk, 10 flow steps, batch 1, 1 and 2 threads')
+    parser.add_argument('--duration', type=float, default=None, metavar='SECONDS',
+                        help='wall seconds of the benchmarks that take one (soak: back-to-back '
+                             'goals in the sim graph; default 1800, skipped by --quick without '
+                             'it)')
 
 
 def machine_info() -> dict[str, Any]:
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         module = importlib.import_module(f'iflybot_vla_policy.bench.{name}')
         kwargs: dict[str, Any] = {'quick': args.quick}
+        if args.duration is not None and 'duration' in inspect.signature(module.run).parameters:
+            kwargs['duration'] = args.duration
         print(f'[bench] {name} ...', flush=True)
         start = time.perf_counter()
         try:
