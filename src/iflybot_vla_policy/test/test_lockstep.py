@@ -101,7 +101,7 @@ def run_episode(context: object, delay_s: float, wait: Callable) -> dict:
     thread.start()
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
-        assert wait(lambda: node._q_measured is not None, timeout=60)
+        assert wait(lambda: node.runtime.q_measured is not None, timeout=60)
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert reset.wait_for_service(timeout_sec=30)
         future = reset.call_async(ResetSim.Request(task='pick_place', seed=7, lockstep=True))

@@ -137,7 +137,7 @@ class Harness:
     def configure_and_activate(self, wait: Callable) -> None:
         assert self.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
             self.node.configure_error
-        assert wait(lambda: self.node._q_measured is not None, timeout=60)
+        assert wait(lambda: self.node.runtime.q_measured is not None, timeout=60)
         assert self.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def received(self) -> list[JointTrajectory]:
@@ -226,7 +226,7 @@ def test_the_node_runs_a_checkpoint_with_its_bundle_noise_scale_unless_set(harne
         h = harness({'checkpoint': str(ckpt), 'warmup_inferences': 0, **params}, inputs=False)
         assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
             h.node.configure_error
-        assert h.node._policy.noise_scale == expected
+        assert h.node.runtime.policy.noise_scale == expected
 
 
 # ------------------------------------------------------------------------------- with the sim
@@ -541,7 +541,7 @@ def test_remote_backend_drives_the_arm_holds_when_the_server_dies_and_resumes(ha
         h.configure_and_activate(wait)
         assert wait(lambda: h.node.status().chunks_produced >= 2, timeout=180), \
             h.node.status()
-        assert h.node.round_trip_ms, 'round trips are measured'
+        assert h.node.runtime.stats.round_trip_ms, 'round trips are measured'
         server.kill()
         server.wait()
         assert wait(lambda: 'unreachable' in h.node.status().last_error, timeout=30)
@@ -607,12 +607,12 @@ def test_a_run_started_after_the_arm_was_moved_during_a_hold_starts_from_where_i
     moved = ROBOT.home.copy()
     moved[1] += 0.8                         # a sim reset, or a person, moved the arm meanwhile
     h.q = moved
-    assert wait(lambda: np.allclose(h.node._q_measured[:7], moved), timeout=10)
-    with h.node._lock:
+    assert wait(lambda: np.allclose(h.node.runtime.q_measured[:7], moved), timeout=10)
+    with h.node.runtime.lock:
         # the held command still in force at the old pose, as right after a run's hold
-        h.node.executor_.reset(ROBOT.home, time.monotonic() + 60.0)
-        h.node._start_instruction('pick')
-        q_cmd, _ = h.node.executor_.commanded(time.monotonic())
+        h.node.runtime.executor.reset(ROBOT.home, time.monotonic() + 60.0)
+        h.node.runtime.instruct('pick')
+        q_cmd, _ = h.node.runtime.executor.commanded(time.monotonic())
     np.testing.assert_allclose(q_cmd, moved, atol=1e-9)
     time.sleep(0.5)                         # a few control ticks
     status = h.node.status()
@@ -628,14 +628,16 @@ def test_a_run_plans_from_inputs_stamped_after_its_inputs_after_not_stale_ones(
     old = ROBOT.home.copy()
     old[1] += 0.8
     h.q, h.stamp_offset = old, -5.0          # still in flight from before the reset
-    assert wait(lambda: np.allclose(h.node._q_measured[:7], old), timeout=10)
+    assert wait(lambda: np.allclose(h.node.runtime.q_measured[:7], old), timeout=10)
     reset_stamp = RosTime(nanoseconds=h.tap.get_clock().now().nanoseconds - 1_000_000_000)
     h.send_goal(wait, instruction='pick', max_duration=60.0, inputs_after=reset_stamp.to_msg())
     time.sleep(0.5)
-    assert h.node._chunks == 0, 'a chunk was planned from inputs stamped before inputs_after'
+    assert h.node.runtime.chunks_produced == 0, \
+        'a chunk was planned from inputs stamped before inputs_after'
     before = len(h.received())               # holds at most (the run has not started)
     h.q, h.stamp_offset = ROBOT.home.copy(), 0.0   # the reset's pose arrives
-    assert wait(lambda: h.node._chunks >= 1 and len(h.received()) > before, timeout=30)
+    assert wait(lambda: h.node.runtime.chunks_produced >= 1 and len(h.received()) > before,
+                timeout=30)
     # A hold at the old pose (a brake from rest: every knot the same) may still be in flight
     # after `before` was counted under load; the claim is about the first planned chunk.
     assert wait(lambda: any(np.ptp(trajectory_from_msg(m).positions, axis=0).max() > 1e-9
@@ -655,16 +657,17 @@ def test_a_run_that_starts_before_the_reset_pose_arrives_waits_for_it_instead_of
     h.configure_and_activate(wait)          # no instruction yet: active and holding at home
     h.publish_joints = False                # the reset's joint states are still in flight
     time.sleep(0.1)
-    with h.node._lock:
-        h.node.executor_.reset(ROBOT.home, time.monotonic() + 60.0)   # held command, old pose
-        h.node._start_instruction('pick')
+    with h.node.runtime.lock:
+        # the held command, at the old pose
+        h.node.runtime.executor.reset(ROBOT.home, time.monotonic() + 60.0)
+        h.node.runtime.instruct('pick')
     moved = ROBOT.home.copy()
     moved[1] += 0.8
     h.q = moved
     time.sleep(0.2)                         # control ticks before the new pose arrives
     assert not h.received(), 'a chunk was computed from inputs older than the run'
     h.publish_joints = True
-    assert wait(lambda: np.allclose(h.node._q_measured[:7], moved), timeout=10)
+    assert wait(lambda: np.allclose(h.node.runtime.q_measured[:7], moved), timeout=10)
     assert wait(lambda: len(h.received()) >= 1, timeout=30)
     first = trajectory_from_msg(h.received()[0])
     assert np.abs(first.positions[0] - moved).max() < 0.3   # spliced from where the arm is

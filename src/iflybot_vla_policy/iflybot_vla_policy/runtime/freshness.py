@@ -1,0 +1,128 @@
+"""Which inputs the runtime may plan from: ages, stamps, new frames, and the start of a run.
+
+Three races shaped this module, each seen through ROS on a loaded 2-core machine:
+- joint states sent before a simulator reset arrived after the next goal began, and the run
+  planned from the old pose (`inputs_after`: only inputs stamped at or after it count);
+- a goal landed while the reset's joint state was in flight (without `inputs_after`, a run
+  waits for inputs that *arrived* after it began);
+- the simulator's task_success=True of the episode before the reset ended the next goal
+  (`SuccessLatch`: a True counts only after a False seen during the goal).
+Times: `now` is the node's clock (the controller's, sim time under use_sim_time), stamps are
+the messages' header stamps in seconds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from iflybot_vla_policy.safety import Watchdog
+
+JOINT_STATES = 'joint_states'
+
+
+@dataclass(frozen=True)
+class JointSample:
+    q: np.ndarray      # (n_joints,) float64 arm positions, finite
+    width: float       # gripper opening, m
+    stamp: float       # header stamp, s
+
+    def state(self) -> np.ndarray:
+        """The model's state vector (n_joints + 1,) float32."""
+        return np.append(self.q, self.width).astype(np.float32)
+
+
+class InputTracker:
+    """The newest joint sample and camera frames (as given: decoded later, off the executor
+    thread), their ages for the watchdog, and the frames counted per camera since the last
+    request (counted, not compared by stamp: some drivers do not stamp their images)."""
+
+    def __init__(self, cameras: tuple[str, ...], joint_state_timeout: float,
+                 camera_timeout: float) -> None:
+        self.cameras = cameras
+        self.watchdog = Watchdog({JOINT_STATES: joint_state_timeout,
+                                  **{c: camera_timeout for c in cameras}})
+        self.joint: JointSample | None = None
+        self.images: dict[str, Any] = {}
+        self._stamps: dict[str, float] = {}
+        self._frame_times: dict[str, float] = {}   # header stamp, or arrival if unstamped
+        self._frames: dict[str, int] = {}
+        self._frames_used: dict[str, int] = {}
+        self.run_start: float | None = None   # a run waits for inputs that arrived after this
+        self.inputs_after = 0.0               # ... or, when > 0, stamped at or after this
+
+    def image(self, name: str, payload: Any, stamp: float, now: float) -> None:
+        self.images[name] = payload
+        self._frames[name] = self._frames.get(name, 0) + 1
+        self._stamps[name] = stamp
+        self._frame_times[name] = stamp or now
+        self.watchdog.feed(name, now)
+
+    def joint_state(self, sample: JointSample, now: float) -> None:
+        self.joint = sample
+        self.watchdog.feed(JOINT_STATES, now)
+
+    def stale_reason(self, now: float) -> str:
+        return self.watchdog.stale_reason(now)
+
+    # -------------------------------------------------------------------- frames
+    def fresh_frames(self) -> bool:
+        """Every camera has a frame newer than those of the last request."""
+        return all(self._frames.get(c, 0) > self._frames_used.get(c, 0) for c in self.cameras)
+
+    def frame_time(self) -> float:
+        """Time of the oldest newest frame: when the observation became complete."""
+        return min(self._frame_times.get(c, -math.inf) for c in self.cameras)
+
+    def obs_stamp(self) -> float:
+        """Oldest image stamp of the observation (0 if unknown)."""
+        return min(self._stamps.get(c, 0.0) for c in self.cameras)
+
+    def mark_used(self) -> None:
+        self._frames_used = dict(self._frames)
+
+    # -------------------------------------------------------------------- run start
+    def begin_run(self, now: float) -> None:
+        self.run_start = now
+
+    @property
+    def run_pending(self) -> bool:
+        return self.run_start is not None
+
+    def run_inputs_ready(self) -> bool:
+        """Whether a pending run may start: with inputs_after the stamps decide (a lockstep
+        simulator's clock stands still, so nothing arrives 'after' on it); without, arrival
+        after the run began does. Clears the pending run when true."""
+        if self.inputs_after > 0:
+            ready = self._stamped_after(self.inputs_after)
+        else:
+            ready = self.watchdog.fed_since(self.run_start)
+        if ready:
+            self.run_start, self.inputs_after = None, 0.0
+        return ready
+
+    def _stamped_after(self, t: float) -> bool:
+        if self.joint is None:
+            return False
+        stamps = [self.joint.stamp, *(self._stamps.get(c, -math.inf) for c in self.cameras)]
+        return min(stamps) >= t
+
+
+class SuccessLatch:
+    """task_success for one goal: a True counts only after a False received during the goal,
+    so a True still queued from the episode before the simulator's reset does not end it."""
+
+    def __init__(self) -> None:
+        self._armed = False
+        self.since = -math.inf   # node time of the last counted True
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def observe(self, success: bool, now: float) -> None:
+        if not success:
+            self._armed = True
+        elif self._armed:
+            self.since = now

@@ -1,0 +1,508 @@
+"""The policy runtime without ROS: a fake clock, a worker the test runs by hand, and outputs
+recorded as plain data, so every hold cause and every race fixed through DDS so far replays
+deterministically here (test_policy_node.py checks the same node over DDS)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iflybot_vla_policy.robot import load_robot
+from iflybot_vla_policy.runtime import HoldCause, PolicyRuntime, Request, RunState, parse_config
+from iflybot_vla_policy.runtime.loading import LoadedPolicy
+from iflybot_vla_policy.runtime.requests import RequestScheduler
+from iflybot_vla_policy.runtime.supervisor import Supervisor
+
+ROBOT = load_robot()
+CAMERAS = ('scene_camera', 'wrist_camera')
+IMAGE = np.zeros((4, 4, 3), dtype=np.uint8)
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Recorder:
+    """`Outputs` as lists."""
+
+    def __init__(self) -> None:
+        self.trajectories: list = []
+        self.twists: list[np.ndarray] = []
+        self.grippers: list[tuple[float, bool]] = []
+        self.chunks: list[dict] = []
+
+    def trajectory(self, trajectory) -> None:
+        self.trajectories.append(trajectory)
+
+    def twist(self, twist: np.ndarray) -> None:
+        self.twists.append(np.array(twist))
+
+    def gripper(self, width: float, grasp: bool) -> None:
+        self.grippers.append((width, grasp))
+
+    def chunk(self, values, dt, names, obs_stamp, latency_ms) -> None:
+        self.chunks.append({'values': values, 'names': list(names), 'obs_stamp': obs_stamp})
+
+
+class ManualWorker:
+    """Takes one request; the test decides when (on the fake clock) inference finishes."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.pending: Request | None = None
+        self.submitted: list[Request] = []
+
+    @property
+    def busy(self) -> bool:
+        return self.pending is not None
+
+    def submit(self, request: Request) -> bool:
+        if self.pending is not None:
+            return False
+        self.pending = request
+        self.submitted.append(request)
+        return True
+
+    def finish(self) -> Request:
+        request, self.pending = self.pending, None
+        assert request is not None, 'no request was made'
+        self.handle(request)
+        return request
+
+    def stop(self, timeout: float = 0.0) -> None:
+        pass
+
+
+class Creep:
+    """Joint 1 creeps 0.01 rad per action from the observed state; `error` is raised instead
+    when set."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.observations: list[dict] = []
+
+    def infer(self, obs: dict) -> dict:
+        self.observations.append(obs)
+        if self.error is not None:
+            raise self.error
+        state = np.asarray(obs['state'], dtype=np.float64)
+        actions = np.tile(state, (10, 1))
+        actions[:, 0] += 0.01 * np.arange(1, 11)
+        return {'actions': actions, 'dt': 0.1}
+
+
+class Rig:
+    def __init__(self, decode=np.asarray, **params: object) -> None:
+        self.clock = Clock()
+        self.out = Recorder()
+        self.policy = Creep()
+        cfg = parse_config({'inference_rate_hz': 5.0, **params}, ROBOT)
+        self.rt = PolicyRuntime(cfg, ROBOT, LoadedPolicy(self.policy, 'creep', 0.1), self.out,
+                                clock=self.clock, decode_image=decode, worker=ManualWorker)
+        self.worker: ManualWorker = self.rt.worker
+        self.q = ROBOT.home.copy()
+
+    def joints(self, q: np.ndarray | None = None, stamp: float | None = None) -> None:
+        self.rt.on_joint_state(self.q if q is None else q, 0.04,
+                               self.clock.t if stamp is None else stamp)
+
+    def frames(self, stamp: float | None = None) -> None:
+        for c in CAMERAS:
+            self.rt.on_image(c, IMAGE, self.clock.t if stamp is None else stamp)
+
+    def advance(self, dt: float, inputs: bool = True, frames: bool = True) -> None:
+        """dt of control ticks at 50 Hz; joint states every tick, frames every 0.2 s."""
+        for _ in range(round(dt / 0.02)):
+            self.clock.t += 0.02
+            if inputs:
+                self.joints()
+                if frames and round(self.clock.t / 0.02) % 10 == 0:
+                    self.frames()
+            self.rt.tick()
+
+    def start(self, instruction: str = 'pick') -> None:
+        """Configured with inputs flowing, activated, running `instruction`."""
+        self.joints()
+        self.frames()
+        self.rt.activate()
+        if instruction:
+            self.rt.instruct(instruction)
+        self.advance(0.04, frames=False)
+        self.frames()   # a run plans from inputs that arrived after it began: frames too
+
+    @property
+    def cause(self) -> HoldCause:
+        return self.rt.supervisor.cause
+
+
+def at_rest(trajectory) -> bool:
+    return bool(np.all(trajectory.velocities[-1] == 0.0))
+
+
+# ------------------------------------------------------------------------- supervisor
+def test_supervisor_transitions_name_their_cause_and_only_the_cause_resumes():
+    sup = Supervisor(lambda level, text: None)
+    sup.activate('')
+    assert (sup.state, sup.cause) == (RunState.HOLD, HoldCause.USER)
+    sup.inputs_fresh()
+    assert sup.state == RunState.HOLD, 'fresh inputs do not end a user hold'
+    assert sup.instruct('pick') and sup.state == RunState.RUNNING
+    generation = sup.generation
+    assert sup.inputs_stale('stale input: joint_states: 0.30 s old')
+    assert (sup.state, sup.cause) == (RunState.HOLD, HoldCause.INPUT)
+    assert sup.generation > generation, 'a hold drops the chunks in flight'
+    sup.inputs_fresh()
+    assert sup.state == RunState.RUNNING
+    assert sup.server_unreachable('inference server unreachable')
+    assert not sup.server_unreachable('again'), 'one server hold, one brake'
+    assert not sup.inputs_stale('stale'), 'stale inputs keep a server hold a server hold'
+    sup.inputs_fresh()
+    assert sup.cause == HoldCause.SERVER
+    sup.server_answered()
+    assert sup.state == RunState.RUNNING
+    sup.hold(HoldCause.ERROR, 'fr3_joint2 is 0.5 rad from its command')
+    assert (sup.state, sup.reported_state) == (RunState.ERROR, RunState.ERROR)
+    sup.inputs_fresh()
+    sup.server_answered()
+    assert sup.state == RunState.ERROR, 'only a new instruction ends an error'
+    sup.deactivate('deactivated')
+    assert sup.reported_state == RunState.IDLE and not sup.active
+
+
+def test_run_states_are_the_policy_status_constants():
+    assert [s.value for s in RunState] == [0, 1, 2, 3]   # STATE_IDLE, RUNNING, HOLD, ERROR
+
+
+def test_requests_follow_frame_times_with_slack_and_respect_the_server_backoff():
+    s = RequestScheduler(5.0)
+    assert s.due(now=0.0, frame_time=0.0)
+    s.submitted(0.0)
+    assert not s.due(now=0.25, frame_time=0.1)
+    assert s.due(now=0.25, frame_time=0.19), 'a frame 10 ms early still counts'
+    s.submitted(0.19)
+    s.back_off(until=1.0)
+    assert not s.due(now=0.9, frame_time=0.6)
+    assert s.due(now=1.0, frame_time=0.6)
+
+
+# ------------------------------------------------------------------------- running
+def test_a_chunk_is_requested_when_every_camera_has_the_next_periods_frame():
+    rig = Rig()
+    rig.start()
+    request = rig.worker.pending
+    assert request is not None and request.instruction == 'pick'
+    np.testing.assert_allclose(request.joint.q, ROBOT.home)
+    t0 = rig.clock.t
+    rig.clock.t += 0.05
+    rig.worker.finish()
+    assert rig.rt.chunks_produced == 1 and len(rig.out.chunks) == 1
+    traj = rig.out.trajectories[-1]
+    assert traj.start == pytest.approx(rig.clock.t) and at_rest(traj)
+    assert rig.policy.observations[0]['state'].dtype == np.float32
+    rig.clock.t = t0 + 0.1
+    rig.frames()                       # a new frame set, but of the same 5 Hz period
+    assert rig.worker.pending is None
+    rig.clock.t = t0 + 0.2
+    rig.rt.on_image(CAMERAS[0], IMAGE, rig.clock.t)
+    assert rig.worker.pending is None, 'one camera of the next period is not enough'
+    rig.rt.on_image(CAMERAS[1], IMAGE, rig.clock.t)
+    assert rig.worker.pending is not None, 'requested on the frame, not at the next tick'
+
+
+def test_no_second_request_while_the_worker_is_busy():
+    rig = Rig()
+    rig.start()
+    rig.advance(1.0)
+    assert len(rig.worker.submitted) == 1
+
+
+# ------------------------------------------------------------------------- hold causes
+def test_activation_without_an_instruction_holds_for_the_user_until_one_arrives():
+    rig = Rig()
+    rig.start(instruction='')
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.USER)
+    assert rig.rt.status().last_error == 'waiting for an instruction'
+    rig.advance(0.5)
+    assert rig.worker.pending is None
+    rig.rt.instruct('pick')
+    rig.advance(0.2)
+    assert rig.rt.state == RunState.RUNNING and rig.worker.pending is not None
+
+
+def test_an_empty_instruction_holds_for_the_user_and_brakes():
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()
+    n = len(rig.out.trajectories)
+    rig.rt.instruct('')
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.USER)
+    assert len(rig.out.trajectories) == n + 1 and at_rest(rig.out.trajectories[-1])
+
+
+def test_stale_joint_states_hold_for_input_brake_and_fresh_ones_resume():
+    rig = Rig(joint_state_timeout_s=0.25)
+    rig.start()
+    rig.worker.finish()
+    n = len(rig.out.trajectories)
+    rig.clock.t += 0.3
+    rig.frames()
+    rig.rt.tick()
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.INPUT)
+    assert 'joint_states' in rig.rt.status().last_error
+    assert len(rig.out.trajectories) == n + 1 and at_rest(rig.out.trajectories[-1])
+    rig.advance(0.3, inputs=False)
+    assert len(rig.out.trajectories) == n + 1, 'nothing else is sent while input is stale'
+    rig.advance(0.04)
+    assert rig.rt.state == RunState.RUNNING
+
+
+def test_a_stale_camera_holds_for_input_naming_the_camera():
+    rig = Rig(camera_timeout_s=0.5)
+    rig.start()
+    rig.advance(0.6, frames=False)
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.INPUT)
+    assert 'scene_camera' in rig.rt.status().last_error
+
+
+def test_an_undecodable_image_holds_for_input():
+    def decode(payload):
+        raise ValueError("unsupported image encoding '16UC1'")
+
+    rig = Rig(decode=decode)
+    rig.start()
+    rig.worker.finish()
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.INPUT)
+    assert '16UC1' in rig.rt.status().last_error and rig.rt.chunks_produced == 0
+
+
+def test_an_unreachable_server_holds_keeps_asking_after_its_backoff_and_resumes():
+    rig = Rig()
+    rig.start()
+    error = ConnectionError('refused')
+    error.retry_in_s = 1.0
+    rig.policy.error = error
+    rig.worker.finish()
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.SERVER)
+    assert at_rest(rig.out.trajectories[-1])
+    rig.advance(0.9)
+    assert rig.worker.pending is None, 'not before the backoff'
+    rig.advance(0.3)
+    assert rig.worker.pending is not None, 'requests go on during a server hold'
+    rig.worker.finish()                       # still down: one hold, no second brake
+    assert rig.cause == HoldCause.SERVER
+    rig.advance(0.6, inputs=False)            # stale inputs keep it a server hold
+    rig.advance(0.04)
+    assert rig.cause == HoldCause.SERVER and rig.rt.state == RunState.HOLD
+    rig.policy.error = None
+    rig.advance(1.2)
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING
+
+
+def test_a_tracking_error_while_running_is_an_error_and_ends_the_goal():
+    rig = Rig(max_tracking_error=0.3)
+    rig.start(instruction='')
+    goal = rig.rt.start_goal('pick', 0.0, 60.0)
+    rig.advance(0.04)
+    rig.frames()
+    pushed = ROBOT.home.copy()
+    pushed[3] += 0.5                          # someone pushed the arm
+    rig.q = pushed
+    rig.advance(0.02)
+    assert (rig.rt.state, rig.cause) == (RunState.ERROR, HoldCause.ERROR)
+    update = rig.rt.goal_update(goal, cancel_requested=False)
+    assert update.reason.startswith('error: ') and 'fr3_joint4' in update.reason
+
+
+def test_a_model_failure_is_an_error():
+    rig = Rig()
+    rig.start()
+    rig.policy.error = RuntimeError('CUDA out of memory')
+    rig.worker.finish()
+    assert (rig.rt.state, rig.cause) == (RunState.ERROR, HoldCause.ERROR)
+    assert 'CUDA out of memory' in rig.rt.status().last_error
+
+
+def test_a_rejected_chunk_brakes_without_leaving_running():
+    rig = Rig()
+    rig.start()
+    rig.policy.infer = lambda obs: {'actions': np.full((10, 8), np.nan), 'dt': 0.1}
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING and 'chunk rejected' in rig.rt.status().last_error
+    assert rig.out.chunks == [] and at_rest(rig.out.trajectories[-1])
+
+
+@pytest.mark.parametrize('end', ['cancel', 'timeout', 'estop', 'deactivate'])
+def test_a_goal_that_ends_holds_for_the_user(end):
+    rig = Rig()
+    rig.start(instruction='')
+    goal = rig.rt.start_goal('pick', 0.0, 1.0)
+    rig.advance(0.2)
+    rig.worker.finish()
+    expected = {'cancel': 'canceled', 'timeout': 'timeout', 'estop': 'estop',
+                'deactivate': 'deactivated'}[end]
+    if end == 'estop':
+        assert rig.rt.estop()
+        rig.rt.deactivate()
+    elif end == 'deactivate':
+        rig.rt.deactivate()
+    elif end == 'timeout':
+        rig.advance(1.0)
+    update = rig.rt.goal_update(goal, cancel_requested=end == 'cancel')
+    assert update.reason == expected and not update.success
+    assert rig.cause == HoldCause.USER and at_rest(rig.out.trajectories[-1])
+    assert rig.rt.status().instruction == '' or end in ('estop', 'deactivate')
+    chunks, requests = rig.rt.chunks_produced, len(rig.worker.submitted)
+    if rig.worker.pending is not None:
+        rig.worker.finish()           # in flight when the goal ended: dropped
+    rig.advance(0.6)
+    assert rig.rt.chunks_produced == chunks and len(rig.worker.submitted) == requests
+
+
+# ------------------------------------------------------------------------- races
+def test_a_success_left_over_from_the_last_episode_does_not_end_the_next_goal():
+    rig = Rig()
+    rig.start(instruction='')
+    goal = rig.rt.start_goal('pick', 0.0, 60.0)
+    rig.advance(0.1)
+    rig.rt.on_task_success(True)              # the episode before the reset, still queued
+    rig.advance(0.1)
+    assert rig.rt.goal_update(goal, False).reason == ''
+    rig.rt.on_task_success(False)             # this episode's
+    rig.advance(0.1)
+    rig.rt.on_task_success(True)
+    update = rig.rt.goal_update(goal, False)
+    assert (update.reason, update.success) == ('success', True)
+    assert rig.cause == HoldCause.USER
+
+
+def test_a_run_plans_only_from_inputs_stamped_at_or_after_inputs_after():
+    rig = Rig(max_tracking_error=0.3)
+    rig.start(instruction='')
+    old = ROBOT.home.copy()
+    old[1] += 0.2                             # the pose before the simulator's reset
+    reset_stamp = rig.clock.t + 0.5
+    rig.rt.start_goal('pick', reset_stamp, 60.0)
+    for _ in range(10):                       # joint states and frames from before the reset
+        rig.clock.t += 0.02
+        rig.joints(old, stamp=reset_stamp - 1.0)
+        rig.frames(stamp=reset_stamp - 1.0)
+        rig.rt.tick()
+    assert rig.worker.pending is None and rig.rt.chunks_produced == 0
+    assert rig.rt.state == RunState.RUNNING, 'waiting, not an error'
+    rig.clock.t = reset_stamp + 0.1
+    rig.joints(ROBOT.home, stamp=reset_stamp)  # the reset's pose arrives
+    rig.frames(stamp=reset_stamp)
+    rig.worker.finish()
+    np.testing.assert_allclose(rig.worker.submitted[0].joint.q, ROBOT.home)
+    assert np.abs(rig.out.trajectories[-1].positions[0] - ROBOT.home).max() < 1e-9
+
+
+def test_a_goal_arriving_before_activation_is_refused_and_one_right_after_runs():
+    rig = Rig()
+    rig.joints()
+    rig.frames()
+    assert rig.rt.goal_refusal('pick') == 'node is not active'
+    rig.rt.activate()
+    assert rig.rt.goal_refusal('pick') == ''
+    assert rig.rt.goal_refusal('  ') == 'empty instruction'
+    assert 'limit 2000' in rig.rt.goal_refusal('x' * 2001)
+    rig.rt.start_goal('pick', 0.0, 60.0)
+    rig.advance(0.2)
+    assert rig.rt.state == RunState.RUNNING and rig.worker.pending is not None
+
+
+def test_a_run_that_starts_before_the_reset_pose_arrives_waits_for_it_instead_of_erroring():
+    rig = Rig(max_tracking_error=0.3)
+    rig.start(instruction='')
+    with rig.rt.lock:                         # the held command at the old pose, still in force
+        rig.rt.executor.reset(ROBOT.home, rig.clock.t + 60.0)
+        rig.rt.instruct('pick')
+    moved = ROBOT.home.copy()
+    moved[1] += 0.8
+    rig.advance(0.1, inputs=False)            # ticks before the reset's joint state arrives
+    assert rig.worker.pending is None and rig.rt.state == RunState.RUNNING
+    rig.q = moved
+    rig.advance(0.2)
+    assert rig.rt.state == RunState.RUNNING, rig.rt.status().last_error
+    rig.worker.finish()
+    np.testing.assert_allclose(rig.out.trajectories[-1].positions[0], moved, atol=1e-9)
+
+
+def test_a_run_after_a_lockstep_reset_starts_from_the_measured_pose_on_a_stopped_clock():
+    # The simulator's clock stands still at the reset: the held command ends exactly 'now',
+    # and the first chunk was planned from the pose before the reset.
+    rig = Rig(max_tracking_error=0.3)
+    rig.start(instruction='')
+    with rig.rt.lock:
+        rig.rt.executor.reset(ROBOT.home, rig.clock.t)
+    rig.clock.t = rig.rt.executor.command.end          # the hold has just ended: clock stops
+    nudged = ROBOT.home.copy()
+    nudged[0] += 0.1                          # within the tracking tolerance
+    rig.joints(nudged, stamp=rig.clock.t)
+    rig.frames(stamp=rig.clock.t)
+    rig.rt.start_goal('pick', rig.clock.t, 60.0)
+    rig.worker.finish()                       # the clock has not moved
+    np.testing.assert_allclose(rig.out.trajectories[-1].positions[0], nudged, atol=1e-9)
+
+
+def test_a_chunk_in_flight_when_the_robot_holds_is_dropped():
+    rig = Rig(joint_state_timeout_s=0.25)
+    rig.start()
+    rig.advance(0.3, inputs=False)            # held while the request was running
+    n = len(rig.out.trajectories)
+    rig.worker.finish()
+    assert rig.rt.chunks_produced == 0 and len(rig.out.trajectories) == n
+
+
+# ------------------------------------------------------------------------- outputs
+def test_ee_delta_streams_twists_at_control_rate_and_zeros_while_holding():
+    class Deltas(Creep):
+        def infer(self, obs):
+            return {'actions': np.hstack([np.full((10, 6), 0.001), np.full((10, 1), 0.04)]),
+                    'dt': 0.1}
+
+    rig = Rig(action_mode='ee_delta', joint_state_timeout_s=0.25)
+    rig.policy = rig.rt.policy = Deltas()
+    rig.start()
+    rig.worker.finish()
+    rig.advance(0.1)
+    assert np.abs(rig.out.twists[-1]).max() > 0 and rig.out.trajectories == []
+    assert rig.out.chunks[0]['names'] == ['x', 'y', 'z', 'rx', 'ry', 'rz']
+    rig.advance(0.3, inputs=False)
+    assert rig.rt.state == RunState.HOLD
+    assert all(np.all(t == 0.0) for t in rig.out.twists[-3:])
+
+
+def test_gripper_commands_stay_in_the_hands_range_and_change_past_the_deadband():
+    class Wide(Creep):
+        def infer(self, obs):
+            out = super().infer(obs)
+            out['actions'][:, 7] = 0.09
+            return out
+
+    rig = Rig()
+    rig.policy = rig.rt.policy = Wide()
+    rig.start()
+    rig.worker.finish()
+    rig.advance(0.3)
+    widths = [w for w, _ in rig.out.grippers]
+    assert widths and all(0.0 <= w <= ROBOT.gripper.max_width for w in widths)
+    assert len(widths) == len(set(widths)), 'a command only on change'
+
+
+def test_status_counts_missed_ticks_and_the_image_to_trajectory_latency():
+    rig = Rig()
+    rig.start()
+    rig.clock.t += 0.1                        # four ticks missed
+    rig.rt.tick()
+    rig.clock.t += 0.03
+    rig.worker.finish()
+    status = rig.rt.status()
+    assert status.missed_ticks == 4
+    assert status.chunks_produced == 1 and status.state == RunState.RUNNING
+    assert status.e2e_latency_p50_ms == pytest.approx(130.0, abs=1e-6)
+    assert status.control_rate_hz > 0
