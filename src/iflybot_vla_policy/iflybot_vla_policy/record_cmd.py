@@ -68,13 +68,6 @@ def run(args: argparse.Namespace) -> int:
         print(f'iflybot record: error: seeds {seeds.start}..{seeds.stop - 1} overlap the held-out '
               f'evaluation seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}', file=sys.stderr)
         return 2
-    from iflybot_vla_policy.ros.expert_teleop_node import LIVE_POSE_TASKS
-
-    if args.task in LIVE_POSE_TASKS:
-        print(f'iflybot record: error: task {args.task!r} needs live object poses that the '
-              f'simulator does not publish; use `iflybot gen-demos --task {args.task}`',
-              file=sys.stderr)
-        return 2
     if args.isolated:
         os.environ['ROS_DOMAIN_ID'] = str(random.randint(215, 232))   # Linux-safe, unused by tests
         os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'

@@ -1,12 +1,17 @@
 """Messages <-> the simulator core's types (sim/): joint states, images, trajectories, twists."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Pose
+from iflybot_vla_msgs.msg import ObjectPoses
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from trajectory_msgs.msg import JointTrajectory as JointTrajectoryMsg
 
 from iflybot_vla_policy.sim.env import CameraInfo as SimCameraInfo
+from iflybot_vla_policy.sim.tasks import ObjectState
 from iflybot_vla_policy.sim.trajectory import JointTrajectory, make_trajectory
 
 
@@ -67,3 +72,31 @@ def trajectory_from_msg(msg: JointTrajectoryMsg, time_offset: float) -> JointTra
         list(msg.joint_names), times, [list(p.positions) for p in msg.points],
         [list(p.velocities) for p in msg.points],
         [list(p.accelerations) for p in msg.points], start_time=start)
+
+
+def object_poses_msg(objects: Sequence[ObjectState], stamp: float,
+                     frame_id: str = 'fr3_link0') -> ObjectPoses:
+    """The scene's objects (base frame) -> ObjectPoses, in the order given."""
+    msg = ObjectPoses()
+    msg.header.stamp = to_time(stamp)
+    msg.header.frame_id = frame_id
+    for obj in objects:
+        pose = Pose()
+        pose.position.x, pose.position.y, pose.position.z = (float(v) for v in obj.position)
+        w, x, y, z = (float(v) for v in obj.quaternion)
+        pose.orientation.w, pose.orientation.x = w, x
+        pose.orientation.y, pose.orientation.z = y, z
+        msg.names.append(obj.name)
+        msg.poses.append(pose)
+    return msg
+
+
+def object_poses_from_msg(msg: ObjectPoses) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ObjectPoses -> name: (position (3,), quaternion (4,) w, x, y, z)."""
+    if len(msg.names) != len(msg.poses):
+        raise ValueError(f'object poses: {len(msg.names)} names for {len(msg.poses)} poses')
+    out = {}
+    for name, pose in zip(msg.names, msg.poses, strict=True):
+        p, q = pose.position, pose.orientation
+        out[name] = (np.array([p.x, p.y, p.z]), np.array([q.w, q.x, q.y, q.z]))
+    return out

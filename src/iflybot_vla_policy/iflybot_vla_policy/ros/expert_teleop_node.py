@@ -10,10 +10,9 @@ stamps of /joint_states), so a simulator faster or slower than real time is fine
 ends when the expert is done or after `max_episode_s`; the recorder is stopped with the
 simulator's /sim/task_success verdict.
 
-Limit: the local copy sees objects where the scene placed them, not where contacts moved them
-(the simulator publishes no object poses). pick_place, stack and drawer plan from poses fixed
-before contact and work; push re-plans from the puck's live pose while pushing, so it is
-refused here (use `iflybot gen-demos --task push`, which runs the expert inside the simulator).
+The local copy's movable objects follow /sim/object_poses (iflybot_vla_msgs/ObjectPoses, what
+a perception stack would publish; the recorder keeps them), so experts that re-plan from live
+object poses during contact (push) work through ROS as they do inside the simulator.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import mujoco
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Duration
-from iflybot_vla_msgs.msg import ActionChunk, GripperCommand
+from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, ObjectPoses
 from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
@@ -37,11 +36,13 @@ from std_msgs.msg import Bool, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from iflybot_vla_policy.robot import load_robot
+from iflybot_vla_policy.ros.conversions_sim import object_poses_from_msg
 from iflybot_vla_policy.sim import make_env
 from iflybot_vla_policy.sim.env import chunk_to_trajectory
 from iflybot_vla_policy.sim.expert import ScriptedExpert
 
-# Tasks whose expert needs live object poses during contact, which ROS does not carry here.
+# Tasks whose expert re-plans from live object poses during contact: an episode waits for
+# /sim/object_poses of the new scene.
 LIVE_POSE_TASKS = frozenset({'push'})
 TRAJECTORY_TOPIC = '/fr3_arm_controller/joint_trajectory'
 GRIPPER_TOPIC = '/vla/gripper_command'
@@ -89,15 +90,13 @@ class ExpertTeleopNode(Node):
         self.declare_parameter('sim', '/iflybot_sim', d('simulator node name'))
         self.declare_parameter('recorder', '/iflybot_recorder', d('recorder node name'))
         self.declare_parameter('success_topic', '/sim/task_success', d('std_msgs/Bool'))
+        self.declare_parameter('object_poses_topic', '/sim/object_poses',
+                               d('iflybot_vla_msgs/ObjectPoses the local scene follows'))
         self.declare_parameter('operator_name', 'expert', d('operator stored with episodes'))
         self.declare_parameter('settle_s', 0.6, d('sim seconds to wait after a reset'))
         self.declare_parameter('shutdown_when_done', True, d('exit after the last episode'))
         p = lambda name: self.get_parameter(name).value  # noqa: E731
         self.task = p('task')
-        if self.task in LIVE_POSE_TASKS:
-            raise ValueError(f'task {self.task!r}: its expert re-plans from live object poses, '
-                             'which the simulator does not publish; record it with '
-                             f'`iflybot gen-demos --task {self.task}` instead')
         self.episodes, self.first_seed = int(p('episodes')), int(p('first_seed'))
         self.max_episode_s = float(p('max_episode_s'))
         self.horizon, self.dt = int(p('horizon')), float(p('dt'))
@@ -112,10 +111,13 @@ class ExpertTeleopNode(Node):
         self._js_time = -1.0                       # stamp of the newest joint state (sim s)
         self._js_positions: dict[str, float] = {}
         self._js_count = 0
+        self._objects: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # name: (xyz, wxyz)
+        self._objects_time = -1.0                  # stamp of the newest object poses (sim s)
         self._success = False
         self.sent: Counter[str] = Counter()
         self.create_subscription(JointState, '/joint_states', self._on_joint_state, 50)
         self.create_subscription(Bool, p('success_topic'), self._on_success, 10)
+        self.create_subscription(ObjectPoses, p('object_poses_topic'), self._on_objects, 10)
         self.traj_pub = self.create_publisher(JointTrajectory, TRAJECTORY_TOPIC, 10)
         self.gripper_pub = self.create_publisher(GripperCommand, GRIPPER_TOPIC, 10)
         self.chunk_pub = self.create_publisher(ActionChunk, CHUNK_TOPIC, 10)
@@ -133,6 +135,17 @@ class ExpertTeleopNode(Node):
             self._js_time = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
             self._js_positions = dict(zip(msg.name, msg.position, strict=False))
             self._js_count += 1
+            self._cv.notify_all()
+
+    def _on_objects(self, msg: ObjectPoses) -> None:
+        try:
+            poses = object_poses_from_msg(msg)
+        except ValueError as err:
+            self.get_logger().warning(f'ignoring object poses: {err}', throttle_duration_sec=5.0)
+            return
+        with self._cv:
+            self._objects = poses
+            self._objects_time = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
             self._cv.notify_all()
 
     def _on_success(self, msg: Bool) -> None:
@@ -179,13 +192,21 @@ class ExpertTeleopNode(Node):
 
     # ----------------------------------------------------------------------------- episode
     def _sync_shadow(self) -> None:
-        """Copy the measured arm and finger positions into the local scene."""
+        """Copy the measured arm and finger positions, and the poses of the movable (free)
+        objects, into the local scene."""
         env = self._shadow
         with self._cv:
-            positions = dict(self._js_positions)
+            positions, objects = dict(self._js_positions), dict(self._objects)
         for name in (*self.robot.arm_joint_names, *self.robot.finger_joint_names):
             if name in positions:
                 env.data.qpos[env.model.joint(name).qposadr[0]] = positions[name]
+        for name, (xyz, wxyz) in objects.items():
+            joint = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_JOINT, name)
+            if joint < 0 or env.model.jnt_type[joint] != mujoco.mjtJoint.mjJNT_FREE:
+                continue            # fixed in the scene (zones, bowls) or not in it
+            adr = env.model.jnt_qposadr[joint]
+            env.data.qpos[adr:adr + 3] = xyz
+            env.data.qpos[adr + 3:adr + 7] = wxyz
         mujoco.mj_forward(env.model, env.data)
 
     def _current_q(self) -> np.ndarray:
@@ -202,6 +223,12 @@ class ExpertTeleopNode(Node):
         # A simulator paced in real time catches up on the wall time its reset took, a burst
         # of messages; start the episode once the stream is steady again.
         self.wait_sim_time(self.sim_time() + self.settle_s)
+        if self.task in LIVE_POSE_TASKS:
+            after = self.sim_time()
+            self._wait(lambda: self._objects_time >= after, 30.0,
+                       f'object poses of the new scene on '
+                       f'{self.get_parameter("object_poses_topic").value} (the {self.task} '
+                       'expert re-plans from them; is the simulator publishing them?)')
         if self._shadow is None or self._shadow.task_name != self.task:
             self._shadow = make_env(self.task, seed=seed, render=False)
         else:

@@ -42,6 +42,7 @@ DEFAULT_TOPICS = [
     '/vla/instruction:std_msgs/msg/String',
     '/vla/action_chunk:iflybot_vla_msgs/msg/ActionChunk',
     '/sim/task_success:std_msgs/msg/Bool',
+    '/sim/object_poses:iflybot_vla_msgs/msg/ObjectPoses',
 ]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import rclpy
 from geometry_msgs.msg import TwistStamped
-from iflybot_vla_msgs.msg import ActionChunk, GripperCommand
+from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, ObjectPoses
 from iflybot_vla_msgs.srv import ResetSim
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -31,6 +31,7 @@ from iflybot_vla_policy.ros.conversions_sim import (
     camera_info_msg,
     image_msg,
     joint_state_msg,
+    object_poses_msg,
     to_time,
     trajectory_from_msg,
 )
@@ -90,6 +91,8 @@ class SimNode(Node):
         self._reference_pub = self.create_publisher(JointState, '~/reference', qos)
         self._clock_pub = self.create_publisher(Clock, '/clock', qos)
         self._success_pub = self.create_publisher(Bool, '/sim/task_success', qos)
+        # Ground truth a perception stack would estimate (the push expert re-plans from it).
+        self._objects_pub = self.create_publisher(ObjectPoses, '/sim/object_poses', qos)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._instruction_pub = self.create_publisher(String, '/sim/instruction', latched)
         self._image_pubs = {c: self.create_publisher(Image, f'/{c}/color/image_raw', 2)
@@ -120,6 +123,8 @@ class SimNode(Node):
             'camera_rate': (15.0, _describe('image + camera_info rate in sim Hz (0 = off)',
                                             0.0, 60.0)),
             'success_rate': (5.0, _describe('/sim/task_success rate in sim Hz', 0.1, 100.0)),
+            'object_pose_rate': (25.0, _describe('/sim/object_poses rate in sim Hz (0 = off)',
+                                                 0.0, 500.0)),
             'image_width': (320, _describe('width of both cameras in px', 16, 1920, True)),
             'image_height': (240, _describe('height of both cameras in px', 16, 1080, True)),
             'home_noise': (0.05, _describe('uniform noise on the home joint angles at reset, '
@@ -275,6 +280,8 @@ class SimNode(Node):
         tick = 1.0 / max(p['joint_state_rate'], p['clock_rate'])
         periods = {'joint': 1.0 / p['joint_state_rate'], 'clock': 1.0 / p['clock_rate'],
                    'success': 1.0 / p['success_rate'],
+                   'objects': (1.0 / p['object_pose_rate'] if p['object_pose_rate'] > 0
+                               else math.inf),
                    'camera': 1.0 / p['camera_rate'] if p['camera_rate'] > 0 else math.inf}
         due = dict.fromkeys(periods, 0.0)
         rtf = float(p['real_time_factor'])
@@ -353,6 +360,9 @@ class SimNode(Node):
         if now >= due['success']:
             self._success_pub.publish(Bool(data=env.success()))
             due['success'] = now + periods['success'] - 1e-9
+        if now >= due['objects']:
+            self._objects_pub.publish(object_poses_msg(env.objects(), now))
+            due['objects'] = now + periods['objects'] - 1e-9
         if now >= due['camera']:
             for camera, rgb in env.render().items():
                 frame = f'{camera}_color_optical_frame'

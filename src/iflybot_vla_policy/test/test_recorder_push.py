@@ -1,0 +1,53 @@
+"""Push recorded through ROS (`iflybot record --task push`): the expert re-plans from the puck's
+live pose, which the simulator publishes on /sim/object_poses as a perception stack would, and
+the recorder keeps those poses in the bag."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from iflybot_vla_policy.data import bags
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+pytest.importorskip('rclpy')
+
+OBJECT_POSE_RATE = 25.0      # the simulator's default /sim/object_poses rate (sim Hz)
+
+
+def test_a_push_episode_is_recorded_with_the_object_poses_it_was_planned_from(tmp_path):
+    out = tmp_path / 'rec'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '1',
+         '--out', str(out), '--task', 'push', '--first-seed', '3',
+         '--image-size', '48', '48', '--camera-rate', '5', '--max-episode-s', '20',
+         '--isolated'],
+        capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (episode,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    assert episode['recorded'] and episode['success'], episode
+    bag = out / episode['episode_id']
+    messages = [m.decode() for m in bags.read_messages(bag, {'/sim/object_poses'})]
+    stamps = np.array([m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in messages])
+    assert len(stamps) > 10 and np.all(np.diff(stamps) > 0)
+    assert len(stamps) >= 0.98 * (round((stamps[-1] - stamps[0]) * OBJECT_POSE_RATE) + 1)
+    first, last = messages[0], messages[-1]
+    assert first.header.frame_id == 'fr3_link0'
+    assert {'puck', 'zone_a', 'zone_b'} <= set(first.names)
+
+    def puck(msg: object) -> np.ndarray:
+        p = msg.poses[list(msg.names).index('puck')].position
+        return np.array([p.x, p.y, p.z])
+
+    def zone(msg: object) -> np.ndarray:
+        p = msg.poses[list(msg.names).index('zone_a')].position
+        return np.array([p.x, p.y])
+
+    moved = np.linalg.norm(puck(last)[:2] - puck(first)[:2])
+    assert moved > 0.08, f'the puck moved {moved:.3f} m'
+    # It ended on the target zone it was pushed to, as the recorded poses show.
+    assert np.linalg.norm(puck(last)[:2] - zone(last)) < np.linalg.norm(
+        puck(first)[:2] - zone(first))
