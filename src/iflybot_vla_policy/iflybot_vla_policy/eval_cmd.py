@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--expert-noise-kind', choices=('offset', 'iid'), default='offset',
                         help="'offset': one error per chunk (a mislocalised target); 'iid': "
                              'one per action (jitter)')
+    parser.add_argument('--instruction-variant', type=int, default=0, metavar='K',
+                        help='direct mode: the same scenes with the instruction naming another '
+                             'object (pick_place 1: the other cube; stack 1: the third cube on '
+                             'the base, 2: on the third cube; push 1: the other zone; drawer 1: '
+                             'the other drawer), to measure whether the instruction matters')
 
 
 DEFAULT_IMAGE_SIZE = 224
@@ -122,6 +127,17 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         print('iflybot eval: --episodes must be at least 1', file=sys.stderr)
         return 2
+    if args.instruction_variant:
+        from iflybot_vla_policy.sim.tasks import TASKS as TASK_TYPES
+
+        bad = [t for t in tasks if not 0 <= args.instruction_variant < TASK_TYPES[t].variants]
+        if bad or args.through_ros:
+            why = ('is a direct-mode option' if args.through_ros else
+                   'is out of range for ' + ', '.join(
+                       f'{t} (0..{TASK_TYPES[t].variants - 1})' for t in bad))
+            print(f'iflybot eval: --instruction-variant {args.instruction_variant} {why}',
+                  file=sys.stderr)
+            return 2
     if args.checkpoint is not None:
         from iflybot_vla_policy.bundle import bundle_info
 
@@ -149,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             'episodes_per_task': args.episodes, 'max_time_s': args.max_time,
             'replan_steps': args.replan_steps, 'noise_scale': _noise_scale(args),
             'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
+            'instruction_variant': args.instruction_variant,
             'wall_time_s': round(time.time() - started, 1)}
     if error:
         meta['stopped_early'] = f'after {len(episodes)} of {len(jobs)} episodes: {error}'
@@ -224,7 +241,8 @@ def _direct(args: argparse.Namespace, jobs: list[tuple[str, int]]):
         record = videos_done.get(task, 0) < args.videos
         frames = []
         config = RolloutConfig(max_time_s=args.max_time, replan_steps=args.replan_steps,
-                               image_size=size, video=record)
+                               image_size=size, video=record,
+                               instruction_variant=args.instruction_variant)
         result = run_episode(policy, task, seed, config, safety,
                              on_frame=frames.append if record else None)
         if record and frames:

@@ -91,6 +91,24 @@ def test_unknown_task_is_refused_with_the_choices(tmp_path: Path, capsys) -> Non
     assert "unknown task(s) ['pick_and_place']" in capsys.readouterr().err
 
 
+def test_instruction_variants_run_the_same_scenes_and_bad_ones_are_refused(
+        tmp_path: Path, capsys) -> None:
+    assert cli.main(['eval', '--expert', '--tasks', 'pick_place,stack', '--episodes', '1',
+                     '--instruction-variant', '2', '--out', str(tmp_path)]) == 2
+    assert 'out of range for pick_place (0..1)' in capsys.readouterr().err
+    runs = {}
+    for variant in (0, 1):
+        out = tmp_path / f'v{variant}'
+        assert cli.main(['eval', '--expert', '--tasks', 'pick_place', '--episodes', '1',
+                         '--instruction-variant', str(variant), '--videos', '0',
+                         '--out', str(out)]) == 0
+        report = json.loads((out / 'report.json').read_text())
+        assert report['meta']['instruction_variant'] == variant
+        runs[variant] = report['episodes'][0]
+    assert runs[0]['seed'] == runs[1]['seed'] and runs[1]['success']
+    assert runs[0]['instruction'] != runs[1]['instruction']
+
+
 def test_safety_holds_are_reported_apart_from_limit_violations(tmp_path: Path) -> None:
     from iflybot_vla_policy.eval.report import EpisodeResult, hold_category, write_report
 

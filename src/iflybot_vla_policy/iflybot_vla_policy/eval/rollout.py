@@ -32,6 +32,7 @@ class RolloutConfig:
     image_size: tuple[int, int] = (224, 224)
     video: bool = False
     video_every: int = 2             # record every n-th action step (keeps rendering cheap)
+    instruction_variant: int = 0     # Task.retarget: the instruction names another object
 
 
 NOISE_KINDS = ('offset', 'iid')
@@ -94,7 +95,8 @@ def run_episode(policy: InferencePolicy, task: str, seed: int, config: RolloutCo
     """One closed-loop episode; deterministic given the seed and a deterministic policy."""
     # The expert plans from ground truth: rendering its observations would only cost time.
     env = make_env(task, seed=seed, image_size=config.image_size,
-                   render=not isinstance(policy, ExpertPolicy))
+                   render=not isinstance(policy, ExpertPolicy),
+                   variant=config.instruction_variant)
     try:
         if isinstance(policy, ExpertPolicy):
             policy.bind(env, config.replan_steps)

@@ -60,8 +60,9 @@ class SimEnv:
                  camera_sizes: dict[str, tuple[int, int]] | None = None,
                  home_noise: float = 0.05, fast_visuals: bool = True,
                  allow_nonzero_velocity_at_trajectory_end: bool = False,
-                 twist_timeout: float = 0.2) -> None:
+                 twist_timeout: float = 0.2, variant: int = 0) -> None:
         self.robot = robot or load_robot()
+        self.variant = variant       # instruction variant of every reset (Task.retarget)
         self.task: Task = make_task(task)
         self.task_name = task
         self.seed = seed
@@ -120,9 +121,12 @@ class SimEnv:
         self.reset(seed)
 
     # ----------------------------------------------------------------------------- episode
-    def reset(self, seed: int | None = None) -> dict:
-        """New scene from `seed` (None: the next seed); returns the observation."""
+    def reset(self, seed: int | None = None, variant: int | None = None) -> dict:
+        """New scene from `seed` (None: the next seed), its instruction variant `variant`
+        (None: as before); returns the observation."""
         self.seed = self.seed + 1 if seed is None else int(seed)
+        if variant is not None:
+            self.variant = int(variant)
         rng = np.random.default_rng(self.seed)
         mujoco.mj_resetData(self.model, self.data)
         r = self.robot
@@ -130,6 +134,7 @@ class SimEnv:
         self.data.qpos[self._arm_qpos] = q0
         self.data.qpos[self._finger_qpos] = FINGER_TRAVEL
         self.task.reset(self, rng)
+        self.task.retarget(self, self.variant)
         mujoco.mj_forward(self.model, self.data)
         self.trajectory.hold(q0, self.time)
         self.servo.reset(q0)

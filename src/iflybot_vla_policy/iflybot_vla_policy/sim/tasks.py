@@ -7,6 +7,7 @@ geom_rgba), samples an instruction, and records what the scripted expert needs (
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,14 @@ class TaskState:
     plan: dict[str, object] = field(default_factory=dict)
 
 
+def _replace_word(text: str, old: str, new: str) -> str:
+    """`old` as a whole word (one occurrence in our instructions) replaced by `new`."""
+    result, count = re.subn(rf'\b{re.escape(old)}\b', new, text, count=1)
+    if not count:
+        raise ValueError(f'{old!r} is not a word of the instruction {text!r}')
+    return result
+
+
 def _free_body(name: str, geom: str, mass: float) -> str:
     return (f'<body name="{name}" pos="0.5 0 0.1"><freejoint name="{name}"/>'
             f'<geom name="{name}" class="object" {geom} mass="{mass}"/></body>')
@@ -106,6 +115,9 @@ class Task:
     name = ''
     templates: tuple[str, ...] = ()
     grasps = True     # closing the gripper grasps the named object (push closes it to push)
+    # Instruction variants of one scene: 0 is the drawn one; k > 0 names another object of
+    # the same kind in the same scene (retarget), to measure whether the instruction matters.
+    variants = 1
 
     def __init__(self) -> None:
         self.state = TaskState()
@@ -121,6 +133,39 @@ class Task:
 
     def objects(self, env: SimEnv) -> list[ObjectState]:
         raise NotImplementedError
+
+    def retarget(self, env: SimEnv, variant: int) -> None:
+        """After reset: make the instruction name another object of the scene (variant k of
+        `variants`); the scene looks the same, what must happen changes."""
+        if not 0 <= variant < self.variants:
+            raise ValueError(f'task {self.name!r} has instruction variants 0..'
+                             f'{self.variants - 1}, got {variant}')
+        if variant:
+            self._retarget(env, variant)
+
+    def _retarget(self, env: SimEnv, variant: int) -> None:
+        raise NotImplementedError
+
+    def _swap_roles(self, env: SimEnv, target: str, other: str, geoms: dict[str, list[str]],
+                    free: bool) -> None:
+        """Exchange two same-shaped objects' poses and colours, so the picture is unchanged
+        but `target` (the name the task logic acts on) is the object that was `other`; the
+        instruction then names its colour."""
+        if free:
+            a, b = (env.model.joint(n).qposadr[0] for n in (target, other))
+            qa = env.data.qpos[a:a + 7].copy()
+            env.data.qpos[a:a + 7] = env.data.qpos[b:b + 7]
+            env.data.qpos[b:b + 7] = qa
+        else:
+            a, b = env.model.body(target).id, env.model.body(other).id
+            for field_ in (env.model.body_pos, env.model.body_quat):
+                field_[[a, b]] = field_[[b, a]]
+        colors = self.state.colors
+        old, new = colors[target], colors[other]
+        colors[target], colors[other] = new, old
+        self._set_color(env, geoms[target], new)
+        self._set_color(env, geoms[other], old)
+        self.state.instruction = _replace_word(self.state.instruction, old, new)
 
     def grounding_points(self, env: SimEnv) -> np.ndarray:
         """(2, 3) base-frame positions of what the instruction names: the object to act on and
@@ -193,6 +238,7 @@ class PickPlace(Task):
     """Put the named cube into the bowl; a second cube of another colour distracts."""
 
     name = 'pick_place'
+    variants = 2      # 1: the other cube
     templates = ('put the {obj} in the {bowl}', 'place the {obj} into the {bowl}',
                  'pick up the {obj} and put it in the {bowl}', 'move the {obj} into the {bowl}',
                  'drop the {obj} in the {bowl}', 'put the {obj} inside the {bowl}')
@@ -211,6 +257,10 @@ class PickPlace(Task):
 
     def _bowl_geoms(self) -> list[str]:
         return ['bowl_base'] + [f'bowl_{i}' for i in range(4)]
+
+    def _retarget(self, env: SimEnv, variant: int) -> None:
+        self._swap_roles(env, 'cube_a', 'cube_b', {'cube_a': ['cube_a'], 'cube_b': ['cube_b']},
+                         free=True)
 
     def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
         bowl_xy, a_xy, b_xy = _sample_positions(rng, 3, 0.15)
@@ -247,6 +297,7 @@ class Stack(Task):
     """Stack the named cube on the other named cube; a third cube distracts."""
 
     name = 'stack'
+    variants = 3      # 1: the third cube on the named base; 2: the named cube on the third
     templates = ('stack the {top} on the {base}', 'put the {top} on top of the {base}',
                  'place the {top} onto the {base}', 'pick up the {top} and stack it on the {base}',
                  'set the {top} on the {base}')
@@ -267,6 +318,11 @@ class Stack(Task):
             dict(zip(('cube_a', 'cube_b', 'cube_c'), colors, strict=True)),
             {'object': 'cube_a', 'base': 'cube_b'})
 
+    def _retarget(self, env: SimEnv, variant: int) -> None:
+        role = 'cube_a' if variant == 1 else 'cube_b'
+        self._swap_roles(env, role, 'cube_c', {n: [n] for n in ('cube_a', 'cube_b', 'cube_c')},
+                         free=True)
+
     def success(self, env: SimEnv) -> bool:
         top, base = self._pos(env, 'cube_a'), self._pos(env, 'cube_b')
         aligned = np.linalg.norm(top[:2] - base[:2]) < 0.02
@@ -284,6 +340,7 @@ class Push(Task):
 
     name = 'push'
     grasps = False
+    variants = 2      # 1: to the other zone
     templates = ('push the {obj} to the {zone}', 'slide the {obj} onto the {zone}',
                  'push the {obj} into the {zone}', 'move the {obj} to the {zone} by pushing it',
                  'shove the {obj} onto the {zone}')
@@ -318,6 +375,10 @@ class Push(Task):
                                {'puck': obj_c, 'zone_a': zone_c, 'zone_b': other_c},
                                {'object': 'puck', 'goal': 'zone_a'})
 
+    def _retarget(self, env: SimEnv, variant: int) -> None:
+        self._swap_roles(env, 'zone_a', 'zone_b', {'zone_a': ['zone_a'], 'zone_b': ['zone_b']},
+                         free=False)
+
     def goal_xy(self, env: SimEnv) -> np.ndarray:
         return env.data.xpos[env.model.body('zone_a').id][:2].copy()
 
@@ -347,6 +408,7 @@ class Drawer(Task):
     """Open the drawer whose handle has the named colour (two drawers side by side)."""
 
     name = 'drawer'
+    variants = 2      # 1: the other drawer
     templates = ('open the {drawer}', 'pull the {drawer} open', 'pull out the {drawer}',
                  'slide the {drawer} open', 'open the {drawer} of the cabinet')
 
@@ -415,6 +477,21 @@ class Drawer(Task):
                                {'drawer_left': left_c, 'drawer_right': right_c,
                                 'cabinet': 'beige'},
                                {'drawer': target, 'yaw': yaw})
+
+    def _retarget(self, env: SimEnv, variant: int) -> None:
+        """The other drawer, named the way the drawn instruction named its target (by colour
+        or by side)."""
+        plan, colors = self.state.plan, self.state.colors
+        target = str(plan['drawer'])
+        other = 'drawer_right' if target == 'drawer_left' else 'drawer_left'
+        text = self.state.instruction
+        if re.search(rf'\b{colors[target]}\b', text):
+            text = _replace_word(text, colors[target], colors[other])
+        else:
+            side = re.search(r'\b(left|right)\b', text).group(1)
+            text = _replace_word(text, side, 'right' if side == 'left' else 'left')
+        plan['drawer'] = other
+        self.state.instruction = text
 
     def opening(self, env: SimEnv, name: str) -> float:
         return float(env.data.qpos[env.model.joint(name).qposadr[0]])
