@@ -8,6 +8,7 @@ bag is written by `EpisodeRecorder`'s thread. SIGINT/SIGTERM finalise the open e
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 import time
@@ -116,8 +117,23 @@ class RecorderNode(Node):
         self.create_service(StartEpisode, '~/start_episode', self._on_start)
         self.create_service(StopEpisode, '~/stop_episode', self._on_stop)
         self.create_service(Trigger, '~/discard_episode', self._on_discard)
+        for problem in self.unknown_parameters():
+            self.get_logger().warning(problem)
         self.get_logger().info(f'recording {len(self._subs)} topic(s) to '
                                f'{self.recorder.config.root} on request')
+
+    def unknown_parameters(self) -> list[str]:
+        """Params-file keys that are no parameter of this node (typos such as
+        `flush_perod_s`), each named with the closest known name: not silently ignored."""
+        known = list(self._parameters)
+        problems = []
+        for name in sorted(getattr(self, '_parameter_overrides', {})):
+            if self.has_parameter(name) or name.startswith('qos_overrides'):
+                continue
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            problems.append(f"unknown parameter '{name}' ignored{hint}")
+        return problems
 
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
