@@ -449,6 +449,66 @@ def test_a_run_after_a_lockstep_reset_starts_from_the_measured_pose_on_a_stopped
     np.testing.assert_allclose(rig.out.trajectories[-1].positions[0], nudged, atol=1e-9)
 
 
+def test_a_lockstep_run_starts_from_the_measured_pose_before_its_hold_ends():
+    # The goal lands at the reset instant: its instruction resets the command to a hold at the
+    # pose before the reset, and the clock never passes that hold's end. 'Ended' alone made
+    # the first chunk start there, pulling the arm back ~0.2 rad after every reset.
+    rig = Rig(max_tracking_error=0.3)
+    rig.start(instruction='')
+    old = ROBOT.home.copy()
+    old[0] += 0.2                             # the last episode's final pose, at rest
+    rig.q = old
+    rig.advance(0.3, frames=False)
+    reset = rig.clock.t                       # the simulator resets and stops its clock
+    rig.rt.start_goal('pick', reset, 60.0)    # planned from `old` until the reset pose arrives
+    assert rig.rt.executor.command.end > reset
+    rig.joints(ROBOT.home, stamp=reset)
+    rig.frames(stamp=reset)
+    rig.worker.finish()
+    np.testing.assert_allclose(rig.out.trajectories[-1].positions[0], ROBOT.home, atol=1e-9)
+
+
+def test_a_frame_ahead_of_the_nodes_clock_is_planned_at_its_own_time():
+    # The frame's /clock message still queued: a lockstep run planned its chunk 10 ms early
+    # or not depending on the executor's order.
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()                       # the run's first chunk
+    rig.advance(0.2, frames=False)
+    frame = rig.clock.t + 0.01
+    rig.joints(stamp=frame)
+    rig.frames(stamp=frame)
+    request = rig.worker.finish()
+    assert request.t_obs == pytest.approx(frame)
+    assert rig.out.trajectories[-1].start == pytest.approx(frame)
+    far = rig.clock.t + 5.0                   # stamps on another clock: the node's time
+    rig.advance(0.2, frames=False)
+    rig.joints(stamp=far)
+    rig.frames(stamp=far)
+    assert rig.worker.finish().t_obs == pytest.approx(rig.clock.t)
+
+
+def test_a_frame_waits_for_the_joint_state_of_its_instant():
+    # The simulator publishes both at one instant; the images were handled first and the
+    # request used the state 20 ms before: lockstep runs differed by up to 0.1 rad.
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()                       # the run's first chunk
+    rig.advance(0.18, frames=False)
+    rig.clock.t += 0.02
+    frame = rig.clock.t
+    rig.frames(stamp=frame)                   # the state at `frame` is still queued
+    assert rig.worker.pending is None
+    rig.joints(stamp=frame)                   # it arrives: the request goes out at once
+    assert rig.worker.pending is not None
+    assert rig.worker.pending.joint.stamp == frame
+    rig.worker.finish()
+    rig.advance(0.2, frames=False)
+    rig.joints(stamp=rig.clock.t - 5.0)       # a state far behind the frames: not waited for
+    rig.frames(stamp=rig.clock.t)
+    assert rig.worker.pending is not None
+
+
 def test_a_chunk_in_flight_when_the_robot_holds_is_dropped():
     rig = Rig(joint_state_timeout_s=0.25)
     rig.start()

@@ -21,6 +21,9 @@ import numpy as np
 from iflybot_vla_policy.safety import Watchdog
 
 JOINT_STATES = 'joint_states'
+# Stamps up to this far (s) ahead of the node's clock are on its clock with the clock message
+# still queued behind them; further apart, they are on another clock.
+MAX_CLOCK_LAG_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,22 @@ class InputTracker:
     def obs_stamp(self) -> float:
         """Oldest image stamp of the observation (0 if unknown)."""
         return min(self._stamps.get(c, 0.0) for c in self.cameras)
+
+    def obs_time(self, now: float) -> float:
+        """When the observation was taken on the node's clock: `now`, or the frames' stamp
+        when the clock lags frames it already holds (a lockstep run then plans the same chunk
+        wherever the /clock message landed in the executor's queue)."""
+        ahead = self.obs_stamp() - now
+        return now + ahead if 0.0 < ahead < MAX_CLOCK_LAG_S else now
+
+    def state_caught_up(self) -> bool:
+        """The joint state is not older than the frames on the same clock: a simulator
+        publishes both at one instant, and planning on the state before (its message queued
+        behind the images) made lockstep runs differ. A state further behind than
+        MAX_CLOCK_LAG_S is on another clock or late, which the watchdog judges."""
+        if self.joint is None:
+            return False
+        return not 0.0 < self.obs_stamp() - self.joint.stamp < MAX_CLOCK_LAG_S
 
     def mark_used(self) -> None:
         self._frames_used = dict(self._frames)

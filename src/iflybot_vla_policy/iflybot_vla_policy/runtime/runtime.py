@@ -56,7 +56,7 @@ class Worker(Protocol):
 @dataclass(frozen=True)
 class Request:
     generation: int
-    t_obs: float                # node time of the snapshot
+    t_obs: float                # node time of the snapshot (the frames' if the clock lags)
     obs_stamp: float            # oldest image stamp (s, ROS clock), 0 if unknown
     images: dict[str, Any]      # camera name -> payload, decoded on the worker thread
     joint: JointSample
@@ -204,8 +204,11 @@ class PolicyRuntime:
     def on_joint_state(self, q: np.ndarray, width: float, stamp: float) -> None:
         """Finite arm positions (n_joints,) and gripper width (m), with their header stamp."""
         with self.lock:
+            now = self._clock()
             self.inputs.joint_state(JointSample(np.asarray(q, dtype=np.float64), float(width),
-                                                stamp), self._clock())
+                                                stamp), now)
+            if self.supervisor.active and self.inputs.fresh_frames():
+                self._step(now, outputs=False)   # a frame set may be waiting for this state
 
     def on_task_success(self, success: bool) -> None:
         with self.lock:
@@ -247,16 +250,17 @@ class PolicyRuntime:
         self.scheduler.reset()
 
     def _start_from_measured(self, now: float) -> None:
-        """A run starts from where the arm is when the held command has finished (a sim reset
+        """A run starts from where the arm is when the held command stands still (a sim reset
         or a person may have moved the arm within the tracking tolerance: planning from the old
-        command made the first trajectory jump there; a stopped lockstep clock makes 'finished'
-        include now) or when the arm is far from it (instead of failing the tracking check on
-        the first tick)."""
+        command made the first trajectory jump there; a hold counts from its start, since a
+        stopped lockstep clock never passes its end) or when the arm is far from it (instead
+        of failing the tracking check on the first tick)."""
         q = self.q_measured
         if self.config.action_mode != 'joint' or q is None or self.executor.command is None:
             return
         q_cmd, _ = self.executor.commanded(now)
-        if now >= self.executor.command.end or self.safety.tracking_error_reason(q_cmd, q):
+        if self.executor.command.at_rest_from(now) or \
+                self.safety.tracking_error_reason(q_cmd, q):
             self.executor.reset(q, now)
 
     # ------------------------------------------------------------------------ goals
@@ -360,14 +364,15 @@ class PolicyRuntime:
                 return
         frame_time = self.inputs.frame_time()
         if sup.wants_chunks and not self.worker.busy and self.inputs.fresh_frames() and \
-                self.scheduler.due(now, frame_time):
+                self.inputs.state_caught_up() and self.scheduler.due(now, frame_time):
             self._submit(now, frame_time)
         if outputs:
             self._command_gripper_and_twist(now)
 
     def _submit(self, now: float, frame_time: float) -> None:
         """Hand the newest observation to the worker."""
-        request = Request(self.supervisor.generation, now, self.inputs.obs_stamp(),
+        request = Request(self.supervisor.generation, self.inputs.obs_time(now),
+                          self.inputs.obs_stamp(),
                           {c: self.inputs.images[c] for c in self.config.camera_names},
                           self.inputs.joint, self.instruction)
         if self.worker.submit(request):
@@ -473,7 +478,8 @@ class PolicyRuntime:
             self._reject_chunk(check.hold_reason)
             return
         values = np.hstack([check.positions, check.gripper[:, None]])
-        trajectory, reason = self.executor.splice(values, dt, request.t_obs, self._clock())
+        now = max(self._clock(), request.t_obs)   # never before the observation it answers
+        trajectory, reason = self.executor.splice(values, dt, request.t_obs, now)
         self._publish_chunk(request, values, dt, latency_ms, trajectory=trajectory)
         if reason:
             self._log_throttled('holding', f'holding: {reason}')
@@ -487,7 +493,7 @@ class PolicyRuntime:
         if reason:
             self._reject_chunk(reason)
             return
-        self.delta_plan.splice(values, dt, request.t_obs, self._clock())
+        self.delta_plan.splice(values, dt, request.t_obs, max(self._clock(), request.t_obs))
         self._publish_chunk(request, values, dt, latency_ms)
 
     def _publish_chunk(self, request: Request, values: np.ndarray, dt: float,
