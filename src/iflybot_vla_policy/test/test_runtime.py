@@ -566,3 +566,40 @@ def test_status_counts_missed_ticks_and_the_image_to_trajectory_latency():
     assert status.chunks_produced == 1 and status.state == RunState.RUNNING
     assert status.e2e_latency_p50_ms == pytest.approx(130.0, abs=1e-6)
     assert status.control_rate_hz > 0
+
+
+# ------------------------------------------------------------------------- worker
+def test_the_worker_refuses_while_busy_and_outlives_a_failing_request():
+    import threading
+
+    from iflybot_vla_policy.runtime.worker import InferenceWorker
+
+    release, done = threading.Event(), threading.Event()
+    handled: list[str] = []
+
+    def handle(request: str) -> None:
+        if request == 'fail':
+            raise RuntimeError('model crashed')
+        release.wait(10)
+        handled.append(request)
+        done.set()
+
+    worker = InferenceWorker(handle)
+    try:
+        assert worker.submit('fail')
+        while worker.busy:                 # the failure is printed, the worker goes on
+            threading.Event().wait(0.001)
+        assert worker.submit('a')
+        assert not worker.submit('b'), 'one request at a time; submit never blocks'
+        release.set()
+        assert done.wait(10) and handled == ['a']
+    finally:
+        worker.stop()
+
+
+def test_a_params_file_typo_is_named_with_the_closest_parameter():
+    from iflybot_vla_policy.runtime.config import unknown_parameters
+
+    assert unknown_parameters(['contrl_rate_hz', 'control_rate_hz', 'zzz']) == [
+        "unknown parameter 'contrl_rate_hz' ignored; did you mean 'control_rate_hz'?",
+        "unknown parameter 'zzz' ignored"]

@@ -9,7 +9,6 @@ timers, the run_policy action and the e-stop service to it.
 """
 from __future__ import annotations
 
-import difflib
 import sys
 import threading
 import time
@@ -49,7 +48,12 @@ from iflybot_vla_policy.ros.conversions import (
     twist_msg,
 )
 from iflybot_vla_policy.runtime import PolicyRuntime, RunState
-from iflybot_vla_policy.runtime.config import DESCRIPTIONS, NodeConfig, parse_config
+from iflybot_vla_policy.runtime.config import (
+    DESCRIPTIONS,
+    NodeConfig,
+    parse_config,
+    unknown_parameters,
+)
 from iflybot_vla_policy.runtime.loading import load_policy
 from iflybot_vla_policy.runtime.stats import RuntimeStats
 from iflybot_vla_policy.safety import Trajectory
@@ -153,17 +157,10 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------------ lifecycle
     def unknown_parameters(self) -> list[str]:
-        """Params-file keys that are no parameter of this node (typos), each named with the
-        closest known name, so that they are not silently ignored."""
-        known = [f.name for f in fields(NodeConfig)]
-        problems = []
-        for name in sorted(getattr(self, '_parameter_overrides', {})):
-            if self.has_parameter(name) or name.startswith('qos_overrides'):
-                continue
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            problems.append(f"unknown parameter '{name}' ignored{hint}")
-        return problems
+        """Params-file keys that are no parameter of this node, with the closest known name."""
+        return unknown_parameters(
+            n for n in getattr(self, '_parameter_overrides', {})
+            if not (self.has_parameter(n) or n.startswith('qos_overrides')))
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         for problem in self.unknown_parameters():

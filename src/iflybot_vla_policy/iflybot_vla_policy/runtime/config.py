@@ -2,7 +2,9 @@
 them from `NodeConfig` and `DESCRIPTIONS`, the runtime reads them)."""
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -209,3 +211,15 @@ def safety_config(cfg: NodeConfig) -> SafetyConfig:
                         hold_on_large_step=cfg.hold_on_large_step,
                         max_tracking_error=cfg.max_tracking_error,
                         workspace_margin=cfg.workspace_margin)
+
+
+def unknown_parameters(names: Iterable[str]) -> list[str]:
+    """Parameter names that are no field of NodeConfig (typos in a params file), each named
+    with the closest known name, so that they are not silently ignored."""
+    known = [f.name for f in fields(NodeConfig)]
+    problems = []
+    for name in sorted(set(names) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        problems.append(f"unknown parameter '{name}' ignored{hint}")
+    return problems
