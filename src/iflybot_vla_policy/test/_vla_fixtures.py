@@ -17,9 +17,35 @@ SMALL = {
 }
 INSTRUCTIONS = ('pick up the red cube and place it in the blue bowl', 'open the drawer')
 
+# Small random-init configs of the two transformers VLM families: the paper preset's code path
+# (a Qwen2.5-VL or Idefics3/SmolVLM built from config) at sizes of seconds per test.
+FAMILY = {
+    'backbone.hidden': 64, 'backbone.layers': 2, 'backbone.heads': 2, 'backbone.kv_heads': 1,
+    'backbone.head_dim': 32, 'backbone.intermediate': 128, 'backbone.text_vocab': 1024,
+    'backbone.vision_hidden': 32, 'backbone.vision_depth': 1, 'backbone.vision_heads': 2,
+    'backbone.vision_intermediate': 64, 'backbone.max_text_tokens': 12, 'expert.width': 64,
+    'expert.heads': 2, 'tokens.fast_vocab': 64, 'action.horizon': 8,
+}
+# per family: its image size and patch (Qwen2.5-VL: 4 merged tokens per camera at 56 px)
+FAMILY_IMAGES = {
+    'qwen2_5_vl': {'image_size': 56, 'backbone.patch_size': 14},
+    'smolvlm': {'image_size': 64, 'backbone.patch_size': 16},
+}
+# every loss on: grounding reads the direct vision path, which the paper preset turns off
+ALL_LOSSES = {'expert.direct_vision': True, 'loss.grounding_weight': 1.0}
+
 
 def small_config(**overrides) -> VLAConfig:
     return get_config('tiny', {**SMALL, **overrides})
+
+
+def family_config(kind: str, **overrides) -> VLAConfig:
+    """The small config of a backbone family: 'tiny' (SMALL), 'qwen2_5_vl' or 'smolvlm'
+    (the paper preset with FAMILY sizes); dotted-key overrides on top."""
+    if kind == 'tiny':
+        return small_config(**overrides)
+    return get_config('paper', {**FAMILY, **FAMILY_IMAGES[kind], 'backbone.kind': kind,
+                                **overrides})
 
 
 def wake(model: VLA, std: float = 0.05, seed: int = 0) -> VLA:
@@ -64,3 +90,35 @@ def robot_batch(model: VLA, batch: int = 2, fast_len: int = 6, seed: int = 0) ->
 def small_model(seed: int = 0, **overrides) -> VLA:
     torch.manual_seed(seed)
     return VLA(small_config(**overrides))
+
+
+def mixed_batch(model: VLA) -> dict[str, torch.Tensor]:
+    """Two robot samples with grounding targets and one VQA sample: every loss kind, with fixed
+    flow noise and times (no RNG in the losses)."""
+    batch = robot_batch(model, batch=3)
+    answer = (model.tokenizer.encode_text('the red cube') + [-100] * 3)[:3]
+    batch['answer_ids'] = torch.tensor([[-100] * 3, [-100] * 3, answer])
+    batch['is_robot'] = torch.tensor([True, True, False])
+    batch['grounding'] = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1))
+    batch['grounding_mask'] = torch.tensor([True, True, False])
+    gen = torch.Generator().manual_seed(2)
+    batch['noise'] = torch.randn(batch['actions'].shape, generator=gen)
+    batch['time'] = torch.tensor([0.3, 0.7, 0.5])
+    return batch
+
+
+class Rows(torch.utils.data.Dataset):
+    """The trainer's dataset protocol over one fixed batch: items are row indices, `collate`
+    stacks the rows of a list of them (in index order)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch['images'])
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v[sorted(rows)] for k, v in self.batch.items()}

@@ -7,20 +7,18 @@ import dataclasses
 import pytest
 import torch
 
-from _vla_fixtures import INSTRUCTIONS, robot_batch, small_config, small_model, wake
+from _vla_fixtures import (
+    INSTRUCTIONS,
+    family_config,
+    robot_batch,
+    small_config,
+    small_model,
+    wake,
+)
 from iflybot_vla_policy.config import get_config
 from iflybot_vla_policy.model.backbone import build_backbone
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
 from iflybot_vla_policy.model.vla import VLA
-
-# Small random-init configs of the two transformers VLM families (same code path as the paper).
-FAMILY = {
-    'backbone.hidden': 64, 'backbone.layers': 2, 'backbone.heads': 2, 'backbone.kv_heads': 1,
-    'backbone.head_dim': 32, 'backbone.intermediate': 128, 'backbone.text_vocab': 1024,
-    'backbone.vision_hidden': 32, 'backbone.vision_depth': 1, 'backbone.vision_heads': 2,
-    'backbone.vision_intermediate': 64, 'backbone.max_text_tokens': 12, 'expert.width': 64,
-    'expert.heads': 2, 'tokens.fast_vocab': 64, 'action.horizon': 8,
-}
 
 
 def test_tiny_prefix_exposes_one_kv_pair_per_layer():
@@ -89,10 +87,9 @@ def test_text_tokenizer_encodes_any_text_and_reserves_action_token_ids():
     assert tok.tok.get_vocab_size() == cfg.vocab_size
 
 
-@pytest.mark.parametrize('kind,size,patch', [('qwen2_5_vl', 56, 14), ('smolvlm', 64, 16)])
-def test_transformers_vlm_families_train_and_generate_latents(kind, size, patch):
-    cfg = get_config('paper', {**FAMILY, 'backbone.kind': kind, 'image_size': size,
-                               'backbone.patch_size': patch})
+@pytest.mark.parametrize('kind', ['qwen2_5_vl', 'smolvlm'])
+def test_transformers_vlm_families_train_and_generate_latents(kind):
+    cfg = family_config(kind)
     torch.manual_seed(0)
     model = VLA(cfg)
     batch = robot_batch(model, batch=2)
@@ -110,7 +107,7 @@ def test_transformers_vlm_families_train_and_generate_latents(kind, size, patch)
 def test_qwen_image_patches_match_the_processor_layout():
     """Patchify by hand = Qwen2VLImageProcessor's flat layout: a patch row is (C, T, p, p) of
     one merged-window position, windows in row-major order."""
-    cfg = get_config('paper', {**FAMILY, 'image_size': 56, 'backbone.patch_size': 14})
+    cfg = family_config('qwen2_5_vl')
     bb = build_backbone(cfg)
     img = torch.rand(1, 3, 56, 56)
     flat, grid = bb.patchify(img)
@@ -126,8 +123,7 @@ def test_qwen_image_patches_match_the_processor_layout():
 
 
 def test_backbone_path_must_be_a_local_directory(tmp_path):
-    cfg = get_config('paper', {**FAMILY, 'image_size': 56, 'backbone.patch_size': 14,
-                               'backbone.path': str(tmp_path / 'nowhere')})
+    cfg = family_config('qwen2_5_vl', **{'backbone.path': str(tmp_path / 'nowhere')})
     with pytest.raises(FileNotFoundError, match='backbone.path.*never downloaded'):
         build_backbone(cfg)
 
@@ -173,12 +169,7 @@ def test_instruction_film_depends_on_word_order():
 @pytest.mark.parametrize('kind', ['tiny', 'qwen2_5_vl', 'smolvlm'])
 def test_backbone_loads_from_a_local_model_directory(kind, tmp_path):
     """save_pretrained -> `backbone.path` -> the same prefix readout (no hub involved)."""
-    if kind == 'tiny':
-        cfg = small_config()
-    else:
-        size, patch = (56, 14) if kind == 'qwen2_5_vl' else (64, 16)
-        cfg = get_config('paper', {**FAMILY, 'backbone.kind': kind, 'image_size': size,
-                                   'backbone.patch_size': patch})
+    cfg = family_config(kind)
     torch.manual_seed(0)
     original = build_backbone(cfg)
     original.save_pretrained(tmp_path / 'vlm')
@@ -194,7 +185,7 @@ def test_backbone_loads_from_a_local_model_directory(kind, tmp_path):
 
 
 def test_qwen_mrope_positions_match_transformers_get_rope_index():
-    cfg = get_config('paper', {**FAMILY, 'image_size': 56, 'backbone.patch_size': 14})
+    cfg = family_config('qwen2_5_vl')
     torch.manual_seed(0)
     bb = build_backbone(cfg)
     ids, mask = bb.tokenizer.encode(INSTRUCTIONS[1], cfg.backbone.max_text_tokens)

@@ -11,23 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from _vla_fixtures import SMALL, robot_batch
-from iflybot_vla_policy.config import VLAConfig, get_config
+from _vla_fixtures import ALL_LOSSES, Rows, family_config, mixed_batch
+from iflybot_vla_policy.config import VLAConfig
 from iflybot_vla_policy.model.vla import VLA
 from iflybot_vla_policy.training.config import OptimConfig, TrainerConfig
 from iflybot_vla_policy.training.trainer import Trainer
 from iflybot_vla_policy.training.vla_stage import LOSSES, VLAObjective
 
-# the transformers families at the shapes of test_backbone.py's FAMILY, smaller images
-FAMILY = {
-    'backbone.hidden': 64, 'backbone.layers': 2, 'backbone.heads': 2, 'backbone.kv_heads': 1,
-    'backbone.head_dim': 32, 'backbone.intermediate': 128, 'backbone.text_vocab': 1024,
-    'backbone.vision_hidden': 32, 'backbone.vision_depth': 1, 'backbone.vision_heads': 2,
-    'backbone.vision_intermediate': 64, 'backbone.max_text_tokens': 12, 'expert.width': 64,
-    'expert.heads': 2, 'tokens.fast_vocab': 64, 'action.horizon': 8,
-}
-# every loss on: grounding reads the direct vision path, which the paper preset turns off
-ALL_LOSSES = {'expert.direct_vision': True, 'loss.grounding_weight': 1.0}
+# the family configs with smaller images (SmolVLM: 16 patches of 8 px, Qwen2.5-VL: its 56 px)
+SMALLER_IMAGES = {'tiny': {'image_size': 32, 'backbone.vision.token_grid': 2}, 'qwen2_5_vl': {},
+                  'smolvlm': {'image_size': 32, 'backbone.patch_size': 8}}
 
 
 @pytest.fixture(autouse=True)
@@ -41,49 +34,14 @@ def fresh_accelerator_state():
 
 
 def _config(kind: str) -> VLAConfig:
-    if kind == 'tiny':
-        return get_config('tiny', {**SMALL, **ALL_LOSSES, 'image_size': 32,
-                                   'backbone.vision.token_grid': 2})
-    size, patch = (56, 14) if kind == 'qwen2_5_vl' else (32, 8)
-    return get_config('paper', {**FAMILY, **ALL_LOSSES, 'backbone.kind': kind,
-                                'image_size': size, 'backbone.patch_size': patch})
-
-
-def _mixed_batch(model: VLA) -> dict[str, torch.Tensor]:
-    """Two robot samples with grounding targets and one VQA sample: every loss kind."""
-    batch = robot_batch(model, batch=3)
-    answer = (model.tokenizer.encode_text('the red cube') + [-100] * 3)[:3]
-    batch['answer_ids'] = torch.tensor([[-100] * 3, [-100] * 3, answer])
-    batch['is_robot'] = torch.tensor([True, True, False])
-    batch['grounding'] = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1))
-    batch['grounding_mask'] = torch.tensor([True, True, False])
-    gen = torch.Generator().manual_seed(2)
-    batch['noise'] = torch.randn(batch['actions'].shape, generator=gen)   # fixed flow targets
-    batch['time'] = torch.tensor([0.3, 0.7, 0.5])
-    return batch
-
-
-class _Rows(torch.utils.data.Dataset):
-    """The trainer's dataset protocol over one fixed batch: items are row indices."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch['images'])
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v[sorted(rows)] for k, v in self.batch.items()}
+    return family_config(kind, **ALL_LOSSES, **SMALLER_IMAGES[kind])
 
 
 @pytest.mark.parametrize('kind', ['tiny', 'qwen2_5_vl', 'smolvlm'])
 def test_one_bf16_training_step_of_every_backbone_family(kind, tmp_path):
     torch.manual_seed(0)
     model = VLA(_config(kind))
-    batch = _mixed_batch(model)
+    batch = mixed_batch(model)
     with torch.no_grad():
         reference = model(batch)                                   # fp32, the same weights
     assert set(reference) == {'flow', 'latent', 'fast', 'text', 'ground', 'total'}
@@ -92,7 +50,7 @@ def test_one_bf16_training_step_of_every_backbone_family(kind, tmp_path):
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.register_forward_hook(lambda _m, _i, out: linear_dtypes.add(out.dtype))
-    data = _Rows(batch)
+    data = Rows(batch)
     cfg = TrainerConfig(steps=1, batch_size=3, checkpoint_every=1, progress=False, cpu=True,
                         mixed_precision='bf16', optim=OptimConfig(lr=1e-3, warmup_steps=0))
     trainer = Trainer(VLAObjective(model), data, cfg, tmp_path, collate_fn=data.collate)

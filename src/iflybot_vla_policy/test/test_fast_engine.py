@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from _vla_fixtures import INSTRUCTIONS, observation, robot_batch, small_config, small_model, wake
+from _vla_fixtures import (
+    FAMILY_IMAGES,
+    INSTRUCTIONS,
+    family_config,
+    observation,
+    robot_batch,
+    small_config,
+    small_model,
+    wake,
+)
 from conftest import REPO_ROOT
-from iflybot_vla_policy.config import get_config
 from iflybot_vla_policy.engine import InferenceEngine
 from iflybot_vla_policy.model.vla import VLA
 from iflybot_vla_policy.policy import Policy
@@ -20,25 +28,10 @@ from iflybot_vla_policy.policy import Policy
 # GroupNorm/FiLM and LayerNorm/adaLN affines folded into one), nothing else
 TOL = {'atol': 1e-5, 'rtol': 1e-5}
 
-# small random-init configs of the two transformers VLM families (as in test_backbone)
-FAMILY = {
-    'backbone.hidden': 64, 'backbone.layers': 2, 'backbone.heads': 2, 'backbone.kv_heads': 1,
-    'backbone.head_dim': 32, 'backbone.intermediate': 128, 'backbone.text_vocab': 1024,
-    'backbone.vision_hidden': 32, 'backbone.vision_depth': 1, 'backbone.vision_heads': 2,
-    'backbone.vision_intermediate': 64, 'backbone.max_text_tokens': 12, 'expert.width': 64,
-    'expert.heads': 2, 'tokens.fast_vocab': 64, 'action.horizon': 8,
-}
-FAMILIES = {
-    'qwen2_5_vl': {**FAMILY, 'backbone.kind': 'qwen2_5_vl', 'image_size': 56,
-                   'backbone.patch_size': 14},
-    'smolvlm': {**FAMILY, 'backbone.kind': 'smolvlm', 'image_size': 64,
-                'backbone.patch_size': 16},
-}
-
 
 def _family_model(kind: str, **overrides) -> VLA:
     torch.manual_seed(0)
-    return wake(VLA(get_config('paper', {**FAMILIES[kind], **overrides})))
+    return wake(VLA(family_config(kind, **overrides)))
 
 
 def _sample(engine: InferenceEngine, batch: dict, **kw):
@@ -66,7 +59,7 @@ def test_fast_path_without_latent_tokens_returns_the_eager_chunk():
     _assert_same_chunk(model, robot_batch(model, batch=2))
 
 
-@pytest.mark.parametrize('kind', sorted(FAMILIES))
+@pytest.mark.parametrize('kind', sorted(FAMILY_IMAGES))
 def test_fast_path_returns_the_eager_chunk_on_transformers_vlms(kind):
     model = _family_model(kind)
     _assert_same_chunk(model, robot_batch(model, batch=2))

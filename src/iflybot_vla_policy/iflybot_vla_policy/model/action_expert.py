@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from iflybot_vla_policy.config import VLAConfig
 from iflybot_vla_policy.model.derived import Dense, derived
@@ -90,6 +91,7 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
+        self.checkpointing = False  # recompute the block in the backward (training passes)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """(B, S, n * hd) -> (B, n, S, hd)."""
@@ -108,9 +110,28 @@ class DiTBlock(nn.Module):
             v = torch.cat([v, self._heads(self.v_feat(f), self.kv_heads)], dim=2)
         return k, v
 
-    def forward(self, x: torch.Tensor, mods: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """mods = ada(cond) (B, 9 * width): shift/scale/gate of the three sub-layers."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The training step (`ActionExpert.forward_train`): from the conditioning vector cond
+        (B, width) and this block's VLM layer keys/values k, v (B, kvh, S, hd_vlm) [+ image
+        features], mask (B, 1, 1, S [+ N]). The adaLN modulations and the context projections
+        happen inside the block's own call, so an FSDP unit around the block gathers every
+        parameter it uses and activation checkpointing recomputes all of it."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._train_step, x, cond, k, v, mask, features,
+                              use_reentrant=False)
+        return self._train_step(x, cond, k, v, mask, features)
+
+    def _train_step(self, x: torch.Tensor, cond: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, mask: torch.Tensor,
+                    features: torch.Tensor | None) -> torch.Tensor:
+        k, v = self.context(k, v, features)
+        return self.step(x, self.ada(cond), k, v, mask)
+
+    def step(self, x: torch.Tensor, mods: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """With the modulations and context precomputed (inference): mods = ada(cond)
+        (B, 9 * width) shift/scale/gate of the three sub-layers, k, v from `context`."""
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods.chunk(9, dim=-1)
         h = _modulate(self.norm1(x), sh1, sc1)
         q, kk, vv = (self._heads(t, self.heads) for t in self.qkv(h).chunk(3, dim=-1))
@@ -149,48 +170,88 @@ class ActionExpert(nn.Module):
         nn.init.zeros_(self.final_ada[-1].bias)
         self.out = nn.Linear(w, a.action_dim)
 
-    def context(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None = None,
-                summary: torch.Tensor | None = None) -> ExpertContext:
-        """kv per VLM layer (B, kvh, S, hd), mask (B, S) bool -> per-block attention inputs."""
+    def _inputs(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None,
+                summary: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The features the blocks attend (None without a direct vision path), the key mask
+        (B, 1, 1, S [+ N]) and the summary the expert reads (None without one)."""
         if len(kv) != len(self.blocks):
             raise ValueError(f'expert has {len(self.blocks)} blocks but got KV of {len(kv)} '
                              'VLM layers')
-        use_feat = features is not None and self.blocks[0].k_feat is not None
+        feats = features if features is not None and self.blocks[0].k_feat is not None \
+            else None
+        if feats is not None:
+            mask = torch.cat([mask, mask.new_ones(feats.shape[:2])], dim=1)
+        summ = summary if self.summary_cond is not None else None
+        return feats, mask[:, None, None, :].bool(), summ
+
+    def context(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None = None,
+                summary: torch.Tensor | None = None) -> ExpertContext:
+        """kv per VLM layer (B, kvh, S, hd), mask (B, S) bool -> per-block attention inputs."""
+        feats, mask, summ = self._inputs(kv, mask, features, summary)
         keys, values = [], []
         for block, (k, v) in zip(self.blocks, kv, strict=True):
-            kk, vv = block.context(k, v, features if use_feat else None)
+            kk, vv = block.context(k, v, feats)
             keys.append(kk)
             values.append(vv)
-        if use_feat:
-            mask = torch.cat([mask, mask.new_ones(features.shape[:2])], dim=1)
-        summ = None
-        if self.summary_cond is not None and summary is not None:
-            summ = summary
-        return ExpertContext(keys, values, mask[:, None, None, :].bool(), summ)
+        return ExpertContext(keys, values, mask, summ)
+
+    def _cond(self, t: torch.Tensor, summary: torch.Tensor | None) -> torch.Tensor:
+        """Timestep (+ vision summary) conditioning vector (B, width)."""
+        w = self.pos.shape[-1]
+        cond = self.time_mlp(timestep_embedding(t, w).to(self.pos.dtype))
+        if summary is not None:
+            cond = cond + self.summary_cond(summary.to(cond.dtype))
+        return cond
 
     def conditioning(self, t: torch.Tensor, ctx: ExpertContext) -> Conditioning:
         """adaLN modulations of every block for timesteps t (B,): the part of a denoising step
         that does not depend on x_t, so a sampler can compute it for all steps in one go."""
-        w = self.pos.shape[-1]
-        cond = self.time_mlp(timestep_embedding(t, w).to(self.pos.dtype))
-        if ctx.summary is not None:
-            cond = cond + self.summary_cond(ctx.summary.to(cond.dtype))
+        cond = self._cond(t, ctx.summary)
         return Conditioning([b.ada(cond) for b in self.blocks], self.final_ada(cond))
+
+    def _tokens(self, state: torch.Tensor, x_t: torch.Tensor,
+                summary: torch.Tensor | None) -> torch.Tensor:
+        """[state token, noisy actions] + learned positions (B, 1 + H, width)."""
+        dtype = self.pos.dtype
+        s_tok = self.state_in(state.to(dtype))
+        if summary is not None:
+            s_tok = s_tok + self.summary_state(summary.to(dtype))
+        return torch.cat([s_tok[:, None], self.action_in(x_t.to(dtype))], dim=1) + self.pos
+
+    def _velocity(self, x: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        shift, scale = final.chunk(2, dim=-1)
+        return self.out(_modulate(self.final_norm(x[:, 1:]), shift, scale))
 
     def forward(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                 ctx: ExpertContext, cond: Conditioning | None = None) -> torch.Tensor:
-        """state (B, Ds), x_t (B, H, Da), t (B,) -> velocity (B, H, Da)."""
-        dtype = self.pos.dtype
+        """state (B, Ds), x_t (B, H, Da), t (B,) -> velocity (B, H, Da), from a precomputed
+        context (and modulations): the sampling path."""
         cond = cond if cond is not None else self.conditioning(t, ctx)
-        s_tok = self.state_in(state.to(dtype))
-        if ctx.summary is not None:
-            s_tok = s_tok + self.summary_state(ctx.summary.to(dtype))
-        x = torch.cat([s_tok[:, None], self.action_in(x_t.to(dtype))], dim=1) + self.pos
+        x = self._tokens(state, x_t, ctx.summary)
         for block, mods, k, v in zip(self.blocks, cond.blocks, ctx.keys, ctx.values,
                                      strict=True):
-            x = block(x, mods, k, v, ctx.mask)
-        shift, scale = cond.final.chunk(2, dim=-1)
-        return self.out(_modulate(self.final_norm(x[:, 1:]), shift, scale))
+            x = block.step(x, mods, k, v, ctx.mask)
+        return self._velocity(x, cond.final)
+
+    def forward_train(self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, kv: KV,
+                      mask: torch.Tensor, features: torch.Tensor | None = None,
+                      summary: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(state, x_t, t, context(kv, mask, features, summary))` as training runs it:
+        each block projects its context and computes its modulations inside its own call
+        (`DiTBlock.forward`), where FSDP has gathered its parameters and activation
+        checkpointing can recompute it. Same velocity as the sampling path."""
+        feats, mask, summ = self._inputs(kv, mask, features, summary)
+        cond = self._cond(t, summ)
+        x = self._tokens(state, x_t, summ)
+        for block, (k, v) in zip(self.blocks, kv, strict=True):
+            x = block(x, cond, k, v, mask, feats)
+        return self._velocity(x, self.final_ada(cond))
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each DiT block in the backward of a training pass."""
+        for block in self.blocks:
+            block.checkpointing = enabled
 
 
 def sample_flow_time(batch: int, cfg: VLAConfig, device: torch.device | str = 'cpu',

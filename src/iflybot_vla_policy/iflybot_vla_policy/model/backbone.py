@@ -20,6 +20,15 @@ right before the text (the tokenizer renders the template, see text_tokenizer.py
 
 Positions are explicit everywhere (`cumsum(mask) - 1` over real tokens; 3-D mRoPE for image
 tokens in Qwen2.5-VL), so padding inside the prefix changes nothing for the real tokens.
+
+Activation checkpointing (`set_activation_checkpointing`, the trainer's
+`trainer.activation_checkpointing`): transformers' own per-layer checkpointing, non-reentrant,
+on every decoder layer and vision block. The expert needs each layer's keys and values with
+their gradients, and transformers drops the KV cache under checkpointing because a
+`DynamicCache` would append them a second time when the backward recomputes the layer. So
+`forward_train` hands the decoder a `_KVRecord` cache instead: one slot per layer that each call
+overwrites, so a recomputation writes the same tensors again, and the keys/values the expert
+reads are ordinary outputs of the checkpointed layer's graph.
 """
 from __future__ import annotations
 
@@ -77,6 +86,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _kv_record():
+    """A transformers cache for one teacher-forced pass (see the module docstring): each layer
+    keeps the keys/values of its latest call, without the copy a DynamicCache's concatenation
+    makes, and a layer recomputed under checkpointing writes the same tensors again."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class _KVRecord(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    return Cache(layer_class_to_replicate=_KVRecord)
+
+
 def _positions_1d(mask: torch.Tensor) -> torch.Tensor:
     """(B, S) mask -> (1, B, S) positions counting real tokens only."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[None]
@@ -128,6 +154,48 @@ class Backbone(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
 
+    def tie_weights(self) -> None:
+        """Re-tie the LM head to the input embeddings when the config ties them (FSDP's
+        loading through the meta device replaces every parameter and calls this after)."""
+        self.hf.tie_weights()
+
+    # -- activation checkpointing
+
+    def checkpointed_modules(self) -> list[nn.Module]:
+        """The blocks whose activations are recomputed in the backward when checkpointing is
+        on: every decoder layer and vision block of the transformers model."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.hf.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer and vision block in the backward instead of keeping
+        its activations (transformers' checkpointing, non-reentrant: the layer's keys/values
+        leave it with their graph, which `forward_train` hands to the expert). Only training
+        passes (module in train mode, gradients on) are checkpointed."""
+        if enabled:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            if not hasattr(GradientCheckpointingLayer, '_can_checkpoint_with_cache'):
+                import transformers
+                raise RuntimeError(f'activation checkpointing needs a transformers whose '
+                                   f'checkpointed layers can keep a cache (the pinned one, '
+                                   f'requirements.txt); this is {transformers.__version__}')
+            self.hf.activation_checkpointing_enable({'use_reentrant': False})
+            # transformers also hooks the input embeddings to output tensors that require grad,
+            # which only reentrant checkpointing needs (and which would tag inference outputs)
+            self.hf.disable_input_require_grads()
+        elif self.hf.is_activation_checkpointing:
+            self.hf.activation_checkpointing_disable()
+        for layer in self.decoder.layers:
+            # keep the cache under checkpointing: forward_train's `_kv_record` overwrites its
+            # slot, so the recomputation in the backward writes the same keys/values again
+            layer._can_checkpoint_with_cache = enabled
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(self.hf.is_activation_checkpointing)
+
     def _prefix(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> _Inputs:
         raise NotImplementedError
@@ -136,10 +204,13 @@ class Backbone(nn.Module):
         return positions[0] if positions.shape[0] == 1 else positions
 
     def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-             cache: object | None = None):
+             cache: object | None = None, use_cache: bool = True):
+        """The decoder over embeds; `cache` None starts a DynamicCache (for append_tokens).
+        Under activation checkpointing a DynamicCache may only be used without a backward
+        through it (inference): training passes go through forward_train's `_kv_record`."""
         return self.decoder(inputs_embeds=embeds, attention_mask=mask,
                             position_ids=self._pos_arg(positions), past_key_values=cache,
-                            use_cache=True)
+                            use_cache=use_cache)
 
     @staticmethod
     def _kv(cache) -> KV:
@@ -164,14 +235,17 @@ class Backbone(nn.Module):
                                                                     -1)], dim=-1)
         embeds = torch.cat([p.embeds, self.embed(suffix_ids)], dim=1)
         mask = torch.cat([p.mask, suffix_mask.long()], dim=1)
-        out = self._run(embeds, mask, positions)
+        # the layers write into `record` whatever use_cache says (transformers turns use_cache
+        # off under checkpointing, and with it the returned cache)
+        record = _kv_record()
+        out = self._run(embeds, mask, positions, record, use_cache=False)
         hidden = out.last_hidden_state
         # suffix token 0 is predicted from the last real prefix token, token j from suffix j-1
         first = self._last_real(p.mask)                                           # (B,)
         rows = torch.cat([first[:, None], s + torch.arange(n_suffix - 1, device=first.device)
                           .expand(len(first), -1)], dim=1)                        # (B, L)
         picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
-        return TrainOutput(logits=self.lm_head(picked), kv=self._kv(out.past_key_values),
+        return TrainOutput(logits=self.lm_head(picked), kv=self._kv(record),
                            mask=mask.bool(), prefix_len=s, features=p.features,
                            summary=p.summary)
 
@@ -562,6 +636,13 @@ class TinyBackbone(Backbone):
                                       b.text_vocab)
         if path is not None:
             _load_extra(self.vision, path / VISION_FILE)
+
+    def checkpointed_modules(self) -> list[nn.Module]:
+        return [*super().checkpointed_modules(), *self.vision.stages]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        super().set_activation_checkpointing(enabled)
+        self.vision.checkpointing = enabled
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """A local model directory that `backbone.path` loads: the Qwen2 LM in transformers

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from iflybot_vla_policy.config import VisionConfig
 from iflybot_vla_policy.model.derived import derived
@@ -89,6 +90,7 @@ class ConvVisionTower(nn.Module):
         self.summary = nn.Linear(n_cameras * grid * grid * self.SUMMARY_CHANNELS, out_dim)
         self.register_buffer('mean', torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.checkpointing = False  # recompute each stage in the backward (training passes)
 
     @property
     def n_tokens(self) -> int:
@@ -107,6 +109,18 @@ class ConvVisionTower(nn.Module):
         pooled = (words * keep).sum(1) / keep.sum(1).clamp(min=1)
         return list(self.film(pooled).split([2 * c for c in self.cfg.channels], dim=-1))
 
+    def _readout(self, x: torch.Tensor, b: int,
+                 n_cam: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last stage's feature map (B * n_cam, C, h, w) -> image tokens (B, n_cam * grid^2, D)
+        with position and camera embeddings, and the flat summary (B, D)."""
+        grid = self.cfg.token_grid
+        if x.shape[-1] != grid or x.shape[-2] != grid:
+            x = F.adaptive_avg_pool2d(x, grid)
+        tokens = self.proj(x.flatten(2).transpose(1, 2)) + self.pos  # (B*n_cam, grid^2, D)
+        tokens = tokens.view(b, n_cam, grid * grid, -1) + self.camera[None, :, None]
+        summary = self.summary(F.gelu(self.summary_conv(x)).reshape(b, -1))  # (B, D)
+        return tokens.flatten(1, 2), summary
+
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, n_cam, 3, S, S) -> tokens (B, n_cam * grid^2, D), summary (B, D)."""
@@ -123,16 +137,11 @@ class ConvVisionTower(nn.Module):
             coords = torch.stack([xx, yy]).expand(x.shape[0], 2, s_h, s_w)
             x = torch.cat([x, coords], dim=1)
         films = self._film(text_ids, text_mask.to(x.dtype))
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, stage in enumerate(self.stages):
             film = None if films is None else films[i].repeat_interleave(n_cam, dim=0)
-            x = stage(x, film)
-        grid = self.cfg.token_grid
-        if x.shape[-1] != grid or x.shape[-2] != grid:
-            x = F.adaptive_avg_pool2d(x, grid)
-        tokens = self.proj(x.flatten(2).transpose(1, 2)) + self.pos  # (B*n_cam, grid^2, D)
-        tokens = tokens.view(b, n_cam, grid * grid, -1) + self.camera[None, :, None]
-        summary = self.summary(F.gelu(self.summary_conv(x)).reshape(b, -1))  # (B, D)
-        return tokens.flatten(1, 2), summary
+            x = checkpoint(stage, x, film, use_reentrant=False) if recompute else stage(x, film)
+        return self._readout(x, b, n_cam)
 
     # -- inference fast path (engine.py): the same function with fewer passes over memory
 
@@ -222,10 +231,4 @@ class ConvVisionTower(nn.Module):
             r = F.group_norm(F.conv2d(h, w_conv, b_conv, padding=1), n2.num_groups, n2.weight,
                              n2.bias, n2.eps)
             x = torch.ops.aten.gelu_(r).add_(h)
-        grid = self.cfg.token_grid
-        if x.shape[-1] != grid or x.shape[-2] != grid:
-            x = F.adaptive_avg_pool2d(x, grid)
-        tokens = self.proj(x.flatten(2).transpose(1, 2)) + self.pos  # (B*n_cam, grid^2, D)
-        tokens = tokens.view(b, n_cam, grid * grid, -1) + self.camera[None, :, None]
-        summary = self.summary(F.gelu(self.summary_conv(x)).reshape(b, -1))  # (B, D)
-        return tokens.flatten(1, 2), summary
+        return self._readout(x, b, n_cam)

@@ -63,14 +63,33 @@ class VLA(nn.Module):
 
     # -- expert context from a KV cache
 
+    @staticmethod
+    def _insulated(kv: KV, features: torch.Tensor | None, summary: torch.Tensor | None,
+                   insulate: bool) -> tuple[KV, torch.Tensor | None, torch.Tensor | None]:
+        """Knowledge insulation: the expert reads a detached copy of everything from the VLM."""
+        if not insulate:
+            return kv, features, summary
+        return ([(k.detach(), v.detach()) for k, v in kv],
+                None if features is None else features.detach(),
+                None if summary is None else summary.detach())
+
     def expert_context(self, kv: KV, mask: torch.Tensor, features: torch.Tensor | None,
                        summary: torch.Tensor | None, insulate: bool) -> ExpertContext:
-        """Knowledge insulation: the expert reads a detached copy of everything from the VLM."""
-        if insulate:
-            kv = [(k.detach(), v.detach()) for k, v in kv]
-            features = None if features is None else features.detach()
-            summary = None if summary is None else summary.detach()
+        kv, features, summary = self._insulated(kv, features, summary, insulate)
         return self.expert.context(kv, mask, features, summary)
+
+    def tie_weights(self) -> None:
+        """Re-tie the backbone's tied weights (accelerate's FSDP loading calls this)."""
+        self.backbone.tie_weights()
+
+    # -- activation checkpointing
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Training passes recompute every backbone block (decoder layers, vision blocks or
+        conv stages) and every DiT block in the backward instead of keeping their activations:
+        the same losses and gradients for about one more forward pass of compute."""
+        self.backbone.set_activation_checkpointing(enabled)
+        self.expert.set_activation_checkpointing(enabled)
 
     def context_from_prefix(self, prefix: PrefixCache) -> ExpertContext:
         return self.expert_context(prefix.kv, prefix.mask, prefix.features, prefix.summary,
@@ -193,8 +212,7 @@ class VLA(nn.Module):
         kv = [(k[idx], v[idx]) for k, v in out.kv]
         feats = None if out.features is None else out.features[idx]
         summ = None if out.summary is None else out.summary[idx]
-        ctx = self.expert_context(kv, key_mask[idx], feats, summ,
-                                  insulate=cfg.loss.knowledge_insulation)
+        kv, feats, summ = self._insulated(kv, feats, summ, cfg.loss.knowledge_insulation)
         actions = batch['actions'][idx].float()                       # (b, H, A)
         state = batch['state'][idx].float()                           # (b, Ds)
         noise = batch.get('noise')
@@ -202,7 +220,7 @@ class VLA(nn.Module):
         t = batch.get('time')
         t = sample_flow_time(len(idx), cfg, actions.device) if t is None else t[idx].float()
         x_t, target = flow_targets(actions, noise, t)
-        v = self.expert(state, x_t, t, ctx)
+        v = self.expert.forward_train(state, x_t, t, kv, key_mask[idx], feats, summ)
         err = F.mse_loss(v.float(), target, reduction='none')          # (b, H, A)
         dims = torch.zeros(err.shape[-1], device=err.device)
         dims[:cfg.robot_action_dim] = 1.0                             # padded dims carry no loss

@@ -52,7 +52,11 @@ class TrainerConfig:
     num_workers: int = 0            # DataLoader worker processes per training process
     mixed_precision: Literal['no', 'bf16', 'fp16'] = 'no'
     cpu: bool = False               # force CPU even when an accelerator is present
-    find_unused_parameters: bool = True   # DDP: parts of the model may get no gradient
+    find_unused_parameters: bool = True   # DDP/FSDP: parts of the model may get no gradient
+    # recompute every backbone and expert block in the backward instead of keeping its
+    # activations (the model's set_activation_checkpointing): same losses and gradients, about
+    # one more forward pass of compute, far less activation memory
+    activation_checkpointing: bool = False
     knowledge_insulation: bool = False    # stop gradients from the action expert into the VLM
     progress: bool = True           # tqdm progress bar on the main process
     plot_every: int = 0             # steps between loss-curve PNGs; 0 = at checkpoints only

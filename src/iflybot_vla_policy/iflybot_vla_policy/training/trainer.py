@@ -138,13 +138,28 @@ class EMA:
                             alpha=1.0 - decay)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'decay': self.decay, 'updates': self.updates, 'shadow': self.shadow}
+        """Full tensors: under FSDP each process holds the shards of its parameters, which
+        this gathers (collective: accelerate's save_state calls it on every process and the
+        main one writes it), so a checkpoint resumes on any number of processes."""
+        shadow = {k: v.full_tensor() if hasattr(v, 'full_tensor') else v
+                  for k, v in self.shadow.items()}
+        return {'decay': self.decay, 'updates': self.updates, 'shadow': shadow}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = set(self.shadow) ^ set(state['shadow'])
         if missing:
             raise ValueError(f'EMA state does not match the model: {sorted(missing)[:5]}')
-        self.shadow = {k: v.float().clone() for k, v in state['shadow'].items()}
+        shadow = {}
+        for k, v in state['shadow'].items():
+            mine = self.shadow[k]
+            v = v.float()
+            if hasattr(mine, 'device_mesh'):   # FSDP2 shard (DTensor): keep this process's part
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(mine.device), mine.device_mesh, mine.placements,
+                                      src_data_rank=None)   # every process read the same file
+            shadow[k] = v.clone()
+        self.shadow = shadow
         # Checkpoints from before the warm-up existed were averaged at the full decay.
         self.updates = int(state.get('updates', 10**9))
 
@@ -290,7 +305,7 @@ class Trainer:
                  plan: Any | None = None,
                  on_checkpoint: Callable[[int, Trainer], None] | None = None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -315,6 +330,19 @@ class Trainer:
                              f'{type(model).__name__}.forward has no knowledge_insulation '
                              'argument')
 
+        if cfg.activation_checkpointing:
+            if not hasattr(model, 'set_activation_checkpointing'):
+                raise ValueError('trainer.activation_checkpointing is set but '
+                                 f'{type(model).__name__} has no set_activation_checkpointing')
+            model.set_activation_checkpointing(True)
+        fsdp = acc.distributed_type == DistributedType.FSDP
+        if fsdp and acc.state.fsdp_plugin.activation_checkpointing:
+            # accelerate would wrap each layer in torch's CheckpointWrapper, which renames the
+            # parameters (`_checkpoint_wrapped_module.`): EMA and export key on the names
+            raise ValueError('the accelerate config sets fsdp_activation_checkpointing: set it to '
+                             'false and trainer.activation_checkpointing to true instead (the '
+                             "model's own checkpointing keeps the parameter names)")
+
         o = cfg.optim
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -325,6 +353,10 @@ class Trainer:
              {'params': no_decay, 'weight_decay': 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if hasattr(self.model, 'set_reduce_scatter_unused_params'):
+            # FSDP2's find_unused_parameters: a parameter that got no gradient on one process
+            # (a batch shard without VQA or grounding samples) still joins the reduce-scatter
+            self.model.set_reduce_scatter_unused_params(cfg.find_unused_parameters)
         # Not prepared: accelerate would step a prepared scheduler once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(o.warmup_steps, cfg.steps, o.min_lr_ratio))

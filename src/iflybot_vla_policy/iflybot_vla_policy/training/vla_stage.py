@@ -64,6 +64,15 @@ class VLAObjective(torch.nn.Module):
         zero = out['total'].detach() * 0.0
         return {'loss': out['total'], **{k: out.get(k, zero).detach() for k in LOSSES}}
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.vla.set_activation_checkpointing(enabled)
+
+    def tie_weights(self) -> None:
+        """accelerate's FSDP2 loading with fsdp_cpu_ram_efficient_loading moves the model to
+        the meta device, which unties the LM head from the embeddings (Qwen2.5-VL-3B ties them),
+        and calls this to tie them again; untied they would train as two matrices."""
+        self.vla.tie_weights()
+
 
 def load_fast(cfg: TrainConfig, norm: NormStatsSet, vocab: int) -> Any:
     from iflybot_vla_policy.model.fast import FastTokenizer
