@@ -14,6 +14,7 @@ for CPU. Two launches of ~15 s each on 2 cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,3 +98,12 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process_resumes_and_exports(tmp
     assert not all(torch.equal(mine[k], live[k]) for k in live), 'not the EMA weights'
     chunk = policy.infer(observation(policy.cfg, size=(56, 56)), seed=0)['actions']
     assert chunk.shape[0] == policy.cfg.action.horizon and np.isfinite(chunk).all()
+
+
+def test_a_timing_run_writes_no_checkpoint_and_no_export(tmp_path):
+    """trainer.checkpoint_at_end: false (the GPU timing script: the paper preset's sharded
+    checkpoint with AdamW state would not fit a 64 GB disk) still logs every step."""
+    cfg = dataclasses.replace(fsdp_vla.trainer_config(1), checkpoint_at_end=False)
+    _, result = fsdp_vla.train(tmp_path, cfg)
+    assert [row['step'] for row in result.history] == [1.0]
+    assert not list_checkpoints(tmp_path) and not (tmp_path / 'policy').exists()

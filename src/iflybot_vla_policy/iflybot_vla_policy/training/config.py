@@ -62,6 +62,9 @@ class TrainerConfig:
     plot_every: int = 0             # steps between loss-curve PNGs; 0 = at checkpoints only
     max_steps_per_run: int = 0      # stop (with a checkpoint) after this many steps of this
                                     # invocation, to resume later; 0 = run to `steps`
+    # checkpoint (and export) when a run stops; false for timing runs, whose state is not kept
+    # (the paper preset's sharded checkpoint with AdamW state is ~75 GB on disk)
+    checkpoint_at_end: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, 'steps', 'batch_size', 'checkpoint_every', 'keep_checkpoints')

@@ -27,7 +27,8 @@ from iflybot_vla_policy.training.config import TrainerConfig
 CHECKPOINT_PREFIX = 'step_'
 STATE_FILE = 'trainer_state.json'   # written last: its presence marks a complete checkpoint
 # metrics.csv columns that are not losses (left out of loss.png)
-NOT_LOSSES = frozenset({'step', 'lr', 'grad_norm', 'time_s', 'usage', 'perplexity', 'restarts'})
+NOT_LOSSES = frozenset({'step', 'lr', 'grad_norm', 'time_s', 'usage', 'perplexity', 'restarts',
+                        'peak_mem_gib'})
 
 
 class LossModel(Protocol):
@@ -509,12 +510,14 @@ class Trainer:
             if self.is_main:
                 row = {'step': float(self.progress.step), 'lr': lr,
                        'grad_norm': float(grad_norm), 'time_s': self.progress.elapsed_s}
+                if acc.device.type == 'cuda':   # peak allocated by tensors so far, this process
+                    row['peak_mem_gib'] = torch.cuda.max_memory_allocated(acc.device) / 2**30
                 row.update({n: float(v) for n, v in zip(names, values, strict=True)})
                 self.metrics.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f'{lr:.2e}', refresh=False)
             bar.update(1)
             step = self.progress.step
-            if step % cfg.checkpoint_every == 0 or step == stop:
+            if step % cfg.checkpoint_every == 0 or (step == stop and cfg.checkpoint_at_end):
                 self.save_checkpoint()
                 if self.is_main:
                     self.metrics.plot()

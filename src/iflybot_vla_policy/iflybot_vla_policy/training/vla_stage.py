@@ -114,8 +114,6 @@ def _vqa(cfg: TrainConfig, transforms: Transforms, tokenizer: Any, image_hw: tup
     """Render (or load from cache) the VQA scenes and tokenise their questions."""
     import pickle
 
-    from iflybot_vla_policy.data.vqa import render_scenes
-
     if cfg.data.vqa_ratio <= 0:
         return None
     seeds = list(range(VQA_SEED_BASE, VQA_SEED_BASE + cfg.data.vqa_scenes))
@@ -123,7 +121,9 @@ def _vqa(cfg: TrainConfig, transforms: Transforms, tokenizer: Any, image_hw: tup
                     f'{image_hw[0]}x{image_hw[1]}_{cfg.trainer.seed}.pkl')
     if path.is_file():
         scenes = pickle.loads(path.read_bytes())
-    else:
+    else:   # rendering needs MuJoCo; a machine without it runs from a carried cache
+        from iflybot_vla_policy.data.vqa import render_scenes
+
         scenes = render_scenes(cfg.data.vqa_tasks, seeds, VQA_PER_SCENE, image_hw,
                                seed=cfg.trainer.seed)
         cache.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ def run_vla(cfg: TrainConfig) -> dict[str, Any]:
     trainer = Trainer(VLAObjective(model), data, cfg.trainer, out, collate_fn=collate,
                       plan=plan, on_checkpoint=on_checkpoint)
     result = trainer.fit()
-    if not (out / POLICY_DIR).is_dir():
+    if cfg.trainer.checkpoint_at_end and not (out / POLICY_DIR).is_dir():
         on_checkpoint(result.steps, trainer)
     last = result.history[-1] if result.history else {}
     vqa_share = np.mean([plan.vqa_count(s) for s in range(min(cfg.trainer.steps, 1000))]) \
