@@ -87,7 +87,10 @@ def _fsdp_on_cpu() -> None:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             if self.distributed_type == DistributedType.MULTI_CPU:
-                self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # FSDP_* variables
+                plugin = FullyShardedDataParallelPlugin()   # from the FSDP_* variables
+                if self.state.mixed_precision != 'no':
+                    plugin.set_mixed_precision(self.state.mixed_precision)
+                self.state.fsdp_plugin = plugin
                 self.state.distributed_type = DistributedType.FSDP
                 PartialState._shared_state['distributed_type'] = DistributedType.FSDP
 
