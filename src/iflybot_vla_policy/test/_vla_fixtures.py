@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from iflybot_vla_policy.config import VLAConfig, get_config
@@ -33,6 +34,18 @@ FAMILY_IMAGES = {
 }
 # every loss on: grounding reads the direct vision path, which the paper preset turns off
 ALL_LOSSES = {'expert.direct_vision': True, 'loss.grounding_weight': 1.0}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state that refuses an Accelerator of another mixed
+    precision once set (a bf16 trainer test after fp32 ones, or the reverse): a test module
+    that imports this fixture starts and ends each test with a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def small_config(**overrides) -> VLAConfig:

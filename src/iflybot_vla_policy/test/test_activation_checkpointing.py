@@ -17,22 +17,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from _vla_fixtures import ALL_LOSSES, Rows, family_config, mixed_batch, wake
+from _vla_fixtures import (
+    ALL_LOSSES,
+    Rows,
+    family_config,
+    fresh_accelerator_state,  # noqa: F401 (autouse)
+    mixed_batch,
+    wake,
+)
 from iflybot_vla_policy.model.vla import VLA
 from iflybot_vla_policy.training.config import OptimConfig, TrainerConfig, load_train_config
 from iflybot_vla_policy.training.trainer import Trainer
 from iflybot_vla_policy.training.vla_stage import VLAObjective
 
 KINDS = ['tiny', 'qwen2_5_vl', 'smolvlm']
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state (the bf16 trainer test below sets it)."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _model(kind: str) -> VLA:

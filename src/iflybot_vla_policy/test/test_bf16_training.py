@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from _vla_fixtures import ALL_LOSSES, Rows, family_config, mixed_batch
+from _vla_fixtures import (
+    ALL_LOSSES,
+    Rows,
+    family_config,
+    fresh_accelerator_state,  # noqa: F401 (autouse)
+    mixed_batch,
+)
 from iflybot_vla_policy.config import VLAConfig
 from iflybot_vla_policy.model.vla import VLA
 from iflybot_vla_policy.training.config import OptimConfig, TrainerConfig
@@ -21,16 +27,6 @@ from iflybot_vla_policy.training.vla_stage import LOSSES, VLAObjective
 # the family configs with smaller images (SmolVLM: 16 patches of 8 px, Qwen2.5-VL: its 56 px)
 SMALLER_IMAGES = {'tiny': {'image_size': 32, 'backbone.vision.token_grid': 2}, 'qwen2_5_vl': {},
                   'smolvlm': {'image_size': 32, 'backbone.patch_size': 8}}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state: left at bf16, every later Accelerator() in
-    the test session (the fp32 trainer tests) refused to start."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _config(kind: str) -> VLAConfig:

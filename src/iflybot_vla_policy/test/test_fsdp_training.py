@@ -28,7 +28,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_vla  # noqa: E402
-from _vla_fixtures import observation  # noqa: E402
+from _vla_fixtures import (
+    fresh_accelerator_state,  # noqa: E402, F401 (autouse)
+    observation,  # noqa: E402
+)
 from conftest import REPO_ROOT  # noqa: E402
 from iflybot_vla_policy.policy import Policy  # noqa: E402
 from iflybot_vla_policy.training.trainer import list_checkpoints  # noqa: E402
@@ -57,14 +60,6 @@ def _launch(config: Path, out: Path, per_run: int) -> dict:
     assert run.returncode == 0, run.stderr[-4000:]
     done = [json.loads(p.read_text()) for p in out.glob('losses_*.json')]
     return max(done, key=lambda info: info['resumed_from'])
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_fsdp2_on_two_gloo_processes_matches_one_process_resumes_and_exports(tmp_path):
