@@ -9,6 +9,10 @@
 #                                        #   with mujoco/av/rclpy imports blocked
 #   scripts/gpu_paper_train.sh run       # on the GPU machine (.gpu_paper and .whl carried)
 #
+# Status (2026-12-07): prepare and dry-run pass here; `run`'s shell and python logic passed with a
+# stub nvidia-smi and a 2-layer model on CPU. It has not run on a GPU yet. Never run `run` with
+# the full preset on a CPU machine: it builds 4.63 G fp32 parameters (19 GB) in host memory.
+#
 # The GPU machines of this workplace have Python 3.12, torch 2.11, accelerate 1.15 and
 # transformers 5.17 but no MuJoCo, PyAV or ROS, and cannot download. So `prepare` records the
 # demos and trains the LAM and FAST stages here, fills the vla stage's caches (frames at 224 px,
@@ -26,7 +30,11 @@
 # caching allocator's reserve and the CUDA context).
 #
 # Knobs (environment): BATCHES (per-GPU batches to try, largest first), STEPS (20), OFFLOAD,
-# EPISODES (2) and FPS (3) for prepare (frames at 224 px cost 300 kB each in the carried cache).
+# EXTRA_SET (more KEY=VALUE config overrides for the run, space-separated, e.g.
+# 'trainer.ema_decay=0'), EPISODES (2) and FPS (3) for prepare (frames at 224 px cost 300 kB
+# each in the carried cache). A call has 10 minutes: model construction on the CPU takes a
+# minute or two per tried batch, and with OFFLOAD the optimizer step runs on the CPU, so lower
+# STEPS (or give one batch) when a first call ran out of time.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -135,6 +143,8 @@ cfg['fsdp_config']['fsdp_offload_params'] = sys.argv[2] == '1'
 yaml.safe_dump(cfg, open(sys.argv[1], 'w'))
 EOF
   echo "GPU memory ${total_mib} MiB, offload=${offload}, batches to try: ${batches}"
+  local extra=() item
+  for item in ${EXTRA_SET:-}; do extra+=(--set "$item"); done
   local done_batch='' run=''
   for batch in $batches; do
     run=$P/run_b$batch
@@ -146,7 +156,7 @@ EOF
       -m iflybot_vla_policy.cli train vla --config config/train/paper_vla.yaml \
       --output-dir "$run" "${VLA_SET[@]}" --set "trainer.batch_size=$batch" \
       --set "trainer.steps=$STEPS" --set trainer.checkpoint_at_end=false \
-      --set trainer.progress=false > "$run/train.log" 2>&1 || rc=$?
+      --set trainer.progress=false "${extra[@]}" > "$run/train.log" 2>&1 || rc=$?
     kill "$smi" 2> /dev/null || true
     cp "$run/train.log" "$out/train_b$batch.log"
     if (( rc == 0 )); then
@@ -180,7 +190,8 @@ print(f'paper preset, 1 GPU, FSDP2 (offload {offload}), bf16, activation checkpo
       f'per-GPU batch {batch}, {len(rows)} steps')
 print(f'step time: median {statistics.median(steps):.3f} s, mean {statistics.mean(steps):.3f} s '
       f'(steps 6..{len(rows)}), first step {elapsed[0]:.1f} s')
-print(f'peak memory: {max(float(r["peak_mem_gib"]) for r in rows):.1f} GiB allocated by torch, '
+peak = max((float(r['peak_mem_gib']) for r in rows if r.get('peak_mem_gib')), default=float('nan'))
+print(f'peak memory: {peak:.1f} GiB allocated by torch, '
       f'{max(smi) / 1024 if smi else float("nan"):.1f} GiB used (nvidia-smi)')
 print(f'last loss {float(rows[-1]["loss"]):.3f}')
 EOF
