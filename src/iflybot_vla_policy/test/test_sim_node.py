@@ -221,3 +221,23 @@ def test_cameras_clock_success_and_reset_are_published(sim) -> None:
     stamp = probe.clock.clock.sec + probe.clock.clock.nanosec * 1e-9
     assert until(lambda: probe.clock.clock.sec + probe.clock.clock.nanosec * 1e-9 > stamp)
     assert not reset(probe, 'juggle', 0).success
+
+
+def test_every_message_of_the_old_scene_is_stamped_before_the_reset(sim) -> None:
+    # A lockstep reset lands while the clock stands at a frame whose joint state (old pose)
+    # is already out; it carried the reset's own stamp, so a run with inputs_after planned
+    # from the old pose and failed its tracking check (1.26 rad) on the first tick.
+    _, probe = sim
+    assert probe.reset_client.wait_for_service(timeout_sec=10.0)
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=3,
+                                                            lockstep=True))
+    assert until(future.done, 60.0) and future.result().success
+    first = future.result().stamp
+    # Paused at the first frame (nobody answers it): its joint state is the last one out.
+    assert until(lambda: any(m.header.stamp == first for m in list(probe.joints)))
+    stamp = lambda t: t.sec + t.nanosec * 1e-9  # noqa: E731
+    with probe.lock:
+        newest_old = max(stamp(m.header.stamp) for m in probe.joints)
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=4))
+    assert until(future.done, 60.0) and future.result().success
+    assert stamp(future.result().stamp) > newest_old

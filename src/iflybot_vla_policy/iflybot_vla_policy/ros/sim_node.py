@@ -243,6 +243,10 @@ class SimNode(Node):
             else:
                 self._env.reset(seed)
             self._clock_offset -= self._env.time   # reset settles objects for a moment
+            # The new scene starts one physics tick later than the old one's last messages,
+            # which a lockstep pause publishes at the very instant of the reset: with equal
+            # stamps, the old pose counted as 'stamped at or after the reset' (inputs_after).
+            self._clock_offset += self._env.model.opt.timestep
             self._reset_stamp = self.sim_time     # earlier messages show the old scene
             self._reset_result = (True, f'reset {task} with seed {seed}'
                                         + (' (lockstep)' if lockstep else ''))
