@@ -100,7 +100,7 @@ data: {{datasets: ['{toy_dataset}']}}
 
 
 def _vla_yaml(root: Path, out: Path, dataset: Path, steps: int = 4, extra: str = '',
-              vqa_ratio: float = 0.25) -> Path:
+              vqa_ratio: float = 0.25, data_extra: str = '') -> Path:
     path = out.with_suffix('.yaml')
     path.write_text(f"""
 stage: vla
@@ -109,7 +109,7 @@ model_overrides: {TINY_MODEL}
 lam_dir: {root / 'lam'}
 fast_dir: {root / 'fast'}
 data: {{datasets: ['{dataset}'], vqa_ratio: {vqa_ratio}, vqa_tasks: [pick_place],
-       vqa_scenes: 2}}
+       vqa_scenes: 2{data_extra}}}
 trainer: {{steps: {steps}, batch_size: 8, checkpoint_every: 2, progress: false, ema_decay: 0.5,
           knowledge_insulation: true, optim: {{lr: 1.0e-3, warmup_steps: 1}}{extra}}}
 """)
@@ -126,8 +126,10 @@ def test_vla_stage_trains_all_losses_with_vqa_and_exports_a_policy(tmp_path, toy
     from iflybot_vla_policy.policy import Policy
 
     out = tmp_path / 'vla'
-    assert main(['train', 'vla', '--config', str(_vla_yaml(stage_outputs, out,
-                                                           toy_dataset))]) == 0
+    capsys.readouterr()
+    assert main(['train', 'vla', '--config', str(_vla_yaml(
+        stage_outputs, out, toy_dataset, data_extra=', balance_tasks: true'))]) == 0
+    assert '"frames_per_task"' in capsys.readouterr().out     # balanced over the tasks found
     rows = list(csv.DictReader((out / 'metrics.csv').open()))
     assert len(rows) == 4
     for key in ('flow', 'latent', 'fast', 'text'):
@@ -248,6 +250,35 @@ def test_mixed_plan_puts_seven_percent_vqa_in_every_batch_spread_over_processes(
     # robot items walk whole epochs: the first 1000 robot items are all distinct
     robot = [i for s in range(40) for i in plan.global_indices(s) if i < 1000][:1000]
     assert len(set(robot)) == 1000
+
+
+def test_task_balanced_batches_hold_every_task_equally_however_unequal_their_frames():
+    import numpy as np
+
+    from iflybot_vla_policy.training.vla_data import MixedPlan
+
+    # pick_place 3,000 frames, stack 1,000, drawer 300: unbalanced, a batch of 32 holds ~3
+    # drawer frames; balanced, 10-11 of each task, and every task still walks whole epochs.
+    sizes = {'pick_place': 3000, 'stack': 1000, 'drawer': 300}
+    task = np.repeat(np.arange(3), list(sizes.values()))
+    groups = [np.nonzero(task == k)[0] for k in range(3)]
+    plan = MixedPlan(len(task), 100, 32, 0.07, seed=0, robot_groups=groups)
+    again = MixedPlan(len(task), 100, 32, 0.07, seed=0, robot_groups=groups)
+    seen = {k: [] for k in range(3)}
+    for step in range(100):
+        batch = plan.global_indices(step)
+        assert batch == again.global_indices(step)         # seeded, any step on its own
+        robot = [i for i in batch if i < len(task)]
+        counts = np.bincount(task[robot], minlength=3)
+        assert counts.max() - counts.min() <= 1, counts
+        for i in robot:
+            seen[int(task[i])].append(i)
+    drawer = seen[2][:300]
+    assert sorted(drawer) == list(range(4000, 4300))          # one whole epoch of drawer frames
+    plain = MixedPlan(len(task), 100, 32, 0.07, seed=0)
+    share = np.mean([np.mean(task[[i for i in plain.global_indices(s) if i < len(task)]] == 2)
+                     for s in range(100)])
+    assert share < 0.1                                          # the unbalanced plan: ~7%
 
 
 def test_ablation_trains_each_variant_with_only_its_targets_and_tables_cis(

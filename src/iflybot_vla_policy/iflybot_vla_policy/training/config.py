@@ -92,6 +92,7 @@ class DataConfig:
     success_only: bool = True       # fast/vla: train on successful episodes only
     norm_mode: Literal['mean_std', 'quantile'] = 'quantile'   # state/action normalisation
     max_fast_tokens: int = 64       # vla: FAST sequences longer than this are truncated
+    balance_tasks: bool = False     # vla: robot items take the episodes' tasks in turn
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.vqa_ratio < 1.0:

@@ -145,6 +145,8 @@ class RobotSamples:
     text: np.ndarray               # (n,) int64 row of text_ids
     text_ids: np.ndarray           # (K, T) int64 tokenised distinct instructions
     text_mask: np.ndarray          # (K, T) int64
+    task: np.ndarray | None = None            # (n,) int64 row of task_names of each frame
+    task_names: tuple[str, ...] = ()          # the episodes' task_name ('' if unnamed)
     grounding: np.ndarray | None = None       # (n, 2, 3) float32 normalised targets
     grounding_mask: np.ndarray | None = None  # (n,) bool: the frame's episode has a target
 
@@ -158,8 +160,9 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
                   ) -> tuple[RobotSamples, dict[str, int]]:
     cfg = transforms.cfg
     source, state, actions, mask, latent, fast_l, text = [], [], [], [], [], [], []
-    ground, ground_mask = [], []
+    ground, ground_mask, task = [], [], []
     instructions: dict[str, int] = {}
+    task_names: dict[str, int] = {}
     truncated = 0
     for d, rf in enumerate(frames):
         idx = used_frames(rf)
@@ -176,6 +179,9 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
             truncated += cut
         text.append(np.array([instructions.setdefault(rf.dataset.instruction(int(f)),
                                                       len(instructions)) for f in idx]))
+        names = [task_names.setdefault(str(ep.get('task_name', '')), len(task_names))
+                 for ep in rf.dataset.episodes]
+        task.append(np.asarray(names, np.int64)[rf.episode[idx]])
         if groundings is not None:
             episodes = rf.episode[idx]
             ground.append(normalise_points(groundings[d].points[episodes]))
@@ -191,9 +197,12 @@ def robot_samples(frames: list[RobotFrames], transforms: Transforms, tokenizer: 
         latent=np.concatenate(latent), fast=fast_arr, text=np.concatenate(text),
         text_ids=np.array([e[0] for e in encoded], np.int64),
         text_mask=np.array([e[1] for e in encoded], np.int64),
+        task=np.concatenate(task), task_names=tuple(task_names),
         grounding=np.concatenate(ground) if ground else None,
         grounding_mask=np.concatenate(ground_mask) if ground_mask else None)
-    info = {'fast_truncated': truncated, 'instructions': len(instructions)}
+    info = {'fast_truncated': truncated, 'instructions': len(instructions),
+            'frames_per_task': {name: int((samples.task == k).sum())
+                                for name, k in task_names.items()}}
     if ground_mask:
         info['grounded_frames'] = int(samples.grounding_mask.sum())
     return samples, info
@@ -315,17 +324,40 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class TaskBalancedPlan:
+    """The robot items as an endless stream that takes the tasks in turn, each task walking its
+    own shuffled epochs: any B consecutive items hold B/T of every task (within one), however
+    unequal the tasks' frame counts (drawer demos are half as long as pick-and-place ones).
+    Same interface as BatchPlan.items, so a step's batch is known without replaying."""
+
+    def __init__(self, groups: list[np.ndarray], seed: int) -> None:
+        self.groups = [np.asarray(g, np.int64) for g in groups if len(g)]
+        if not self.groups:
+            raise ValueError('cannot train on an empty dataset (0 items)')
+        self._plans = [BatchPlan(len(g), 1, seed + 7919 * k) for k, g in enumerate(self.groups)]
+
+    def items(self, start: int, count: int) -> list[int]:
+        n = len(self.groups)
+        out = []
+        for p in range(start, start + count):
+            k, turn = p % n, p // n
+            out.append(int(self.groups[k][self._plans[k].items(turn, 1)[0]]))
+        return out
+
+
 class MixedPlan:
     """Global batches with a fixed share of VQA: step s holds floor((s+1) r B) - floor(s r B)
     VQA items (so the long-run share is exactly r), spread evenly through the batch so every
-    process gets its part; robot and VQA items each walk their own shuffled epochs."""
+    process gets its part; robot and VQA items each walk their own shuffled epochs (with
+    `robot_groups`, the robot items take the groups, e.g. tasks, in turn)."""
 
     def __init__(self, n_robot: int, n_vqa: int, batch_size: int, ratio: float,
-                 seed: int) -> None:
+                 seed: int, robot_groups: list[np.ndarray] | None = None) -> None:
         self.batch_size = batch_size
         self.ratio = ratio if n_vqa else 0.0
         self.n_robot = n_robot
-        self.robot = BatchPlan(n_robot, batch_size, seed)
+        self.robot = (TaskBalancedPlan(robot_groups, seed) if robot_groups
+                      else BatchPlan(n_robot, batch_size, seed))
         self.vqa = BatchPlan(n_vqa, batch_size, seed + 1) if n_vqa else None
 
     def _vqa_before(self, step: int) -> int:

@@ -211,8 +211,10 @@ def run_vla(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError('loss.grounding_weight > 0 but no episode of data.datasets has a '
                          'simulator seed to rebuild its scene from (gen-demos datasets do)')
     data = VLADataset(robot, vqa)
+    groups = ([np.nonzero(robot.task == k)[0] for k in range(len(robot.task_names))]
+              if cfg.data.balance_tasks else None)
     plan = MixedPlan(data.n_robot, data.n_vqa, cfg.trainer.batch_size, cfg.data.vqa_ratio,
-                     cfg.trainer.seed)
+                     cfg.trainer.seed, groups)
     prep_s = time.monotonic() - t0
 
     def on_checkpoint(step: int, trainer: Trainer) -> None:
