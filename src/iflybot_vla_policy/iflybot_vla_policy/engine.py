@@ -19,6 +19,10 @@ first (one read of the mask). Compilation is off by default, by measurement
 (docs/benchmarks.md): inductor gained at most ~10% on this CPU for ~2 min of compilation on 2
 cores, and nothing against the later fast path.
 
+`rtc=RTCGuide(...)` samples the chunk by real-time chunking (rtc.py): the prefix as above,
+then the guided Euler loop outside inference mode (the guidance differentiates through the
+expert), on either path.
+
 `recompute_prefix_every_step=True` (eager) re-encodes the prefix (and the chosen latent tokens)
 before every Euler step instead; it exists only so tests and benchmarks can show that caching
 changes nothing but the time.
@@ -33,7 +37,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iflybot_vla_policy.model.action_expert import context_fast, euler_sample, euler_sample_fast
+from iflybot_vla_policy import rtc as rtc_mod
+from iflybot_vla_policy.model.action_expert import (
+    EagerSteps,
+    ExpertContext,
+    FastSteps,
+    context_fast,
+    euler_sample,
+    euler_sample_fast,
+)
 from iflybot_vla_policy.model.vla import VLA, as_float_images
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -89,27 +101,43 @@ class InferenceEngine:
             generator = torch.Generator(device='cpu').manual_seed(0 if seed is None else seed)
         return torch.randn(batch, a.horizon, a.action_dim, generator=generator).to(self.device)
 
-    @torch.inference_mode()
     def sample(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
                state: torch.Tensor, *, seed: int | None = None,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               steps: int | None = None,
-               recompute_prefix_every_step: bool = False) -> EngineOutput:
+               steps: int | None = None, recompute_prefix_every_step: bool = False,
+               rtc: rtc_mod.RTCGuide | None = None) -> EngineOutput:
         """images (B, n_cam, 3, S, S) uint8 or float in [0, 1], text (B, T), state
-        (B, state_dim) -> EngineOutput."""
-        cfg = self.cfg
+        (B, state_dim) -> EngineOutput. `rtc`: inpaint the chunk into the previous one's
+        remainder (real-time chunking, rtc.py)."""
+        if rtc is not None:
+            if recompute_prefix_every_step:
+                raise ValueError('rtc and recompute_prefix_every_step cannot be combined')
+            return self._sample_rtc(images, text_ids, text_mask, state, seed, generator,
+                                    noise, steps, rtc)
+        return self._sample(images, text_ids, text_mask, state, seed, generator, noise,
+                            steps, recompute_prefix_every_step)
+
+    def _inputs(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                state: torch.Tensor, seed: int | None, generator: torch.Generator | None,
+                noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         dev = self.device
-        steps = steps or cfg.flow.denoise_steps
-        text_ids, text_mask = text_ids.to(dev), text_mask.to(dev)
-        state = state.to(dev, torch.float32)
         if noise is None:
             noise = self.noise(images.shape[0], seed, generator)
-        noise = noise.to(dev, torch.float32)
+        return (images.to(dev), text_ids.to(dev), text_mask.to(dev),
+                state.to(dev, torch.float32), noise.to(dev, torch.float32))
+
+    @torch.inference_mode()
+    def _sample(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                state: torch.Tensor, seed: int | None, generator: torch.Generator | None,
+                noise: torch.Tensor | None, steps: int | None,
+                recompute_prefix_every_step: bool) -> EngineOutput:
+        steps = steps or self.cfg.flow.denoise_steps
+        images, text_ids, text_mask, state, noise = self._inputs(
+            images, text_ids, text_mask, state, seed, generator, noise)
         if self.eager or recompute_prefix_every_step:
-            images = as_float_images(images).to(dev, self.dtype)
+            images = as_float_images(images).to(self.dtype)
             return self._sample_eager(images, text_ids, text_mask, state, noise, steps,
                                       recompute_prefix_every_step)
-        images = images.to(dev)
         if self._compiled_chunk is not None:             # one graph: no stage timings
             # the graph is guarded on its inputs' dispatch keys: made alike here (inference
             # tensors, small copies), whether a caller built them inside inference_mode or not
@@ -123,6 +151,45 @@ class InferenceEngine:
         actions, codes = self._fast_chunk(images, text_ids, text_mask, state, noise, steps,
                                           timing)
         return EngineOutput(actions.float(), codes, timing)
+
+    def _sample_rtc(self, images: torch.Tensor, text_ids: torch.Tensor,
+                    text_mask: torch.Tensor, state: torch.Tensor, seed: int | None,
+                    generator: torch.Generator | None, noise: torch.Tensor | None,
+                    steps: int | None, guide: rtc_mod.RTCGuide) -> EngineOutput:
+        """The prefix and the per-chunk expert state under inference mode (as `_sample`),
+        then the guided loop with autograd (the uncompiled modules, on a compiled engine
+        too). Timing 'denoise' includes the copies autograd needs."""
+        steps = steps or self.cfg.flow.denoise_steps
+        timing: dict[str, float] = {}
+        with torch.inference_mode():
+            images, text_ids, text_mask, state, noise = self._inputs(
+                images, text_ids, text_mask, state, seed, generator, noise)
+            t0 = self._clock()
+            if self.eager:
+                ctx, codes, t1 = self._eager_context(as_float_images(images).to(self.dtype),
+                                                     text_ids, text_mask)
+                steps_state = EagerSteps.build(self.model.expert, state, ctx, steps)
+            else:
+                ctx, codes, t1 = self._fast_context(images, text_ids, text_mask)
+                steps_state = FastSteps.build(self.model.expert, state, ctx, steps)
+        t2 = self._clock()
+        with torch.no_grad():
+            steps_state = rtc_mod.autograd_ready(steps_state)
+            actions = rtc_mod.sample(steps_state.velocity, rtc_mod.autograd_ready(noise),
+                                     steps, guide)
+        t3 = self._clock()
+        timing.update(prefix=(t1 - t0) * 1e3, latent=(t2 - t1) * 1e3,
+                      denoise=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        return EngineOutput(actions.float(), codes, timing)
+
+    def _eager_context(self, images: torch.Tensor, text_ids: torch.Tensor,
+                       text_mask: torch.Tensor) -> tuple[ExpertContext, torch.Tensor, float]:
+        """The eager prefix, latent codes and expert context; the clock after the prefix."""
+        bb = self.model.backbone
+        prefix = bb.encode_prefix(images, text_ids, text_mask)
+        t1 = self._clock()
+        codes, prefix = bb.generate_latents(prefix, self.cfg.tokens.latent_tokens)
+        return self.model.context_from_prefix(prefix), codes, t1
 
     def _sample_eager(self, images: torch.Tensor, text_ids: torch.Tensor,
                       text_mask: torch.Tensor, state: torch.Tensor, noise: torch.Tensor,
@@ -162,16 +229,30 @@ class InferenceEngine:
                     steps: int, timing: dict[str, float] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fast path: (actions, latent codes); stage times (ms) into `timing` if given."""
-        model, bb = self.model, self.model.backbone
-        n = self.cfg.tokens.latent_tokens
         clock = self._clock if timing is not None else _no_clock
+        t0 = clock()
+        ctx, codes, t1 = self._fast_context(images, text_ids, text_mask, clock)
+        t2 = clock()
+        actions = euler_sample_fast(self.model.expert, state, noise, ctx, steps)
+        t3 = clock()
+        if timing is not None:
+            timing.update(prefix=(t1 - t0) * 1e3, latent=(t2 - t1) * 1e3,
+                          denoise=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        return actions, codes
+
+    def _fast_context(self, images: torch.Tensor, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor, clock=None,
+                      ) -> tuple[ExpertContext, torch.Tensor, float]:
+        """The fast prefix, latent codes and expert context; `clock()` after the prefix."""
+        bb = self.model.backbone
+        n = self.cfg.tokens.latent_tokens
+        clock = clock or self._clock
         # static: fixed shapes, nothing read back (compiled, or a GPU); on a CPU the shapes
         # may follow the instruction: padding columns are dropped and, with none left, the
         # attention runs without masks (the same chunk; ~15% fewer tokens in the LM)
         static = torch.compiler.is_compiling() or self.device.type != 'cpu'
         if not static:
             text_ids, text_mask = _drop_padding(text_ids, text_mask)
-        t0 = clock()
         if bb.lean_layers:
             prefix = bb.encode_prefix_fast(images, text_ids, text_mask, latent_slots=n,
                                            static=static)
@@ -182,15 +263,9 @@ class InferenceEngine:
                                       text_mask)
             t1 = clock()
             codes, prefix = bb.generate_latents(prefix, n)
-        t2 = clock()
         mask = None if not static and bool(prefix.mask.all()) else prefix.mask
-        ctx = context_fast(model.expert, prefix.kv, mask, prefix.features, prefix.summary)
-        actions = euler_sample_fast(model.expert, state, noise, ctx, steps)
-        t3 = clock()
-        if timing is not None:
-            timing.update(prefix=(t1 - t0) * 1e3, latent=(t2 - t1) * 1e3,
-                          denoise=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
-        return actions, codes
+        ctx = context_fast(self.model.expert, prefix.kv, mask, prefix.features, prefix.summary)
+        return ctx, codes, t1
 
     def _clock(self) -> float:
         """Stage boundaries wait for the device, so stage timings measure work, not launches."""

@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "graph's, 0 = one per core)")
     parser.add_argument('--replan-steps', type=int, default=0,
                         help='actions executed per chunk before re-planning (0: whole chunk)')
+    parser.add_argument('--inference-delay', type=float, default=0.0, metavar='S',
+                        help='direct mode: simulated seconds each inference takes; the previous '
+                             "chunk's actions keep running meanwhile, as on a real robot")
+    parser.add_argument('--chunking', choices=('naive', 'blend', 'rtc'), default='naive',
+                        help="direct mode: how a new chunk joins the running one: 'naive' "
+                             "switches to it, 'blend' mixes the old one out (the policy node's "
+                             "output-level blend), 'rtc' is real-time chunking in the denoiser "
+                             '(the delayed actions frozen, the overlap guided; docs/realtime.md)')
     parser.add_argument('--videos', type=int, default=1,
                         help='rollout videos per task (MP4 of the scene camera)')
     parser.add_argument('--image-size', type=int, default=None,
@@ -138,6 +146,18 @@ def run(args: argparse.Namespace) -> int:
             print(f'iflybot eval: --instruction-variant {args.instruction_variant} {why}',
                   file=sys.stderr)
             return 2
+    if args.through_ros and (args.inference_delay or args.chunking != 'naive'):
+        print('iflybot eval: --inference-delay and --chunking are direct-mode options (through '
+              "ROS the delay is the node's real one and the policy node picks the chunking)",
+              file=sys.stderr)
+        return 2
+    if args.inference_delay < 0:
+        print('iflybot eval: --inference-delay must be >= 0', file=sys.stderr)
+        return 2
+    if args.expert and args.chunking == 'rtc':
+        print('iflybot eval: --chunking rtc guides a flow policy; the scripted expert has none',
+              file=sys.stderr)
+        return 2
     if args.checkpoint is not None:
         from iflybot_vla_policy.bundle import bundle_info
 
@@ -166,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             'replan_steps': args.replan_steps, 'noise_scale': _noise_scale(args),
             'seeds': f'held-out EVAL_SEEDS from index {args.seed_offset}',
             'instruction_variant': args.instruction_variant,
+            'inference_delay_s': args.inference_delay, 'chunking': args.chunking,
             'wall_time_s': round(time.time() - started, 1)}
     if error:
         meta['stopped_early'] = f'after {len(episodes)} of {len(jobs)} episodes: {error}'
@@ -242,7 +263,9 @@ def _direct(args: argparse.Namespace, jobs: list[tuple[str, int]]):
         frames = []
         config = RolloutConfig(max_time_s=args.max_time, replan_steps=args.replan_steps,
                                image_size=size, video=record,
-                               instruction_variant=args.instruction_variant)
+                               instruction_variant=args.instruction_variant,
+                               inference_delay_s=args.inference_delay,
+                               chunking=args.chunking)
         result = run_episode(policy, task, seed, config, safety,
                              on_frame=frames.append if record else None)
         if record and frames:

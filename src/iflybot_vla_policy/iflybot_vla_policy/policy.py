@@ -25,6 +25,7 @@ from iflybot_vla_policy.config import VLAConfig, config_from_yaml, config_to_yam
 from iflybot_vla_policy.engine import InferenceEngine
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
 from iflybot_vla_policy.model.vla import VLA
+from iflybot_vla_policy.rtc import RTCConfig, RTCGuide
 from iflybot_vla_policy.transforms import NormStatsSet, Transforms
 from iflybot_vla_policy.types import InferenceResult, Observation
 
@@ -49,13 +50,15 @@ class Policy:
     def __init__(self, cfg: VLAConfig, model: VLA, norm: NormStatsSet | None = None, *,
                  fast: Any = None, lam: Any = None, seed: int = 0, dtype: str | None = None,
                  compile: bool | str = False, device: str | None = None,
-                 noise_scale: float = 1.0, eager: bool = False) -> None:
+                 noise_scale: float = 1.0, eager: bool = False,
+                 rtc: RTCConfig | None = None) -> None:
         if not 0.0 <= noise_scale <= 1.0:
             raise ValueError(f'noise_scale must be in [0, 1], got {noise_scale}')
         self.cfg = cfg
         # std of the flow's starting noise: 1 samples the learned distribution, 0 integrates
         # from its centre (deterministic, less action-to-action jitter), in between tempers it
         self.noise_scale = noise_scale
+        self.rtc = rtc or RTCConfig()    # how `infer(previous=...)` guides the overlap
         self.model = model
         self.transforms = Transforms(cfg, norm)
         self.fast = fast
@@ -194,27 +197,47 @@ class Policy:
         return torch.stack([self.transforms.images(o['images']) for o in observations])
 
     def infer_batch(self, observations: Sequence[Mapping], seed: int | None = None,
-                    recompute_prefix_every_step: bool = False) -> dict[str, Any]:
-        """Batched `infer`: 'actions' (B, horizon, action_dim) float32, 'latent_tokens' (B, n)."""
+                    recompute_prefix_every_step: bool = False,
+                    previous: np.ndarray | None = None,
+                    inference_delay: int = 0) -> dict[str, Any]:
+        """Batched `infer`: 'actions' (B, horizon, action_dim) float32, 'latent_tokens' (B, n);
+        `previous` (B, L, A) robot actions as in `infer`."""
         if not observations:
             raise ValueError('infer_batch needs at least one observation')
         t0 = time.perf_counter()
         inputs = self._prepare(observations)
+        states = np.stack([np.asarray(o['state'], dtype=np.float64) for o in observations])
+        guide = None if previous is None else self._rtc_guide(previous, states,
+                                                               inference_delay)
         t1 = time.perf_counter()
         gen = None if seed is not None else self._generator
         noise = self.engine.noise(len(observations), seed, gen) * self.noise_scale
         out = self.engine.sample(inputs['images'], inputs['text_ids'], inputs['text_mask'],
                                  inputs['state'], noise=noise,
-                                 recompute_prefix_every_step=recompute_prefix_every_step)
+                                 recompute_prefix_every_step=recompute_prefix_every_step,
+                                 rtc=guide)
         t2 = time.perf_counter()
-        states = np.stack([np.asarray(o['state'], dtype=np.float64) for o in observations])
         actions = self.transforms.actions_from_model(out.actions.cpu().numpy(), states)
+        if guide is not None and inference_delay:   # exact, not through the float32 round trip
+            actions[:, :inference_delay] = np.asarray(previous, np.float32)[:, :inference_delay]
         t3 = time.perf_counter()
         timing = {'preprocess': (t1 - t0) * 1e3, **out.timing_ms,
                   'postprocess': (t3 - t2) * 1e3, 'total': (t3 - t0) * 1e3}
         return {'actions': actions, 'dt': float(self.cfg.action.dt),
                 'latent_tokens': out.latent_tokens.cpu().numpy().astype(np.int64),
                 'timing_ms': timing}
+
+    def _rtc_guide(self, previous: np.ndarray, states: np.ndarray, delay: int) -> RTCGuide:
+        """Robot-space previous actions (B, L, A) -> the engine's model-space guide, relative
+        to the new observations' states (as the new chunk is)."""
+        prev = np.asarray(previous, dtype=np.float64)
+        if prev.ndim != 3 or prev.shape[0] != len(states):
+            raise ValueError(f'previous actions must be (B={len(states)}, L, '
+                             f'{self.cfg.robot_action_dim}), got {prev.shape}')
+        model = self.transforms.actions_to_model(prev, states)              # (B, L, action_dim)
+        a = self.cfg.action
+        return RTCGuide.build(torch.from_numpy(model), delay, a.horizon, a.action_dim,
+                              self.rtc, dims=self.cfg.robot_action_dim)
 
     @property
     def has_grounding(self) -> bool:
@@ -240,15 +263,24 @@ class Policy:
         return points.astype(np.float64) * GROUNDING_SCALE + GROUNDING_CENTER
 
     def infer(self, obs: Observation | Mapping, seed: int | None = None,
-              recompute_prefix_every_step: bool = False) -> InferenceResult:
+              recompute_prefix_every_step: bool = False, previous: np.ndarray | None = None,
+              inference_delay: int = 0) -> InferenceResult:
         """obs {'images': {cam: uint8 (H, W, 3)}, 'state': float (8,), 'instruction': str} ->
         {'actions': float32 (horizon, action_dim), 'dt': s, 'latent_tokens': (n,), 'timing_ms'}.
 
         Noise comes from the policy's generator (seeded at construction), or from `seed`,
         scaled by `noise_scale`.
+
+        Real-time chunking (rtc.py, configured by `self.rtc`): `previous` (L, A) are the
+        actions of the chunk being executed that remain from this observation's time on, on
+        the new chunk's grid (previous[j] is the old action for the new step j, as the policy
+        returned them); the first `inference_delay` of them execute while this chunk is
+        computed and come back unchanged, the rest of the overlap guides the new chunk.
         """
+        prev = None if previous is None else np.asarray(previous)[None]
         out = self.infer_batch([obs], seed=seed,
-                               recompute_prefix_every_step=recompute_prefix_every_step)
+                               recompute_prefix_every_step=recompute_prefix_every_step,
+                               previous=prev, inference_delay=inference_delay)
         out['actions'] = out['actions'][0]
         out['latent_tokens'] = out['latent_tokens'][0]
         return InferenceResult(**out)

@@ -3,6 +3,17 @@
 The loop is the one the policy node runs, made synchronous so that results are deterministic
 given the seeds: observe, infer a chunk, vet it with the safety filter, send it to the simulated
 JointTrajectoryController, execute `replan_steps` actions, repeat until success or timeout.
+
+`inference_delay_s` simulates a robot that keeps moving while the policy computes: the chunk
+inferred from the observation at period P takes over only at P + d (d = delay / dt, rounded);
+until then the previous chunk's actions run. How the new chunk joins the old one is `chunking`:
+'naive' switches to the new chunk's actions from step d on; 'blend' mixes the old chunk into the
+new one as the policy node's output-level blend does (chunking.rtc_weights, flat-ended 'smooth'
+decay, no commit latency in the simulation); 'rtc' asks the policy for real-time chunking
+(rtc.py: the old chunk's remainder passed to `infer`, the first d actions frozen to it, the
+overlap guided) and then switches as naive does. Observations come every s actions (s =
+replan_steps, else the chunk; with a delay d <= s <= horizon - d, so the old chunk covers the
+delay). With no delay and 'naive' the loop is the synchronous one above.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from iflybot_vla_policy.chunking import rtc_weights
 from iflybot_vla_policy.eval.metrics import limit_violations, rms_jerk
 from iflybot_vla_policy.eval.report import EpisodeResult, hold_category
 from iflybot_vla_policy.safety import SafetyFilter
@@ -33,8 +45,19 @@ class RolloutConfig:
     video: bool = False
     video_every: int = 2             # record every n-th action step (keeps rendering cheap)
     instruction_variant: int = 0     # Task.retarget: the instruction names another object
+    inference_delay_s: float = 0.0   # simulated seconds from observation to the new chunk
+    chunking: str = 'naive'          # how a new chunk joins the running one: CHUNKING
+
+    def __post_init__(self) -> None:
+        if self.chunking not in CHUNKING:
+            raise ValueError(f'chunking must be one of {list(CHUNKING)}, got {self.chunking!r}')
+        if not self.inference_delay_s >= 0.0:
+            raise ValueError(f'inference_delay_s must be >= 0, got {self.inference_delay_s}')
+        if self.replan_steps < 0:
+            raise ValueError(f'replan_steps must be >= 0, got {self.replan_steps}')
 
 
+CHUNKING = ('naive', 'blend', 'rtc')
 NOISE_KINDS = ('offset', 'iid')
 
 
@@ -129,40 +152,73 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         if on_frame is not None and len(times) % config.video_every == 0:
             on_frame(env.render(('scene_camera',))['scene_camera'])
 
+    plan: np.ndarray | None = None   # (k, n_joints + 1) the running chunk (vetted), or None
+    plan_start = 0                    # the period of plan[0]
+    period = 0                        # action periods since the start
+    delay = 0                         # d: periods the inference takes, from the policy's dt
+
+    def run_plan(steps: int) -> bool:
+        """Run `steps` periods of the plan (the arm follows the trajectory sent with it; the
+        gripper is commanded per period); True once the task succeeded."""
+        nonlocal period, success_at, grasp_offset
+        for _ in range(steps):
+            k = period - plan_start
+            if plan is not None and k < len(plan):
+                width = float(plan[k, -1])
+                if abs(width - env.gripper_command.width) > 1e-4:
+                    if grasp_offset is None and width < closing_below and env.task.grasps:
+                        grasp_offset = grasp_offset_of(env)
+                    env.command_gripper(width)
+            advance(dt)
+            period += 1
+            if env.success():
+                success_at = env.time - start_time
+                return True
+        return False
+
+    dt = 0.0
     while env.time - start_time < config.max_time_s:
         obs = env.observe()
+        observed = period
+        q_observed = env.joint_positions[:robot.n_joints]
+        left = None if plan is None else plan[observed - plan_start:]   # on the new grid
         tic = time.perf_counter()
-        out = policy.infer(obs)
+        if config.chunking == 'rtc' and left is not None and len(left):
+            out = policy.infer(obs, previous=left, inference_delay=min(delay, len(left)))
+        else:
+            out = policy.infer(obs)
         latencies.append((time.perf_counter() - tic) * 1e3)
         chunks += 1
         actions = np.asarray(out['actions'], dtype=np.float64)     # (horizon, 8)
         dt = float(out['dt'])
-        check = safety.check_chunk(actions, dt, env.joint_positions[:robot.n_joints])
+        delay = int(round(config.inference_delay_s / dt))
+        if delay and run_plan(delay):     # the old chunk runs while the policy computes
+            break
+        check = safety.check_chunk(actions, dt, q_observed)
         if not check.ok:
             holds += 1
             reason = hold_category(check.hold_reason)
             hold_reasons[reason] = hold_reasons.get(reason, 0) + 1
-            advance(dt)       # the controller holds its last reference
+            if not delay:     # the controller goes on with its last reference for a period
+                advance(dt)
+                period += 1
             continue
-        n_exec = len(check.positions)
-        if config.replan_steps:
-            n_exec = min(n_exec, config.replan_steps)
+        horizon = len(check.positions)
+        if 2 * delay > horizon:
+            raise ValueError(f'inference delay {config.inference_delay_s} s ({delay} actions) '
+                             f'is more than half the chunk ({horizon} actions)')
+        n_exec = min(config.replan_steps or horizon, horizon - delay)
+        n_exec = max(n_exec, delay, 1)
+        new = np.column_stack([check.positions, check.gripper])          # (horizon, 8)
+        if config.chunking == 'blend' and left is not None and len(left) > delay:
+            new = _blend(left, new, delay)
+        plan, plan_start = new, observed
         positions, stamps, velocities = chunk_to_trajectory(
-            check.positions, dt, env.desired.positions, robot)
+            plan[delay:, :robot.n_joints], dt, env.desired.positions, robot)
         commanded_q.extend(positions)
         commanded_dq.extend(velocities)
         env.command_joint_trajectory(positions, stamps, velocities)
-        for k in range(n_exec):
-            width = float(check.gripper[k])
-            if abs(width - env.gripper_command.width) > 1e-4:
-                if grasp_offset is None and width < closing_below and env.task.grasps:
-                    grasp_offset = grasp_offset_of(env)
-                env.command_gripper(width)
-            advance(dt)
-            if env.success():
-                success_at = env.time - start_time
-                break
-        if success_at is not None:
+        if run_plan(n_exec - delay):
             break
     violations = limit_violations(robot, np.asarray(commanded_q).reshape(-1, robot.n_joints),
                                   np.asarray(commanded_dq).reshape(-1, robot.n_joints))
@@ -173,6 +229,17 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
         limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons,
         grasp_offset_m=grasp_offset, grasp_measured=bool(env.task.grasps))
+
+
+def _blend(old: np.ndarray, new: np.ndarray, delay: int) -> np.ndarray:
+    """The policy node's output-level blend on the action grid: old (L, D) and new (H, D)
+    from the same observation period; the old chunk's weight is 1 up to the splice (step
+    `delay`) and decays smoothly to 0 at its last action (chunking.rtc_weights)."""
+    steps = np.arange(len(new), dtype=np.float64)
+    w = rtc_weights(steps, float(delay), float(len(old) - 1))[:, None]
+    w[len(old):] = 0.0
+    old_on_grid = np.vstack([old, np.repeat(old[-1:], len(new) - len(old), axis=0)])
+    return w * old_on_grid[:len(new)] + (1.0 - w) * new
 
 
 def grasp_offset_of(env: SimEnv) -> list[float]:

@@ -275,32 +275,61 @@ def flow_targets(actions: torch.Tensor, noise: torch.Tensor,
     return tt * noise + (1 - tt) * actions, noise - actions
 
 
+def flow_times(steps: int) -> list[float]:
+    """The Euler grid from t = 1 (noise) towards 0: t_i = 1 - i / steps, i < steps."""
+    dt = -1.0 / steps
+    return [1.0 + i * dt for i in range(steps)]
+
+
+@dataclass
+class EagerSteps:
+    """The modules' own velocity per Euler step with a fixed context, the adaLN modulations of
+    every step computed in one batched pass (the timesteps are known in advance)."""
+
+    expert: ActionExpert
+    state: torch.Tensor           # (B, Ds)
+    ctx: ExpertContext
+    cond: Conditioning            # all steps, step-major
+    times: list[float]
+
+    @classmethod
+    def build(cls, expert: ActionExpert, state: torch.Tensor, ctx: ExpertContext,
+              steps: int) -> EagerSteps:
+        b, times = state.shape[0], flow_times(steps)
+        t_all = torch.tensor(times, device=state.device).repeat_interleave(b)      # (N * B,)
+        summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)  # step-major
+        cond = expert.conditioning(t_all, dataclasses.replace(ctx, summary=summary))
+        return cls(expert, state, ctx, cond, times)
+
+    def velocity(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x_t (B, H, Da) at step i -> v (B, H, Da)."""
+        b = x.shape[0]
+        t = torch.full((b,), self.times[i], device=x.device, dtype=torch.float32)
+        return self.expert(self.state, x, t, self.ctx, self.cond.step(i, b))
+
+
 def euler_sample(expert: ActionExpert, state: torch.Tensor, noise: torch.Tensor,
                  ctx_fn, steps: int, reuse_context: bool = True) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps.
 
     ctx_fn(step) -> ExpertContext. With reuse_context (the normal path) it is called once and
-    the adaLN modulations of all steps are computed in one batched pass (the timesteps are known
-    in advance); otherwise the context is rebuilt every step (the equality check against
-    recomputing the prefix, and any caller that needs a fresh context).
+    the adaLN modulations of all steps are computed in one batched pass (`EagerSteps`);
+    otherwise the context is rebuilt every step (the equality check against recomputing the
+    prefix, and any caller that needs a fresh context).
     """
     x = noise
     b = x.shape[0]
     dt = -1.0 / steps
-    times = [1.0 + i * dt for i in range(steps)]
-    ctx = ctx_fn(0) if reuse_context else None
-    all_cond = None
+    times = flow_times(steps)
     if reuse_context and isinstance(expert, ActionExpert):
-        t_all = torch.tensor(times, device=x.device).repeat_interleave(b)          # (N * B,)
-        summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)  # step-major
-        all_cond = expert.conditioning(t_all, dataclasses.replace(ctx, summary=summary))
+        eager = EagerSteps.build(expert, state, ctx_fn(0), steps)
+        for i in range(steps):
+            x = x + dt * eager.velocity(x, i).to(x.dtype)
+        return x
+    ctx = ctx_fn(0) if reuse_context else None
     for i, t_i in enumerate(times):
         t = torch.full((b,), t_i, device=x.device, dtype=torch.float32)
-        step_ctx = ctx if reuse_context else ctx_fn(i)
-        if all_cond is not None:
-            v = expert(state, x, t, step_ctx, all_cond.step(i, b))
-        else:
-            v = expert(state, x, t, step_ctx)
+        v = expert(state, x, t, ctx if reuse_context else ctx_fn(i))
         x = x + dt * v.to(x.dtype)
     return x
 
@@ -437,32 +466,54 @@ def _block_fast(block: DiTBlock, w: tuple, x: torch.Tensor, mods: tuple, k: torc
     return torch.addcmul(x, g3, fc2(h))
 
 
+@dataclass
+class FastSteps:
+    """The fast sampler's per-chunk state: everything that does not depend on x_t (the adaLN
+    modulations of all steps, the state token, the keys/values, the weights in `Dense`
+    layout), so that each step is the bare DiT arithmetic (no module calls, fused
+    multiply-adds)."""
+
+    blocks: list            # per block (DiTBlock, its Dense weights, keys, values)
+    mask: torch.Tensor | None
+    action_in: Dense
+    out: Dense
+    step_mods: list         # per step, per block the nine modulations (`_step_mods`)
+    finals: list            # per step the final (shift, 1 + scale)
+    s_tok: torch.Tensor     # (B, 1, width) state token with its position
+    pos: torch.Tensor       # (H, width) action positions
+
+    @classmethod
+    def build(cls, expert: ActionExpert, state: torch.Tensor, ctx: ExpertContext,
+              steps: int) -> FastSteps:
+        b, dtype = state.shape[0], expert.pos.dtype
+        t_all = torch.tensor(flow_times(steps), device=state.device).repeat_interleave(b)
+        summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)   # step-major
+        action_in, out, weights, ada, *_ = _expert_weights(expert)
+        step_mods, finals = _step_mods(_conditioning_fast(expert, t_all, summary, ada), steps,
+                                       b)
+        s_tok = expert.state_in(state.to(dtype))
+        if ctx.summary is not None:
+            s_tok = s_tok + expert.summary_state(ctx.summary.to(dtype))
+        blocks = list(zip(expert.blocks, weights, ctx.keys, ctx.values, strict=True))
+        return cls(blocks, ctx.mask, action_in, out, step_mods, finals,
+                   s_tok[:, None] + expert.pos[:1], expert.pos[1:])
+
+    def velocity(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x_t (B, H, Da) at step i -> v (B, H, Da)."""
+        h = torch.cat([self.s_tok, self.action_in(x.to(self.pos.dtype)) + self.pos], dim=1)
+        for (block, w, k, v), mods in zip(self.blocks, self.step_mods[i], strict=True):
+            h = _block_fast(block, w, h, mods, k, v, self.mask)
+        shift, scale = self.finals[i]
+        return self.out(_norm_mod(h[:, 1:], shift, scale))
+
+
 def euler_sample_fast(expert: ActionExpert, state: torch.Tensor, noise: torch.Tensor,
                       ctx: ExpertContext, steps: int) -> torch.Tensor:
-    """`euler_sample` with a fixed context, as inference runs it: everything that does not
-    depend on x_t (the adaLN modulations of all steps, the state token, the keys/values) is
-    computed once per chunk, and each step is the bare DiT arithmetic (no module calls, fused
-    multiply-adds, weights in `Dense` layout). Same result as `euler_sample` up to float
-    rounding (~1e-6)."""
+    """`euler_sample` with a fixed context, as inference runs it (`FastSteps`). Same result as
+    `euler_sample` up to float rounding (~1e-6)."""
     x = noise
-    b = x.shape[0]
     dt = -1.0 / steps
-    times = [1.0 + i * dt for i in range(steps)]
-    dtype = expert.pos.dtype
-    t_all = torch.tensor(times, device=x.device).repeat_interleave(b)               # (N * B,)
-    summary = None if ctx.summary is None else ctx.summary.repeat(steps, 1)       # step-major
-    action_in, out, weights, ada, *_ = _expert_weights(expert)
-    step_mods, finals = _step_mods(_conditioning_fast(expert, t_all, summary, ada), steps, b)
-    s_tok = expert.state_in(state.to(dtype))
-    if ctx.summary is not None:
-        s_tok = s_tok + expert.summary_state(ctx.summary.to(dtype))
-    s_tok = s_tok[:, None] + expert.pos[:1]                                        # (B, 1, w)
-    pos = expert.pos[1:]
-    blocks = list(zip(expert.blocks, weights, ctx.keys, ctx.values, strict=True))
+    fast = FastSteps.build(expert, state, ctx, steps)
     for i in range(steps):
-        h = torch.cat([s_tok, action_in(x.to(dtype)) + pos], dim=1)
-        for (block, w, k, v), mods in zip(blocks, step_mods[i], strict=True):
-            h = _block_fast(block, w, h, mods, k, v, ctx.mask)
-        shift, scale = finals[i]
-        x = x + dt * out(_norm_mod(h[:, 1:], shift, scale)).to(x.dtype)
+        x = x + dt * fast.velocity(x, i).to(x.dtype)
     return x
