@@ -205,3 +205,5 @@ def test_blend_keeps_the_old_action_at_the_splice_and_ends_on_the_new_chunk():
     assert out[:3].tolist() == [[0.0, 0.0]] * 3                 # up to and at the splice
     assert bool(np.all(np.diff(out[2:6, 0]) > 0))
     assert out[5:].tolist() == [[1.0, 1.0]] * 5                 # from the old chunk's end
+    short = _blend(np.zeros((12, 2)), np.ones((8, 2)), delay=2)     # a truncated new chunk
+    assert short.shape == (8, 2) and short[2].tolist() == [0.0, 0.0]

@@ -238,8 +238,8 @@ def _blend(old: np.ndarray, new: np.ndarray, delay: int) -> np.ndarray:
     steps = np.arange(len(new), dtype=np.float64)
     w = rtc_weights(steps, float(delay), float(len(old) - 1))[:, None]
     w[len(old):] = 0.0
-    old_on_grid = np.vstack([old, np.repeat(old[-1:], len(new) - len(old), axis=0)])
-    return w * old_on_grid[:len(new)] + (1.0 - w) * new
+    held = np.repeat(old[-1:], max(len(new) - len(old), 0), axis=0)    # w is 0 there
+    return w * np.vstack([old, held])[:len(new)] + (1.0 - w) * new
 
 
 def grasp_offset_of(env: SimEnv) -> list[float]:
