@@ -160,7 +160,7 @@ def test_policy_node_holds_on_a_bad_input_naming_it_and_resumes_when_it_is_good(
         seen = len(h.statuses)
     bad = BadInput(h, kind, make)
 
-    def named_hold() -> bool:      # published, or seen by polling (see the xfail row below)
+    def named_hold() -> bool:      # published, or seen by polling
         with h.lock:
             recent = [*h.statuses[seen:], h.node.status()]
         return any(s.state == PolicyStatus.STATE_HOLD and named in s.last_error for s in recent)
@@ -180,11 +180,6 @@ def test_policy_node_holds_on_a_bad_input_naming_it_and_resumes_when_it_is_good(
     assert_every_command_safe(h)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'policy node: a joint state it cannot use is dropped with a throttled log line, and the '
-    "hold that follows says only that joint_states are stale; the cause (here 'fr3_joint3' "
-    'missing) should be the hold reason in /vla/status (issue 27; the node is mid-refactor '
-    'into runtime/, owned elsewhere)'))
 def test_the_hold_of_a_renamed_joint_names_the_joint_in_the_status(harness, tiny_policy,
                                                                    wait) -> None:
     h = harness({'instruction': 'pick', 'inference_rate_hz': 4.0, 'max_tracking_error': 10.0,
@@ -196,11 +191,6 @@ def test_the_hold_of_a_renamed_joint_names_the_joint_in_the_status(harness, tiny
     assert 'fr3_joint3' in h.node.status().last_error
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'policy runtime: a frame that cannot be decoded holds the run (bad observation), but the '
-    'next frame counts as fresh input and ends the hold at the next control tick, so /vla/status '
-    'says RUNNING (and the node brakes at every request) while only bad frames arrive; an INPUT '
-    'hold for a bad observation should end only when a frame decodes (issue 27)'))
 def test_the_hold_of_an_undecodable_camera_lasts_while_its_frames_are_bad(harness, tiny_policy,
                                                                           wait) -> None:
     h = harness({'instruction': 'pick', 'inference_rate_hz': 4.0, 'max_tracking_error': 10.0,

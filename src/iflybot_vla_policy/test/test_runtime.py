@@ -267,15 +267,43 @@ def test_a_stale_camera_holds_for_input_naming_the_camera():
     assert 'scene_camera' in rig.rt.status().last_error
 
 
-def test_an_undecodable_image_holds_for_input():
+def test_undecodable_frames_hold_while_they_last_and_a_frame_that_decodes_resumes():
+    bad = {'on': True}
+
     def decode(payload):
-        raise ValueError("unsupported image encoding '16UC1'")
+        if bad['on']:
+            raise ValueError("unsupported image encoding 'yuv422'")
+        return payload
 
     rig = Rig(decode=decode)
     rig.start()
     rig.worker.finish()
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.OBSERVATION)
+    assert 'yuv422' in rig.rt.status().last_error and rig.rt.chunks_produced == 0
+    brakes = len(rig.out.trajectories)
+    for _ in range(3):                        # fresh but still undecodable frames
+        rig.advance(0.4)
+        rig.worker.finish()
+        assert rig.rt.state == RunState.HOLD, 'fresh frames do not end the hold'
+    assert len(rig.out.trajectories) == brakes, 'one brake, not one per request'
+    bad['on'] = False
+    rig.advance(0.4)
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING and rig.rt.chunks_produced == 1
+
+
+def test_a_refused_joint_state_is_named_in_the_hold_it_causes():
+    rig = Rig(joint_state_timeout_s=0.25)
+    rig.start()
+    rig.rt.on_refused_input('joint_states', "joint state lacks joint(s) ['fr3_joint3']")
+    rig.advance(0.3, inputs=False)
     assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.INPUT)
-    assert '16UC1' in rig.rt.status().last_error and rig.rt.chunks_produced == 0
+    assert 'stale input: joint_states' in rig.rt.status().last_error
+    assert "['fr3_joint3']" in rig.rt.status().last_error
+    rig.advance(0.04)                         # a good one clears it
+    assert rig.rt.state == RunState.RUNNING
+    rig.advance(0.3, inputs=False)
+    assert 'fr3_joint3' not in rig.rt.status().last_error
 
 
 def test_an_unreachable_server_holds_keeps_asking_after_its_backoff_and_resumes():

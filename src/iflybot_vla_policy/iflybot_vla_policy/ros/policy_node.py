@@ -54,6 +54,7 @@ from iflybot_vla_policy.runtime.config import (
     parse_config,
     unknown_parameters,
 )
+from iflybot_vla_policy.runtime.freshness import JOINT_STATES
 from iflybot_vla_policy.runtime.loading import load_policy
 from iflybot_vla_policy.runtime.stats import RuntimeStats
 from iflybot_vla_policy.safety import Trajectory
@@ -282,6 +283,7 @@ class PolicyNode(LifecycleNode):
         except (KeyError, ValueError) as exc:
             self.get_logger().warning(f'ignoring joint state: {exc}',
                                       throttle_duration_sec=5.0)
+            runtime.on_refused_input(JOINT_STATES, str(exc))
             return
         runtime.on_joint_state(q, float(fingers.sum()), stamp_seconds(msg.header.stamp))
 

@@ -53,6 +53,7 @@ class InputTracker:
         self._frame_times: dict[str, float] = {}   # header stamp, or arrival if unstamped
         self._frames: dict[str, int] = {}
         self._frames_used: dict[str, int] = {}
+        self._refused: dict[str, str] = {}   # input -> why its last message was refused
         self.run_start: float | None = None   # a run waits for inputs that arrived after this
         self.inputs_after = 0.0               # ... or, when > 0, stamped at or after this
 
@@ -65,10 +66,21 @@ class InputTracker:
 
     def joint_state(self, sample: JointSample, now: float) -> None:
         self.joint = sample
+        self._refused.pop(JOINT_STATES, None)
         self.watchdog.feed(JOINT_STATES, now)
 
+    def refused(self, name: str, reason: str) -> None:
+        """A message of input `name` could not be used (a renamed joint, a NaN): it feeds
+        nothing, and the hold that follows names why."""
+        self._refused[name] = reason
+
     def stale_reason(self, now: float) -> str:
-        return self.watchdog.stale_reason(now)
+        """'' when every input is fresh; else which are stale, and why their last message was
+        refused where it was."""
+        reason = self.watchdog.stale_reason(now)
+        refused = [f'{name} refused: {why}' for name, why in self._refused.items()
+                   if self.watchdog.age(name, now) > self.watchdog.timeouts[name]]
+        return f'{reason} ({"; ".join(refused)})' if reason and refused else reason
 
     # -------------------------------------------------------------------- frames
     def fresh_frames(self) -> bool:

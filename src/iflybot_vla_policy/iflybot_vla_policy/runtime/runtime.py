@@ -210,6 +210,11 @@ class PolicyRuntime:
             if self.supervisor.active and self.inputs.fresh_frames():
                 self._step(now, outputs=False)   # a frame set may be waiting for this state
 
+    def on_refused_input(self, name: str, reason: str) -> None:
+        """A message of `name` ('joint_states' or a camera) that could not be used."""
+        with self.lock:
+            self.inputs.refused(name, reason)
+
     def on_task_success(self, success: bool) -> None:
         with self.lock:
             self.success.observe(success, self._clock())
@@ -434,10 +439,12 @@ class PolicyRuntime:
                    'state': request.joint.state(), 'instruction': request.instruction}
         except (KeyError, ValueError, RuntimeError) as exc:
             with self.lock:
-                if request.generation == sup.generation:
-                    sup.hold(HoldCause.INPUT, f'bad observation: {exc}')
+                if request.generation == sup.generation and \
+                        sup.bad_observation(f'bad observation: {exc}'):
                     self._brake(self._clock())
             return
+        with self.lock:
+            sup.observation_decoded()
         start = time.perf_counter()
         try:
             out = self.policy.infer(obs)

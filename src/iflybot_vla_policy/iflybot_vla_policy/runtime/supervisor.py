@@ -1,8 +1,9 @@
 """The run/hold state machine of the policy runtime: every state change happens here.
 
 The robot moves only in RUNNING. A hold has a cause, and the cause decides what ends it: fresh
-inputs end an INPUT hold, an answer from the policy server ends a SERVER hold, and only a new
-instruction (or goal) ends a USER hold or an ERROR. `generation` counts the changes that make
+inputs end an INPUT hold, an observation that decodes ends an OBSERVATION hold, an answer from
+the policy server ends a SERVER hold, and only a new instruction (or goal) ends a USER hold or
+an ERROR. `generation` counts the changes that make
 an inference in flight worthless (its result is dropped when the generation moved on).
 """
 from __future__ import annotations
@@ -23,7 +24,9 @@ class RunState(IntEnum):
 class HoldCause(Enum):
     NONE = 'none'       # not holding
     USER = 'user'       # no instruction, goal ended or canceled, e-stop, deactivated, shutdown
-    INPUT = 'input'     # stale or undecodable input: ends when inputs are fresh again
+    INPUT = 'input'     # stale input: ends when every input is fresh again
+    OBSERVATION = 'observation'   # a frame or state the model cannot take: ends when an
+    #                               observation decodes (requests go on)
     SERVER = 'server'   # policy server unreachable: ends when it answers (requests go on)
     ERROR = 'error'     # tracking error or model failure: ends with a new instruction
 
@@ -50,9 +53,10 @@ class Supervisor:
 
     @property
     def wants_chunks(self) -> bool:
-        """Running, or holding for the server: requests go on and reconnect (the remote client
-        paces them with its backoff)."""
-        return self.state == RunState.RUNNING or self.cause == HoldCause.SERVER
+        """Running, or holding for the server or for an observation the model can take:
+        requests go on (they reconnect, paced by the server's backoff; they try new frames)."""
+        return self.state == RunState.RUNNING or self.cause in (HoldCause.SERVER,
+                                                                HoldCause.OBSERVATION)
 
     def _set(self, state: RunState, reason: str, cause: HoldCause) -> None:
         if state != self.state or reason != self.last_error:
@@ -99,8 +103,9 @@ class Supervisor:
         return restarted
 
     def inputs_stale(self, reason: str) -> bool:
-        """Only a run stops for stale inputs: a user or server hold stays what it is (fresh
-        inputs would otherwise resume a server hold with the server still down), an ERROR too."""
+        """Only a run stops for stale inputs: a user, server or observation hold stays what it
+        is (fresh inputs would otherwise resume a server hold with the server still down, or an
+        observation hold while the frames are still bad), an ERROR too."""
         if self.state == RunState.RUNNING:
             return self.hold(HoldCause.INPUT, reason)
         return False
@@ -109,10 +114,21 @@ class Supervisor:
         if self.state == RunState.HOLD and self.cause == HoldCause.INPUT:
             self._run()
 
+    def bad_observation(self, reason: str) -> bool:
+        """An observation could not be decoded: hold (and brake) once, naming the latest."""
+        if self.cause == HoldCause.OBSERVATION:
+            self.last_error = reason
+            return False
+        return self.hold(HoldCause.OBSERVATION, reason)
+
     def server_unreachable(self, reason: str) -> bool:
         if self.cause == HoldCause.SERVER:
             return False
         return self.hold(HoldCause.SERVER, reason)
+
+    def observation_decoded(self) -> None:
+        if self.active and self.cause == HoldCause.OBSERVATION:
+            self._run()
 
     def server_answered(self) -> None:
         if self.active and self.cause == HoldCause.SERVER:
