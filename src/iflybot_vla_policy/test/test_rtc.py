@@ -207,3 +207,30 @@ def test_blend_keeps_the_old_action_at_the_splice_and_ends_on_the_new_chunk():
     assert out[5:].tolist() == [[1.0, 1.0]] * 5                 # from the old chunk's end
     short = _blend(np.zeros((12, 2)), np.ones((8, 2)), delay=2)     # a truncated new chunk
     assert short.shape == (8, 2) and short[2].tolist() == [0.0, 0.0]
+
+
+def test_delayed_rollout_survives_chunks_the_workspace_box_cuts_short():
+    """A vetted chunk cut inside the delay holds (the old chunk runs on); one cut after it runs
+    (a cut chunk made the delayed rollout raise)."""
+    import dataclasses
+
+    from iflybot_vla_policy.eval.rollout import RolloutConfig, run_episode
+    from iflybot_vla_policy.robot import load_robot
+    from iflybot_vla_policy.safety import SafetyFilter
+
+    class Cutting(SafetyFilter):
+        def __init__(self, keep: list[int]) -> None:
+            super().__init__(load_robot())
+            self.keep = keep
+
+        def check_chunk(self, actions, dt, q_measured):
+            check = super().check_chunk(actions, dt, q_measured)
+            k = self.keep.pop(0) if self.keep else len(check.positions)
+            return dataclasses.replace(check, positions=check.positions[:k],
+                                       gripper=check.gripper[:k])
+
+    config = RolloutConfig(max_time_s=1.95, replan_steps=4, image_size=(32, 32),
+                           inference_delay_s=0.3, chunking='blend')
+    result = run_episode(_RecordingPolicy(), 'pick_place', 0, config, Cutting([16, 2, 5]))
+    assert result.hold_reasons == {'chunk truncated within the inference delay': 1}
+    assert result.chunks == 6     # periods 0, 4, 7 (the held one took only the delay), 11, 15, 19

@@ -17,6 +17,7 @@ delay). With no delay and 'naive' the loop is the synchronous one above.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,9 +193,15 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
         actions = np.asarray(out['actions'], dtype=np.float64)     # (horizon, 8)
         dt = float(out['dt'])
         delay = int(round(config.inference_delay_s / dt))
+        if 2 * delay > len(actions):
+            raise ValueError(f'inference delay {config.inference_delay_s} s ({delay} actions) '
+                             f'is more than half the chunk ({len(actions)} actions)')
         if delay and run_plan(delay):     # the old chunk runs while the policy computes
             break
         check = safety.check_chunk(actions, dt, q_observed)
+        if check.ok and len(check.positions) <= delay:   # cut (workspace box) inside the delay
+            check = dataclasses.replace(check, hold_reason='chunk truncated within the '
+                                        'inference delay')
         if not check.ok:
             holds += 1
             reason = hold_category(check.hold_reason)
@@ -203,12 +210,9 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
                 advance(dt)
                 period += 1
             continue
-        horizon = len(check.positions)
-        if 2 * delay > horizon:
-            raise ValueError(f'inference delay {config.inference_delay_s} s ({delay} actions) '
-                             f'is more than half the chunk ({horizon} actions)')
-        n_exec = min(config.replan_steps or horizon, horizon - delay)
-        n_exec = max(n_exec, delay, 1)
+        horizon = len(check.positions)    # less than the policy's when the box cut it
+        n_exec = min(config.replan_steps or len(actions), len(actions) - delay)
+        n_exec = max(min(n_exec, horizon), delay, 1)
         new = np.column_stack([check.positions, check.gripper])          # (horizon, 8)
         if config.chunking == 'blend' and left is not None and len(left) > delay:
             new = _blend(left, new, delay)
