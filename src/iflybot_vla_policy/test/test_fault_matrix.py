@@ -187,7 +187,9 @@ def test_the_hold_of_a_renamed_joint_names_the_joint_in_the_status(harness, tiny
     h.configure_and_activate(wait)
     assert wait(lambda: len(h.received()) >= 1, timeout=60)
     BadInput(h, 'joints', renamed_joint)
-    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=30)
+    # the hold the bad joint states cause (not one at start-up, before the first frames)
+    assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD
+                and 'joint_states' in h.node.status().last_error, timeout=30)
     assert 'fr3_joint3' in h.node.status().last_error
 
 
