@@ -19,6 +19,23 @@ class GripperSpec:
 
 
 @dataclass(frozen=True)
+class PositionVelocityLimits:
+    """Franka's position-based joint velocity limits (config/robot/fr3.yaml); arrays (n,)."""
+
+    offset: np.ndarray       # rad/s
+    k: np.ndarray            # rad/s^2
+    upper: np.ndarray        # rad
+    lower: np.ndarray        # rad
+
+    def bounds(self, q: np.ndarray, dq_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) velocity limits (n,) at joint positions q (n,)."""
+        up = np.sqrt(np.maximum(0.0, self.k * (self.upper - q))) - self.offset
+        down = self.offset - np.sqrt(np.maximum(0.0, self.k * (q - self.lower)))
+        return (np.maximum(-dq_max, np.minimum(0.0, down)),
+                np.minimum(dq_max, np.maximum(0.0, up)))
+
+
+@dataclass(frozen=True)
 class RobotSpec:
     """Kinematics and limits of one arm; arrays have one entry per arm joint (7 for the FR3)."""
 
@@ -40,6 +57,8 @@ class RobotSpec:
     max_angular_velocity: float
     workspace_min: np.ndarray  # (3,)
     workspace_max: np.ndarray  # (3,)
+    dddq_max: np.ndarray | None = None        # (n_joints,) rad/s^3; None: no jerk check
+    velocity_limits_by_position: PositionVelocityLimits | None = None
 
     @property
     def n_joints(self) -> int:
@@ -81,6 +100,7 @@ def _mdh(a: float, d: float, alpha: float, theta: np.ndarray) -> np.ndarray:
 _REQUIRED = ('name', 'arm_joint_names', 'finger_joint_names', 'dh', 'flange_d', 'hand_yaw',
              'tcp_offset', 'q_min', 'q_max', 'dq_max', 'ddq_max', 'tau_max', 'home', 'gripper',
              'cartesian', 'workspace')
+_OPTIONAL = ('dddq_max', 'velocity_limits_by_position')
 
 
 def load_robot(name_or_path: str | Path = 'fr3') -> RobotSpec:
@@ -94,16 +114,29 @@ def load_robot(name_or_path: str | Path = 'fr3') -> RobotSpec:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(f'{path}: missing key(s) {missing}')
-    unknown = sorted(set(data) - set(_REQUIRED))
+    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
-        raise ValueError(f'{path}: unknown key(s) {unknown}; valid keys: {list(_REQUIRED)}')
+        raise ValueError(f'{path}: unknown key(s) {unknown}; valid keys: '
+                         f'{list(_REQUIRED + _OPTIONAL)}')
     n = len(data['arm_joint_names'])
     arrays = {}
-    for key in ('q_min', 'q_max', 'dq_max', 'ddq_max', 'tau_max', 'home'):
+    for key in ('q_min', 'q_max', 'dq_max', 'ddq_max', 'tau_max', 'home', 'dddq_max'):
+        if key not in data:
+            continue
         arr = np.asarray(data[key], dtype=np.float64)
         if arr.shape != (n,):
             raise ValueError(f'{path}: {key} must have {n} entries, got {arr.shape}')
         arrays[key] = arr
+    pbv = None
+    if 'velocity_limits_by_position' in data:
+        fields = {}
+        for key in ('offset', 'k', 'upper', 'lower'):
+            arr = np.asarray(data['velocity_limits_by_position'].get(key), dtype=np.float64)
+            if arr.shape != (n,):
+                raise ValueError(f'{path}: velocity_limits_by_position.{key} must have {n} '
+                                 f'entries, got {arr.shape}')
+            fields[key] = arr
+        pbv = PositionVelocityLimits(**fields)
     dh = np.asarray(data['dh'], dtype=np.float64)
     if dh.shape != (n, 3):
         raise ValueError(f'{path}: dh must be {n} rows of [a, d, alpha], got {dh.shape}')
@@ -122,4 +155,4 @@ def load_robot(name_or_path: str | Path = 'fr3') -> RobotSpec:
         max_angular_velocity=float(cart['max_angular_velocity']),
         workspace_min=np.asarray(ws['min'], dtype=np.float64),
         workspace_max=np.asarray(ws['max'], dtype=np.float64),
-        **arrays)
+        velocity_limits_by_position=pbv, **arrays)

@@ -45,6 +45,9 @@ class EpisodeResult:
     timer_jitter_p99_ms: float = math.nan
     e2e_latency_p99_ms: float = math.nan
     real_time_factor: float = math.nan
+    # libfranka error name -> count: the simulator's checks of the 1 kHz command stream against
+    # the FR3's limits (sim/trajectory.py CommandMonitor); the real arm aborts on each
+    reflexes: dict[str, int] = field(default_factory=dict)
 
 
 def hold_category(reason: str) -> str:
@@ -67,9 +70,12 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
         grasp_xy = [math.hypot(*e.grasp_offset_m[:2]) for e in group
                     if e.grasp_offset_m is not None]
         violations: dict[str, int] = {}
+        reflexes: dict[str, int] = {}
         for e in group:
             for key, count in e.limit_violations.items():
                 violations[key] = violations.get(key, 0) + count
+            for key, count in e.reflexes.items():
+                reflexes[key] = reflexes.get(key, 0) + count
         summary[name] = {
             'episodes': len(group), 'successes': wins, 'success_rate': wins / len(group),
             'success_ci95': [low, high],
@@ -85,6 +91,8 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
             'episodes_with_stale_input_holds': sum(
                 any(k.startswith('stale input') for k in e.hold_reasons) for e in group),
             'limit_violations': violations,
+            'reflexes': reflexes,
+            'episodes_with_reflexes': sum(bool(e.reflexes) for e in group),
             'grasp_attempts': len(grasp_xy),
             'grasp_xy_error_m_median': float(np.median(grasp_xy)) if grasp_xy else math.nan,
         }
@@ -121,8 +129,9 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
     lines = ['# Closed-loop evaluation', '']
     lines += [f'- {k}: {v}' for k, v in meta.items()]
     lines += ['', '| task | success | 95% CI | time to success (s) | latency p50/p99 (ms) | '
-              'jitter p99 (ms) | RMS jerk (rad/s³) | limit violations | safety holds |',
-              '|---|---|---|---|---|---|---|---|---|']
+              'jitter p99 (ms) | RMS jerk (rad/s³) | limit violations | safety holds | '
+              'reflexes (episodes) |',
+              '|---|---|---|---|---|---|---|---|---|---|']
     for name, row in summary.items():
         low, high = row['success_ci95']
         counts = row['limit_violations']
@@ -132,7 +141,8 @@ def write_report(out_dir: Path, episodes: Sequence[EpisodeResult],
             f'{low:.0%}–{high:.0%} | {_fmt(row["time_to_success_s_mean"])} | '
             f'{_fmt(row["inference_latency_ms_p50"])} / {_fmt(row["inference_latency_ms_p99"])}'
             f' | {_fmt(row["control_jitter_p99_ms"], 2)} | {_fmt(row["rms_jerk_mean"], 2)} | '
-            f'{violations} | {counts.get("safety_holds", 0)} |')
+            f'{violations} | {counts.get("safety_holds", 0)} | '
+            f'{sum(row["reflexes"].values())} ({row["episodes_with_reflexes"]}) |')
     lines += ['', '## Episodes', '',
               'Grasp offset: TCP minus the named object (x, y, z in the base frame, cm) when the '
               'gripper was first told to close.', '',

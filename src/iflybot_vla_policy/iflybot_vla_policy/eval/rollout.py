@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -227,12 +228,13 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
     violations = limit_violations(robot, np.asarray(commanded_q).reshape(-1, robot.n_joints),
                                   np.asarray(commanded_dq).reshape(-1, robot.n_joints))
     violations['safety_holds'] = holds
+    reflexes = dict(Counter(r.error for r in env.reflexes))
     return EpisodeResult(
         task=task, seed=seed, instruction=env.instruction, success=success_at is not None,
         duration_s=env.time - start_time, time_to_success_s=success_at,
         inference_ms=latencies, rms_jerk=rms_jerk(np.asarray(times), np.asarray(measured)),
         limit_violations=violations, chunks=chunks, hold_reasons=hold_reasons,
-        grasp_offset_m=grasp_offset, grasp_measured=bool(env.task.grasps))
+        grasp_offset_m=grasp_offset, grasp_measured=bool(env.task.grasps), reflexes=reflexes)
 
 
 def _blend(old: np.ndarray, new: np.ndarray, delay: int) -> np.ndarray:

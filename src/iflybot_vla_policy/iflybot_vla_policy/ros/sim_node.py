@@ -62,6 +62,7 @@ class SimNode(Node):
         self._clock_offset = 0.0          # sim clock = offset + env.time (monotonic over resets)
         self._reset_stamp = 0.0           # sim clock when the last reset's scene began
         self._rejected = 0
+        self._reflexes_logged = 0
         # OpenGL contexts belong to one thread: the physics thread creates, resets and renders
         # the env; the service callback hands resets over through _reset_request.
         self._reset_request: tuple[str, int] | None = None
@@ -133,6 +134,9 @@ class SimNode(Node):
                                              0.01, 5.0)),
             'allow_nonzero_velocity_at_trajectory_end': (False, _describe(
                 'JTC: accept trajectories whose last point still moves')),
+            'libfranka_reflexes': ('report', _describe(
+                "libfranka's limits on the 1 kHz command stream: 'abort' stops the motion and "
+                "holds as the FR3 does, 'report' logs only, 'off'")),
             'lockstep_timeout_s': (5.0, _describe(
                 'lockstep (ResetSim.lockstep): wall seconds a frame waits for an answer of the '
                 'policy before the simulation goes on without it', 0.1, 600.0)),
@@ -152,7 +156,8 @@ class SimNode(Node):
                         home_noise=float(p['home_noise']),
                         allow_nonzero_velocity_at_trajectory_end=bool(
                             p['allow_nonzero_velocity_at_trajectory_end']),
-                        twist_timeout=float(p['twist_timeout']))
+                        twist_timeout=float(p['twist_timeout']),
+                        reflexes=str(p['libfranka_reflexes']))
 
     # ----------------------------------------------------------------------------- callbacks
     @property
@@ -317,6 +322,7 @@ class SimNode(Node):
                     continue           # reset during the pause: the old scene does not step
                 self._env.step(float(tick))
                 after = self.sim_time
+                self._log_reflexes()
             if rtf > 0:
                 wait = wall0 + (after - sim0) / rtf - time.monotonic()
                 if wait > 0:
@@ -328,6 +334,17 @@ class SimNode(Node):
                             f'image size cost the most)')
                         behind_warned = time.monotonic()
                     wall0, sim0 = time.monotonic(), after
+
+    def _log_reflexes(self) -> None:
+        """One error line per new violation of libfranka's limits (env.reflexes, this scene)."""
+        reflexes = self._env.reflexes
+        if len(reflexes) < self._reflexes_logged:     # a reset started a new list
+            self._reflexes_logged = 0
+        for reflex in reflexes[self._reflexes_logged:]:
+            action = ('motion aborted, holding' if self._env.reflex_mode == 'abort'
+                      else 'the FR3 would abort here')
+            self.get_logger().error(f'reflex {reflex} ({action})')
+        self._reflexes_logged = len(reflexes)
 
     def _wait_for_answer(self, stamp: float) -> None:
         """Lockstep: hold the clock at the frame `stamp` until the policy's chunk for it and a

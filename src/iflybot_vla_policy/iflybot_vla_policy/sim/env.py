@@ -17,14 +17,23 @@ from iflybot_vla_policy.sim.model import FINGER_TRAVEL, PHYSICS_DT, scene_xml
 from iflybot_vla_policy.sim.servo import CartesianServo, ServoConfig
 from iflybot_vla_policy.sim.tasks import ObjectState, Task, make_task
 from iflybot_vla_policy.sim.trajectory import (
+    COMMAND_DT,
+    CommandLimits,
+    CommandMonitor,
     DesiredState,
     JointTrajectory,
+    Reflex,
     TrajectoryController,
     TrajectoryError,
     make_trajectory,
 )
 
 CAMERAS = ('scene_camera', 'wrist_camera')
+REFLEX_MODES = ('abort', 'report', 'off')
+# Servo's joint acceleration bound, as a fraction of the FR3's: Servo does not limit jerk, so a
+# twist from rest steps the acceleration 0 -> bound within one 1 ms command (jerk = bound / 1 ms,
+# which must stay under the FR3's 5000 rad/s^3).
+SERVO_ACCEL_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,8 @@ class SimEnv:
                  camera_sizes: dict[str, tuple[int, int]] | None = None,
                  home_noise: float = 0.05, fast_visuals: bool = True,
                  allow_nonzero_velocity_at_trajectory_end: bool = False,
-                 twist_timeout: float = 0.2, variant: int = 0) -> None:
+                 twist_timeout: float = 0.2, variant: int = 0,
+                 reflexes: str = 'report') -> None:
         self.robot = robot or load_robot()
         self.variant = variant       # instruction variant of every reset (Task.retarget)
         self.task: Task = make_task(task)
@@ -96,7 +106,8 @@ class SimEnv:
             ('fr3_leftfinger', 'fr3_rightfinger'))
         self.kinematics = ArmKinematics(self.model, r.arm_joint_names, r.q_min, r.q_max)
         self.servo = CartesianServo(
-            ServoConfig(r.max_linear_velocity, r.max_angular_velocity, r.dq_max, r.ddq_max,
+            ServoConfig(r.max_linear_velocity, r.max_angular_velocity, r.dq_max,
+                        r.ddq_max * SERVO_ACCEL_FRACTION,
                         r.q_min, r.q_max, timeout=twist_timeout), self.kinematics.jacobian)
         wn = 2 * math.pi * self.control_gain_hz
         self._kp, self._kd = wn * wn, 2.0 * wn
@@ -114,6 +125,14 @@ class SimEnv:
             r.arm_joint_names, r.q_min, r.q_max, r.home,
             allow_nonzero_velocity_at_trajectory_end=allow_nonzero_velocity_at_trajectory_end)
         self._servo_mode = False
+        # libfranka's limits on the command stream (sim/trajectory.py): 'abort' stops the motion
+        # and holds, as the FR3 does; 'report' only records; 'off' does not check.
+        if reflexes not in REFLEX_MODES:
+            raise ValueError(f'reflexes must be one of {REFLEX_MODES}, got {reflexes!r}')
+        self.reflex_mode = reflexes
+        self.monitor = (CommandMonitor(r.arm_joint_names, CommandLimits.from_robot(r))
+                        if reflexes != 'off' else None)
+        self.reflexes: list[Reflex] = []     # this episode's violations, oldest first
         self._desired = DesiredState(r.home.copy(), np.zeros(7), np.zeros(7))
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,
                                        self.move_force, False)
@@ -139,6 +158,9 @@ class SimEnv:
         self.trajectory.hold(q0, self.time)
         self.servo.reset(q0)
         self._servo_mode = False
+        self.reflexes = []
+        if self.monitor is not None:
+            self.monitor.reset(q0, self.time)
         self._desired = DesiredState(q0.copy(), np.zeros(7), np.zeros(7))
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,
                                        self.move_force, False)
@@ -162,6 +184,8 @@ class SimEnv:
         self.trajectory.hold(q, self.time)
         self.servo.reset(q)
         self._servo_mode = False
+        if self.monitor is not None:
+            self.monitor.reset(q, self.time)
         self._desired = DesiredState(q.copy(), np.zeros(7), np.zeros(7))
         self.step(settle)
 
@@ -315,11 +339,27 @@ class SimEnv:
         m, d, v = self.model, self.data, self._views
         mujoco.mj_step1(m, d)
         t = float(d.time)
+        monitor = self.monitor
         if self._servo_mode:
-            q, dq, ddq = self.servo.update(PHYSICS_DT, t)
+            # Servo integrates at libfranka's 1 kHz, so its stream is checked as the robot would.
+            q = self.servo.update(COMMAND_DT, t - COMMAND_DT)[0]
+            reflex = monitor.check(t - COMMAND_DT, q) if monitor is not None else None
+            q, dq, ddq = self.servo.update(COMMAND_DT, t)
             self._desired = DesiredState(q, dq, ddq)
+            if monitor is not None and reflex is None:
+                reflex = monitor.check(t, q)
         else:
+            if monitor is not None:
+                # The command stream at 1 kHz: the sample between the physics steps, then t.
+                half = self.trajectory.sample(t - COMMAND_DT).positions
+                reflex = monitor.check(t - COMMAND_DT, half)
             self._desired = self.trajectory.sample(t)
+            if monitor is not None and reflex is None:
+                reflex = monitor.check(t, self._desired.positions)
+        if monitor is not None and reflex is not None:
+            self.reflexes.append(reflex)
+            if self.reflex_mode == 'abort':
+                self._abort(t)
         des = self._desired
         arm_dof = self._arm_dof
         error = des.positions - v.qpos[self._arm_qpos]
@@ -337,6 +377,15 @@ class SimEnv:
             m.actuator_forcerange[self._finger_act] = (-g.force, g.force)
             self._applied_force = g.force
         mujoco.mj_step2(m, d)
+
+    def _abort(self, t: float) -> None:
+        """What the FR3 does on a motion-generator error: drop the motion, hold where it is."""
+        q = self._views.qpos[self._arm_qpos].copy()
+        self.trajectory.hold(q, t)
+        self.servo.reset(q)
+        self._servo_mode = False
+        self.monitor.reset(q, t)
+        self._desired = DesiredState(q, np.zeros(7), np.zeros(7))
 
     # ----------------------------------------------------------------------------- cameras
     def camera_info(self, camera: str) -> CameraInfo:

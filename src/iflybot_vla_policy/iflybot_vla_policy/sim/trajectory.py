@@ -15,14 +15,22 @@ and tracks the desired state. What matches JTC:
 
 Beyond JTC (safer for a real arm): positions outside the joint limits are rejected, and points
 at or before the activation time are skipped instead of jumped to.
+
+`CommandMonitor` is what libfranka adds on the real FR3: the commanded joint positions, sampled
+at 1 kHz, must keep their finite-difference velocity, acceleration and jerk inside Franka's
+limits (config/robot/fr3.yaml); a violation aborts the motion with libfranka's error name.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from iflybot_vla_policy.robot import RobotSpec
+
+COMMAND_DT = 1e-3    # s, libfranka's control period (kDeltaT)
 
 
 class TrajectoryError(ValueError):
@@ -289,3 +297,113 @@ class TrajectoryController:
             start = traj.start_time if traj.start_time > 0.0 else activation
             return start + float(traj.times[-1])
         return self._active.end_time
+
+
+@dataclass(frozen=True)
+class Reflex:
+    """A motion aborted by a libfranka limit check on the command stream."""
+
+    error: str          # libfranka's Errors field, e.g. joint_motion_generator_velocity_...
+    time: float         # s, sim time of the offending command sample
+    joint: str
+    value: float        # the offending position (rad), velocity, acceleration or jerk
+    limit: float        # the bound it crossed, same unit
+
+    def __str__(self) -> str:
+        return (f'{self.error}: {self.joint} at {self.value:.6g} beyond {self.limit:.6g} '
+                f'(t={self.time:.3f} s)')
+
+
+@dataclass(frozen=True)
+class CommandLimits:
+    """libfranka's necessary conditions on a joint command stream; arrays (n_joints,)."""
+
+    q_min: np.ndarray
+    q_max: np.ndarray
+    dq_max: np.ndarray
+    ddq_max: np.ndarray
+    dddq_max: np.ndarray
+    # q (n,) -> (lower, upper) velocity bounds (n,); None: +-dq_max
+    velocity_bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    eps: float = 0.0     # tolerance beyond each bound (the robot's check is the bound itself)
+
+    @classmethod
+    def from_robot(cls, robot: RobotSpec) -> CommandLimits:
+        pbv = robot.velocity_limits_by_position
+        jerk = robot.dddq_max if robot.dddq_max is not None else np.full(robot.n_joints, np.inf)
+        bounds = None if pbv is None else (lambda q: pbv.bounds(q, robot.dq_max))
+        return cls(robot.q_min, robot.q_max, robot.dq_max, robot.ddq_max, jerk, bounds)
+
+
+class CommandMonitor:
+    """libfranka's checks on a stream of commanded joint positions (1 kHz on the real robot).
+
+    Velocity, acceleration and jerk are backward differences of the commanded positions, as the
+    robot computes them; samples may come at any spacing (Servo's stream comes at the physics
+    rate). A reset starts a stream at rest (libfranka's start condition: zero velocity and
+    acceleration), so the first samples after a reset are checked against a still arm.
+    """
+
+    def __init__(self, joint_names: Sequence[str], limits: CommandLimits) -> None:
+        self.joint_names = tuple(joint_names)
+        self.limits = limits
+        self._t = 0.0
+        self._q = np.zeros(len(self.joint_names))
+        self._v = np.zeros_like(self._q)      # at the midpoint of the last interval
+        self._a = np.zeros_like(self._q)
+        self._tv = self._ta = 0.0             # times the last v and a refer to
+        self._fresh = True                    # no sample since the reset
+        self.peak = np.zeros((3, len(self.joint_names)))   # max |v|, |a|, |jerk| seen
+
+    def reset(self, q: np.ndarray, t: float) -> None:
+        """Start a new stream at rest at q (n,) at time t."""
+        self._q = np.asarray(q, np.float64).copy()
+        self._t = self._tv = self._ta = float(t)
+        self._fresh = True
+        self._v = np.zeros_like(self._q)
+        self._a = np.zeros_like(self._q)
+
+    def check(self, t: float, q: np.ndarray) -> Reflex | None:
+        """Add the command q (n,) at time t; the first violated condition, or None."""
+        lim = self.limits
+        h = t - self._t
+        if h <= 0.0:
+            return None
+        if self._fresh:
+            # The stream was at rest before the reset: as if samples h apart had held q.
+            self._tv, self._ta, self._fresh = self._t - h / 2, self._t - h, False
+        tv = (t + self._t) / 2
+        v = (q - self._q) / h
+        ta = (tv + self._tv) / 2
+        a = (v - self._v) / (tv - self._tv)
+        jerk = (a - self._a) / (ta - self._ta)
+        self._t, self._q, self._tv, self._v, self._ta, self._a = t, q.copy(), tv, v, ta, a
+        np.maximum(self.peak, np.abs(np.stack([v, a, jerk])), out=self.peak)
+        eps = lim.eps
+        low = q < lim.q_min - eps
+        high = q > lim.q_max + eps
+        if np.any(low | high):
+            j = int(np.argmax(low | high))
+            bound = lim.q_min[j] if low[j] else lim.q_max[j]
+            return self._reflex('joint_motion_generator_position_limits_violation', t, j,
+                                q[j], bound)
+        if lim.velocity_bounds is not None:
+            v_low, v_high = lim.velocity_bounds(q)
+        else:
+            v_low, v_high = -lim.dq_max, lim.dq_max
+        bad = (v < v_low - eps) | (v > v_high + eps)
+        if np.any(bad):
+            j = int(np.argmax(bad))
+            return self._reflex('joint_motion_generator_velocity_limits_violation', t, j,
+                                v[j], v_low[j] if v[j] < 0 else v_high[j])
+        for name, value, bound in (
+                ('joint_motion_generator_velocity_discontinuity', a, lim.ddq_max),
+                ('joint_motion_generator_acceleration_discontinuity', jerk, lim.dddq_max)):
+            bad = np.abs(value) > bound + eps
+            if np.any(bad):
+                j = int(np.argmax(bad))
+                return self._reflex(name, t, j, value[j], math.copysign(bound[j], value[j]))
+        return None
+
+    def _reflex(self, error: str, t: float, j: int, value: float, limit: float) -> Reflex:
+        return Reflex(error, float(t), self.joint_names[j], float(value), float(limit))
