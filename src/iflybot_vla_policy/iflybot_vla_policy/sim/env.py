@@ -133,6 +133,7 @@ class SimEnv:
         self.monitor = (CommandMonitor(r.arm_joint_names, CommandLimits.from_robot(r))
                         if reflexes != 'off' else None)
         self.reflexes: list[Reflex] = []     # this episode's violations, oldest first
+        self._in_violation = False           # 'report': the stream is beyond a limit now
         self._desired = DesiredState(r.home.copy(), np.zeros(7), np.zeros(7))
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,
                                        self.move_force, False)
@@ -346,20 +347,27 @@ class SimEnv:
             reflex = monitor.check(t - COMMAND_DT, q) if monitor is not None else None
             q, dq, ddq = self.servo.update(COMMAND_DT, t)
             self._desired = DesiredState(q, dq, ddq)
-            if monitor is not None and reflex is None:
-                reflex = monitor.check(t, q)
+            if monitor is not None:
+                reflex = monitor.check(t, q) or reflex
         else:
             if monitor is not None:
                 # The command stream at 1 kHz: the sample between the physics steps, then t.
                 half = self.trajectory.sample(t - COMMAND_DT).positions
                 reflex = monitor.check(t - COMMAND_DT, half)
             self._desired = self.trajectory.sample(t)
-            if monitor is not None and reflex is None:
-                reflex = monitor.check(t, self._desired.positions)
-        if monitor is not None and reflex is not None:
-            self.reflexes.append(reflex)
-            if self.reflex_mode == 'abort':
-                self._abort(t)
+            if monitor is not None:
+                reflex = monitor.check(t, self._desired.positions) or reflex
+        if monitor is not None:
+            # 'report' counts each excursion beyond a limit once (the robot would abort at its
+            # first sample), not every sample of it.
+            if reflex is not None and not self._in_violation:
+                self.reflexes.append(reflex)
+                if self.reflex_mode == 'abort':
+                    self._abort(t)
+                else:
+                    self._in_violation = True
+            elif reflex is None:
+                self._in_violation = False
         des = self._desired
         arm_dof = self._arm_dof
         error = des.positions - v.qpos[self._arm_qpos]
