@@ -23,6 +23,7 @@ from std_msgs.msg import Bool  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E402
 
 from iflybot_vla_policy.robot import load_robot  # noqa: E402
+from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch  # noqa: E402
 from iflybot_vla_policy.ros.sim_node import SimNode  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -193,13 +194,22 @@ def test_malformed_trajectories_are_rejected_with_a_logged_reason(sim) -> None:
     np.testing.assert_allclose(probe.arm(), start, atol=2e-3)
 
 
-def test_twist_and_gripper_commands_over_dds_move_tcp_and_fingers(sim) -> None:
+def test_twists_do_nothing_until_servo_is_switched_to_twist_then_move_tcp(sim) -> None:
     _, probe = sim
     reset(probe, 'pick_place', 4)
     before = ROBOT.tcp_position(probe.arm())
     twist = TwistStamped()
     twist.header.frame_id = 'fr3_link0'
     twist.twist.linear.z = 0.1
+    for _ in range(40):            # Servo starts in JOINT_JOG: twists are ignored, as MoveIt's
+        probe.twist_pub.publish(twist)
+        time.sleep(0.02)
+    assert until(lambda: any('Servo is in JOINT_JOG' in text for text in probe.logs))
+    time.sleep(0.3)
+    assert abs(ROBOT.tcp_position(probe.arm())[2] - before[2]) < 2e-3
+    switch = ServoTwistSwitch(probe.node)
+    assert until(switch.ensure)
+    assert until(lambda: any('Servo command type: TWIST' in text for text in probe.logs))
     for _ in range(40):
         probe.twist_pub.publish(twist)
         time.sleep(0.02)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import rclpy
 from geometry_msgs.msg import TwistStamped
@@ -35,6 +36,8 @@ from iflybot_vla_policy.ros.conversions_sim import (
     to_time,
     trajectory_from_msg,
 )
+from iflybot_vla_policy.ros.servo_switch import SERVICE as SERVO_SWITCH_SERVICE
+from iflybot_vla_policy.ros.servo_switch import servo_command_type
 from iflybot_vla_policy.sim import CAMERAS, TASKS, SimEnv, TrajectoryError, make_env
 
 _BASE_FRAMES = ('', 'fr3_link0', 'base', 'world')
@@ -106,6 +109,14 @@ class SimNode(Node):
         self.create_subscription(GripperCommand, '/vla/gripper_command', self._on_gripper, 10)
         self.create_subscription(ActionChunk, '/vla/action_chunk', self._on_chunk, 10)
         self.create_service(ResetSim, '~/reset', self._on_reset)
+        # Servo's command type (moveit_msgs/srv/ServoCommandType where installed): like MoveIt
+        # Servo, the stand-in starts in JOINT_JOG and ignores twists until switched to TWIST.
+        self._servo_srv, servo_type = servo_command_type()
+        self._servo_command_type = self._servo_srv.Request.JOINT_JOG
+        self._ignored_twist_warned = 0.0
+        self.create_service(self._servo_srv, SERVO_SWITCH_SERVICE, self._on_switch_command_type)
+        self.get_logger().info(f'Servo stand-in in JOINT_JOG: call {SERVO_SWITCH_SERVICE} '
+                               f'({servo_type}) with TWIST before sending twists')
         self._publish_instruction()
         self._go.set()
         self.get_logger().info(
@@ -189,7 +200,29 @@ class SimNode(Node):
                 self._rejected += 1
                 self.get_logger().error(f'rejected trajectory: {err}')
 
+    def _on_switch_command_type(self, request: Any, response: Any) -> Any:
+        req = self._servo_srv.Request
+        names = {req.JOINT_JOG: 'JOINT_JOG', req.TWIST: 'TWIST', req.POSE: 'POSE'}
+        wanted = request.command_type
+        # The stand-in follows twists only; JOINT_JOG (its idle state) is accepted too.
+        response.success = wanted in (req.JOINT_JOG, req.TWIST)
+        if response.success:
+            self._servo_command_type = wanted
+            self.get_logger().info(f'Servo command type: {names[wanted]}')
+        else:
+            self.get_logger().error(f'Servo command type {names.get(wanted, wanted)} is not '
+                                    f'supported by the simulator (JOINT_JOG or TWIST)')
+        return response
+
     def _on_twist(self, msg: TwistStamped) -> None:
+        if self._servo_command_type != self._servo_srv.Request.TWIST:
+            now = time.monotonic()
+            if now - self._ignored_twist_warned > 5.0:
+                self.get_logger().warning(
+                    f'ignored twist: Servo is in JOINT_JOG mode (call {SERVO_SWITCH_SERVICE} '
+                    f'with TWIST first, as MoveIt Servo requires)')
+                self._ignored_twist_warned = now
+            return
         frame = msg.header.frame_id
         if frame in _BASE_FRAMES:
             frame = 'base'

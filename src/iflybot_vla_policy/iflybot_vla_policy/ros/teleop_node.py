@@ -1,7 +1,8 @@
 """`iflybot_teleop`: keyboard (and SpaceMouse) teleoperation of the end effector.
 
 Publishes geometry_msgs/TwistStamped to MoveIt Servo's `/servo_node/delta_twist_cmds` (the
-simulator accepts the same topic) while a motion key is held, GripperCommand on the gripper
+simulator accepts the same topic) while a motion key is held, after switching Servo to TWIST
+through `/servo_node/switch_command_type` (ros/servo_switch.py), GripperCommand on the gripper
 toggle, and calls the recorder's `~/start_episode`, `~/stop_episode` and `~/discard_episode`.
 The terminal is put in cbreak mode (no echo, no line buffering) and restored on exit; without a
 terminal (e.g. under a launch file) only the SpaceMouse drives.
@@ -24,6 +25,8 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from iflybot_vla_policy.ros.servo_switch import SERVICE as SERVO_SWITCH_SERVICE
+from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch
 from iflybot_vla_policy.spacemouse import SpaceMouseReader, spacemouse_twist
 from iflybot_vla_policy.teleop import HELP, KeyboardTeleop, TeleopConfig
 
@@ -35,6 +38,9 @@ class TeleopNode(Node):
         defaults = TeleopConfig()
         self.declare_parameter('twist_topic', '/servo_node/delta_twist_cmds',
                                d('TwistStamped command topic (MoveIt Servo or the simulator)'))
+        self.declare_parameter('servo_switch_service', SERVO_SWITCH_SERVICE,
+                               d('MoveIt Servo command-type service, called with TWIST before '
+                                 "the first twist ('' = do not switch)"))
         self.declare_parameter('gripper_topic', '/vla/gripper_command', d('GripperCommand topic'))
         self.declare_parameter('frame_id', 'fr3_link0', d('frame of the twist (robot base)'))
         self.declare_parameter('rate_hz', 30.0, d('twist publishing rate while moving'))
@@ -62,6 +68,9 @@ class TeleopNode(Node):
         self.task, self.instruction = p('task'), p('instruction')
         self.operator_name = p('operator_name')
         self.twist_pub = self.create_publisher(TwistStamped, p('twist_topic'), 10)
+        # MoveIt Servo starts in JOINT_JOG and ignores twists until switched to TWIST.
+        self.servo_switch = (ServoTwistSwitch(self, p('servo_switch_service'))
+                             if p('servo_switch_service') else None)
         self.gripper_pub = self.create_publisher(GripperCommand, p('gripper_topic'), 10)
         recorder = p('recorder').rstrip('/')
         self.start_client = self.create_client(StartEpisode, f'{recorder}/start_episode')
@@ -102,6 +111,8 @@ class TeleopNode(Node):
                                       self.teleop.scale)
             linear, angular = linear + sl, angular + sa
         moving = bool(linear.any() or angular.any())
+        if moving and self.servo_switch is not None:
+            self.servo_switch.ensure()
         if moving or self._moving:     # one zero twist after motion stops
             msg = TwistStamped()
             msg.header.stamp = self.get_clock().now().to_msg()
