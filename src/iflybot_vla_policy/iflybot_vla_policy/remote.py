@@ -1,4 +1,9 @@
-"""A policy that runs on another machine: a client of ``iflybot serve`` (or any openpi server).
+"""A policy that runs on another machine: a client of ``iflybot serve`` or an openpi server.
+
+``wire_format`` says which observation keys and action units the server speaks: 'iflybot' (our
+own dict, what ``iflybot serve`` expects) or 'droid' (openpi's DROID convention, e.g. a
+pi0.5-DROID server; the mapping and its units are in serving/droid.py). Any other openpi server
+expects its own robot's keys and needs its own mapping.
 
 A Franka's real-time PC rarely has a GPU, so the model runs on a server and the policy node calls
 it through this class, which has the same ``infer(obs) -> dict`` as the local policy. Failure
@@ -19,6 +24,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from iflybot_vla_policy.serving import codec
 from iflybot_vla_policy.serving.batching import SHUTTING_DOWN
+from iflybot_vla_policy.serving.droid import DroidFormat
+
+WIRE_FORMATS = ('iflybot', 'droid')
 
 
 class ServerUnavailableError(ConnectionError):
@@ -38,9 +46,13 @@ class RemotePolicy:
 
     def __init__(self, uri: str, api_key: str | None = None, timeout: float = 10.0,
                  connect_timeout: float = 2.0, backoff_initial_s: float = 0.1,
-                 backoff_max_s: float = 5.0) -> None:
+                 backoff_max_s: float = 5.0, wire_format: str = 'iflybot') -> None:
         if not uri.startswith(('ws://', 'wss://')):
             raise ValueError(f"uri must start with 'ws://' or 'wss://', got {uri!r}")
+        if wire_format not in WIRE_FORMATS:
+            raise ValueError(f'wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}')
+        self.wire_format = wire_format
+        self._droid = DroidFormat() if wire_format == 'droid' else None
         for name, value in (('timeout', timeout), ('connect_timeout', connect_timeout),
                             ('backoff_initial_s', backoff_initial_s),
                             ('backoff_max_s', backoff_max_s)):
@@ -80,7 +92,7 @@ class RemotePolicy:
 
     def infer(self, obs: dict) -> dict:
         """One observation -> the server's output dict, plus ``client_timing.round_trip_ms``."""
-        payload = codec.pack(obs)
+        payload = codec.pack(obs if self._droid is None else self._droid.request(obs))
         with self._lock:
             conn = self._ensure_connected()
             limit = (self._metadata or {}).get('server', {}).get('max_message_bytes')
@@ -121,6 +133,11 @@ class RemotePolicy:
             raise RemoteInferenceError(f'{self.uri}: undecodable reply: {exc}') from exc
         if not isinstance(result, dict):
             raise RemoteInferenceError(f'{self.uri}: reply is {type(result).__name__}, not a map')
+        if self._droid is not None:
+            try:
+                result = self._droid.reply(result, obs)
+            except (KeyError, ValueError) as exc:
+                raise RemoteInferenceError(f'{self.uri}: not a DROID reply: {exc!r}') from exc
         self.last_round_trip_s = round_trip
         result['client_timing'] = {'round_trip_ms': round_trip * 1e3}
         return result
