@@ -121,7 +121,7 @@ def test_safety_holds_are_reported_apart_from_limit_violations(tmp_path: Path) -
     write_report(tmp_path, [episode], {'policy': 'test'})
     text = (tmp_path / 'report.md').read_text()
     row = [line for line in text.splitlines() if line.startswith('| push |')][0]
-    assert row.rstrip().endswith('| 0 | 3 |')
+    assert row.rstrip().endswith('| 0 | 3 | 0 (0) |')   # violations, holds, reflexes
     assert '| action N puts the TCP N m outside the workspace box | 3 |' in text
 
 
