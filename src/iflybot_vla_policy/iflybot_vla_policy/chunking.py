@@ -7,7 +7,8 @@ new chunk replaces the one being executed is the strategy:
   robot executes before the new command can take effect (up to `now + commit_latency`) are
   frozen; over the rest of the old chunk the old actions are blended out with the paper's
   exponentially decaying soft mask w(c) = c (e^c - 1) / (e - 1). (The paper applies the mask as
-  guidance inside the denoiser; the policy API returns finished chunks, so we apply it to them.)
+  guidance inside the denoiser: that is rtc.py, `Policy.infer(previous=...)`; this blends
+  finished chunks, and had the lower jerk of the two with the bundled policy, docs/realtime.md.)
 - `ensemble`: temporal ensembling as in ACT (Zhao et al. 2023): every time step averages all
   chunks that cover it with weights exp(-m i), i = 0 for the oldest.
 - `naive`: the new chunk replaces the old one from `now` on.
