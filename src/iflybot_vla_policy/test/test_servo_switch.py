@@ -70,6 +70,8 @@ def test_missing_servo_service_is_logged_and_retried(ros_context, wait):
         assert switch.ensure() is False and switch.switched is False
         executor.spin_once(timeout_sec=0.2)
         assert len(logs) == said          # said once, not at every tick
+        switch.destroy()
+        assert not any(c.srv_name == '/nobody_here/switch_command_type' for c in node.clients)
     finally:
         executor.shutdown()
         node.destroy_node()

@@ -45,6 +45,10 @@ class ServoTwistSwitch:
                 f'only the iflybot simulator offers; a real MoveIt Servo would ignore twists '
                 f'(install moveit_msgs, as the Docker image does)')
 
+    def destroy(self) -> None:
+        """Remove the service client from the node (lifecycle cleanup)."""
+        self._node.destroy_client(self._client)
+
     def ensure(self) -> bool:
         """True once Servo accepted TWIST; otherwise starts or polls one request (no blocking)."""
         if self.switched:
