@@ -194,6 +194,16 @@ def test_malformed_trajectories_are_rejected_with_a_logged_reason(sim) -> None:
     np.testing.assert_allclose(probe.arm(), start, atol=2e-3)
 
 
+def test_a_step_trajectory_is_logged_with_libfranka_reflex_name(sim) -> None:
+    _, probe = sim
+    reset(probe, 'pick_place', 2)
+    goal = probe.arm() + np.array([0.3, 0, 0, 0, 0, 0, 0])
+    probe.send([0.05], [goal], [np.zeros(7)])
+    assert until(lambda: any(text.startswith('reflex joint_motion_generator_')
+                             and 'fr3_joint1' in text and 'the FR3 would abort here' in text
+                             for text in probe.logs))
+
+
 def test_twists_do_nothing_until_servo_is_switched_to_twist_then_move_tcp(sim) -> None:
     _, probe = sim
     reset(probe, 'pick_place', 4)
