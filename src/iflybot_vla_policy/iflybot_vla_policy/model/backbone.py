@@ -10,8 +10,9 @@ Interface (`Backbone`):
 
 Implementations: `TinyBackbone` (tiny_backbone.py: a transformers Qwen2 decoder built from
 config, fed by our conv vision tower), `Qwen25VLBackbone` (the paper's Qwen2.5-VL) and
-`SmolVLMBackbone` (Idefics3/SmolVLM), both in vlm_backbones.py. Each is built from config (random init) or loaded from a local directory with
-`local_files_only=True`: nothing is ever fetched from the hub.
+`SmolVLMBackbone` (Idefics3/SmolVLM), both in vlm_backbones.py. Each is built from config
+(random init) or loaded from a local directory with `local_files_only=True`: nothing is ever
+fetched from the hub.
 
 A pretrained directory's chat template shapes the prefix of the transformers families as their
 processor would: [template head (system turn, user turn opening)][image tokens][instruction +
