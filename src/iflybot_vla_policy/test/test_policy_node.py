@@ -490,9 +490,20 @@ def test_ee_delta_mode_streams_bounded_twists_at_control_rate_and_zero_on_hold(
     h = harness({'instruction': 'pick', 'action_mode': 'ee_delta', 'control_rate_hz': 20.0,
                  'inference_rate_hz': 5.0, **RELAXED},
                 factory=lambda cfg: EeDeltaFromTiny(tiny_policy))
+    from iflybot_vla_policy.ros.servo_switch import servo_command_type
+
     twists: list[tuple[float, TwistStamped]] = []
     h.tap.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds',
                               lambda m: twists.append((time.monotonic(), m)), 50)
+    srv, _ = servo_command_type()
+    switched: list[int] = []    # Servo starts in JOINT_JOG: the node must ask for TWIST
+
+    def on_switch(request, response):
+        switched.append(request.command_type)
+        response.success = True
+        return response
+
+    h.tap.create_service(srv, '/servo_node/switch_command_type', on_switch)
     h.configure_and_activate(wait)
 
     def moving() -> bool:
@@ -508,6 +519,7 @@ def test_ee_delta_mode_streams_bounded_twists_at_control_rate_and_zero_on_hold(
     assert np.linalg.norm(linear, axis=1).max() <= limit + 1e-9
     assert np.abs(linear).max() > 0.0, 'the deltas of the chunks became motion'
     assert h.trajectories == [], 'ee_delta mode publishes no joint trajectories'
+    assert switched == [srv.Request.TWIST], switched    # once, when it started moving
     h.publish_joints = False
     assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=10)
     held = time.monotonic()

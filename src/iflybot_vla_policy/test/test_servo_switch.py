@@ -29,7 +29,7 @@ def test_teleop_switches_servo_to_twist_when_it_starts_moving(ros_context, wait)
         executor.add_node(n)
     threading.Thread(target=executor.spin, daemon=True).start()
     try:
-        assert wait(teleop.servo_switch._client.service_is_ready, timeout=10)
+        assert wait(teleop.servo_switch.client.service_is_ready, timeout=10)
         time.sleep(0.3)
         assert requests == []            # no switch before anyone commands a motion
         for _ in range(5):

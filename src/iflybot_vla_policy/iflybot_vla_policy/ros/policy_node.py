@@ -47,6 +47,7 @@ from iflybot_vla_policy.ros.conversions import (
     trajectory_msg,
     twist_msg,
 )
+from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch
 from iflybot_vla_policy.runtime import PolicyRuntime, RunState
 from iflybot_vla_policy.runtime.config import (
     DESCRIPTIONS,
@@ -87,6 +88,10 @@ class _Publishers:
         self.marker_pub = pub(MarkerArray, '/vla/markers', 10)
         self.handles = [self.trajectory_pub, self.twist_pub, self.gripper_pub, self.chunk_pub,
                         self.marker_pub]
+        # MoveIt Servo ignores twists until switched to TWIST (it starts in JOINT_JOG)
+        self.servo_switch = ServoTwistSwitch(node) if cfg.action_mode == 'ee_delta' else None
+        if self.servo_switch is not None:
+            self.handles.append(self.servo_switch.client)
 
     def trajectory(self, trajectory: Trajectory) -> None:
         """Stamp zero (the controller starts on receipt) or, with stamp_trajectories, the
@@ -101,6 +106,8 @@ class _Publishers:
                                              now.to_msg()))
 
     def twist(self, twist: np.ndarray) -> None:
+        if self.servo_switch is not None and np.any(twist):
+            self.servo_switch.ensure()   # no blocking: asks once, polls the answer
         self.twist_pub.publish(twist_msg(twist, self.node.get_clock().now().to_msg(),
                                          self.cfg.twist_frame))
 
@@ -259,7 +266,8 @@ class PolicyNode(LifecycleNode):
             self.action_server.destroy()
             self.action_server = None
         destroy = {'Publisher': self.destroy_publisher, 'Subscription': self.destroy_subscription,
-                   'Timer': self.destroy_timer, 'Service': self.destroy_service}
+                   'Timer': self.destroy_timer, 'Service': self.destroy_service,
+                   'Client': self.destroy_client}
         for handle in self._handles:
             destroy[type(handle).__name__](handle)
         self._handles.clear()

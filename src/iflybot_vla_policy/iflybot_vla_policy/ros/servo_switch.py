@@ -34,7 +34,7 @@ class ServoTwistSwitch:
         self._node = node
         self._service = service
         self._srv, self.type_name = servo_command_type()
-        self._client = node.create_client(self._srv, service)
+        self.client = node.create_client(self._srv, service)
         self.switched = False
         self._pending: Any = None
         self._next_try = 0.0
@@ -47,7 +47,7 @@ class ServoTwistSwitch:
 
     def destroy(self) -> None:
         """Remove the service client from the node (lifecycle cleanup)."""
-        self._node.destroy_client(self._client)
+        self._node.destroy_client(self.client)
 
     def ensure(self) -> bool:
         """True once Servo accepted TWIST; otherwise starts or polls one request (no blocking)."""
@@ -68,7 +68,7 @@ class ServoTwistSwitch:
             return False
         if time.monotonic() < self._next_try:
             return False
-        if not self._client.service_is_ready():
+        if not self.client.service_is_ready():
             if not self._said_missing:
                 log.warning(f'no service {self._service} ({self.type_name}): MoveIt Servo '
                             f'starts in JOINT_JOG and ignores twists until it is switched; '
@@ -78,5 +78,5 @@ class ServoTwistSwitch:
             return False
         request = self._srv.Request()
         request.command_type = self._srv.Request.TWIST
-        self._pending = self._client.call_async(request)
+        self._pending = self.client.call_async(request)
         return False
