@@ -21,14 +21,19 @@ OBJECT_POSE_RATE = 25.0      # the simulator's default /sim/object_poses rate (s
 def test_a_push_episode_is_recorded_with_the_object_poses_it_was_planned_from(tmp_path):
     out = tmp_path / 'rec'
     proc = subprocess.run(
-        [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '1',
+        [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '2',
          '--out', str(out), '--task', 'push', '--first-seed', '3',
          '--image-size', '48', '48', '--camera-rate', '5', '--max-episode-s', '20',
          '--isolated'],
         capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (episode,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
-    assert episode['recorded'] and episode['success'], episode
+    episodes = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    assert len(episodes) == 2 and all(e['recorded'] for e in episodes), episodes
+    # The expert succeeds through ROS, though not always on a loaded machine (its live poses
+    # arrive late): CI once saw one of these fail. One success is the bar; its bag is checked.
+    succeeded = [e for e in episodes if e['success']]
+    assert succeeded, episodes
+    episode = succeeded[0]
     bag = out / episode['episode_id']
     messages = [m.decode() for m in bags.read_messages(bag, {'/sim/object_poses'})]
     stamps = np.array([m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in messages])
