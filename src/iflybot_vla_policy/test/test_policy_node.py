@@ -411,7 +411,7 @@ def test_run_policy_ends_with_success_when_the_task_succeeds(harness, tiny_polic
     h.success_pub.publish(Bool(data=False))
     h.success_pub.publish(Bool(data=True))
     result = handle.get_result_async()
-    assert wait(result.done, timeout=10)
+    assert wait(result.done, timeout=30)
     assert result.result().result.success and result.result().result.reason == 'success'
     assert wait(lambda: h.node.status().state == PolicyStatus.STATE_HOLD, timeout=5)
 
