@@ -141,10 +141,13 @@ def test_lockstep_chunks_cost_no_simulated_time_however_slow_inference_is(sim, r
         # node heard of a chunk is no measure: under load its /clock callback runs first.)
         assert np.allclose(np.diff(stamps), 1.0 / FRAME_RATE_HZ, atol=1e-6), stamps
     # The arm moved under the policy's chunks, and identically in both runs: inference time
-    # is invisible in lockstep. Three races made them differ: the run planned from the hold
-    # left over from before the reset (the arm pulled back towards the last run's pose for
-    # ~0.1 s); the node's clock lagging the frame it planned on (its /clock message queued
-    # behind the images); the joint state of the frame's instant queued behind the images.
+    # is invisible in lockstep. Races made them differ: the run planned from the hold left
+    # over from before the reset (the arm pulled back towards the last run's pose for ~0.1 s);
+    # the node's clock lagging the frame it planned on (its /clock message queued behind the
+    # images, 0.11 s under CI load); the joint state of the frame's instant queued behind the
+    # images (0.1 s under CI load: 2.7e-2 rad apart); the simulator stepping before it had
+    # applied the answering trajectory. A frame message lost under load stopped both sides
+    # until the simulator's timeout: it now goes out again every second while unanswered.
     times = sorted(t for t in fast['joints'] if 0.0 <= t <= RUN_S)
     assert len(times) > 30
     assert fast['joints'][times[-1]][0] - fast['joints'][times[0]][0] > 0.02, 'no sweep'

@@ -206,6 +206,7 @@ def test_a_chunk_is_requested_when_every_camera_has_the_next_periods_frame():
     rig.frames()                       # a new frame set, but of the same 5 Hz period
     assert rig.worker.pending is None
     rig.clock.t = t0 + 0.2
+    rig.joints()                       # the state of the frame's instant
     rig.rt.on_image(CAMERAS[0], IMAGE, rig.clock.t)
     assert rig.worker.pending is None, 'one camera of the next period is not enough'
     rig.rt.on_image(CAMERAS[1], IMAGE, rig.clock.t)
@@ -535,6 +536,44 @@ def test_a_frame_waits_for_the_joint_state_of_its_instant():
     rig.joints(stamp=rig.clock.t - 5.0)       # a state far behind the frames: not waited for
     rig.frames(stamp=rig.clock.t)
     assert rig.worker.pending is not None
+
+
+def test_a_frame_waits_for_its_state_however_far_the_state_stream_lags_on_a_stopped_clock():
+    # CI under load: the joint states of the last 0.1 s were still queued when the frame came,
+    # and a state exactly 0.1 s behind counted as 'on another clock': the lockstep runs with
+    # 0 s and 0.3 s of inference differed by 3e-2 rad.
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()                       # the run's first chunk
+    rig.advance(0.2, frames=False)
+    frame = rig.clock.t                       # the simulator's clock stops at the frame
+    rig.joints(stamp=frame - 0.1)
+    rig.frames(stamp=frame)
+    rig.rt.tick()
+    assert rig.worker.pending is None
+    rig.joints(stamp=frame)
+    assert rig.worker.pending is not None and rig.worker.pending.joint.stamp == frame
+    rig.worker.finish()
+    # A free-running clock that moves on past the frame does not wait for a lagging stream.
+    rig.advance(0.2, frames=False)
+    frame = rig.clock.t
+    rig.joints(stamp=frame - 0.1)
+    rig.frames(stamp=frame)
+    assert rig.worker.pending is None
+    rig.clock.t += 0.12
+    rig.rt.tick()
+    assert rig.worker.pending is not None and rig.worker.pending.joint.stamp == frame - 0.1
+    rig.worker.finish()
+    # The node's /clock 0.11 s behind the frame and the state 0.08 s behind it (seen in the
+    # same lockstep test): both wait for the frame's instant.
+    rig.advance(0.2, frames=False)
+    frame = rig.clock.t + 0.11
+    rig.joints(stamp=frame - 0.08)
+    rig.frames(stamp=frame)
+    assert rig.worker.pending is None
+    rig.joints(stamp=frame)
+    request = rig.worker.finish()
+    assert request.joint.stamp == frame and request.t_obs == pytest.approx(frame)
 
 
 def test_a_chunk_in_flight_when_the_robot_holds_is_dropped():

@@ -243,6 +243,25 @@ def test_cameras_clock_success_and_reset_are_published(sim) -> None:
     assert not reset(probe, 'juggle', 0).success
 
 
+def test_a_paused_lockstep_frame_goes_out_again_until_answered(sim) -> None:
+    # CI under load: one best-effort joint state of a paused frame never reached the policy
+    # node, which waited for it while the simulator waited for the answer: both stood still
+    # for the 60 s timeout, as nothing else moves on a stopped clock.
+    _, probe = sim
+    assert probe.reset_client.wait_for_service(timeout_sec=10.0)
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=5,
+                                                            lockstep=True))
+    assert until(future.done, 60.0) and future.result().success
+    first = future.result().stamp
+    repeated = lambda: sum(m.header.stamp == first for m in list(probe.joints))  # noqa: E731
+    assert until(lambda: repeated() >= 2, 10.0), 'the paused frame went out once only'
+    stamp = lambda t: t.sec + t.nanosec * 1e-9  # noqa: E731
+    with probe.lock:   # the same instant again, not a step of the clock
+        assert max(stamp(m.header.stamp) for m in probe.joints) == stamp(first)
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=4))
+    assert until(future.done, 60.0) and future.result().success
+
+
 def test_every_message_of_the_old_scene_is_stamped_before_the_reset(sim) -> None:
     # A lockstep reset lands while the clock stands at a frame whose joint state (old pose)
     # is already out; it carried the reset's own stamp, so a run with inputs_after planned

@@ -41,6 +41,7 @@ from iflybot_vla_policy.ros.servo_switch import servo_command_type
 from iflybot_vla_policy.sim import CAMERAS, TASKS, SimEnv, TrajectoryError, make_env
 
 _BASE_FRAMES = ('', 'fr3_link0', 'base', 'world')
+LOCKSTEP_REPEAT_S = 1.0    # wall s a paused frame waits before its messages go out again
 _TCP_FRAMES = ('fr3_hand_tcp', 'tcp')
 
 
@@ -183,10 +184,15 @@ class SimNode(Node):
                 self._answer.notify_all()
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
+        # Applied before it counts as the answer: a lockstep loop let go first would step the
+        # old trajectory (and start this one a tick late).
+        self._apply_trajectory(msg)
         with self._answer:
             if self._waiting_on is not None:
                 self._trajectory_answered = True
                 self._answer.notify_all()
+
+    def _apply_trajectory(self, msg: JointTrajectory) -> None:
         with self._lock:
             try:
                 traj = trajectory_from_msg(msg, self._clock_offset)
@@ -341,14 +347,16 @@ class SimNode(Node):
                     sim0 = now
                 if now < sim0:          # clock offset changed by a reset: restart pacing
                     wall0, sim0 = time.monotonic(), now
-                frame = self._publish_due(now, due, periods)
-                lockstep = self._lockstep and frame
+                # The answer is awaited before the frame goes out: a fast policy's answer
+                # may arrive before the frame's publish returns.
+                lockstep = self._lockstep and now >= due['camera']
                 if lockstep:
                     with self._answer:
                         self._waiting_on = now
                         self._chunk_answered = self._trajectory_answered = False
+                self._publish_due(now, due, periods)
             if lockstep:
-                self._wait_for_answer(now)
+                self._wait_for_answer(now, periods)
                 wall0, sim0 = time.monotonic(), now   # the pause is not lag to catch up
             with self._lock:
                 if self._reset_request is not None:
@@ -379,23 +387,42 @@ class SimNode(Node):
             self.get_logger().error(f'reflex {reflex} ({action})')
         self._reflexes_logged = len(reflexes)
 
-    def _wait_for_answer(self, stamp: float) -> None:
+    def _wait_for_answer(self, stamp: float, periods: dict[str, float]) -> None:
         """Lockstep: hold the clock at the frame `stamp` until the policy's chunk for it and a
-        trajectory have arrived, a reset is requested, or lockstep_timeout_s passes."""
+        trajectory have arrived, a reset is requested, or lockstep_timeout_s passes. Every
+        LOCKSTEP_REPEAT_S without an answer the frame's clock, joint state and images go out
+        again, same stamps: a best-effort message lost under load (or a wake-up an executor
+        missed) would otherwise stop both sides until the timeout, as nothing else moves."""
         timeout = float(self._params['lockstep_timeout_s'])
         deadline = time.monotonic() + timeout
+        repeat_at = time.monotonic() + LOCKSTEP_REPEAT_S
         with self._answer:
             while not (self._chunk_answered and self._trajectory_answered):
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._running or self._reset_request is not None:
                     break
-                self._answer.wait(min(left, 0.1))
+                if time.monotonic() >= repeat_at:
+                    self._answer.release()
+                    try:
+                        with self._lock:
+                            if self._reset_request is None:
+                                self._publish_due(stamp, self._repeat_due(periods), periods)
+                    finally:
+                        self._answer.acquire()
+                    repeat_at = time.monotonic() + LOCKSTEP_REPEAT_S
+                    continue
+                self._answer.wait(min(left, repeat_at - time.monotonic(), 0.1))
             answered = self._chunk_answered and self._trajectory_answered
             self._waiting_on = None
         if not answered and self._reset_request is None and self._running:
             self.get_logger().warning(
                 f'lockstep: no answer to the frame at {stamp:.3f} s within {timeout} s '
                 '(policy holding or idle?): going on', throttle_duration_sec=10.0)
+
+    @staticmethod
+    def _repeat_due(periods: dict[str, float]) -> dict[str, float]:
+        """A schedule on which the clock, joint state and camera are due, nothing else."""
+        return {k: 0.0 if k in ('clock', 'joint', 'camera') else math.inf for k in periods}
 
     def _publish_due(self, now: float, due: dict[str, float], periods: dict[str, float]) -> bool:
         """Publish what is due at `now`; True when a camera frame went out."""

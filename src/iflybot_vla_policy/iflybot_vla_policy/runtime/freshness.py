@@ -22,8 +22,13 @@ from iflybot_vla_policy.safety import Watchdog
 
 JOINT_STATES = 'joint_states'
 # Stamps up to this far (s) ahead of the node's clock are on its clock with the clock message
-# still queued behind them; further apart, they are on another clock.
-MAX_CLOCK_LAG_S = 0.1
+# still queued behind them (0.11 s seen on a loaded 2-core machine); further apart, they are on
+# another clock.
+MAX_CLOCK_LAG_S = 0.5
+# A joint state this far (s) behind the frames is on another clock: no use waiting for a newer one.
+STATE_OTHER_CLOCK_S = 0.5
+# How long (s) past the frames' stamp the node's clock waits for the joint state of their instant.
+STATE_WAIT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,19 @@ class InputTracker:
         ahead = self.obs_stamp() - now
         return now + ahead if 0.0 < ahead < MAX_CLOCK_LAG_S else now
 
-    def state_caught_up(self) -> bool:
-        """The joint state is not older than the frames on the same clock: a simulator
-        publishes both at one instant, and planning on the state before (its message queued
-        behind the images) made lockstep runs differ. A state further behind than
-        MAX_CLOCK_LAG_S is on another clock or late, which the watchdog judges."""
+    def state_caught_up(self, now: float) -> bool:
+        """The joint state is not older than the frames: a simulator publishes both at one
+        instant, and planning on a state from before (its message queued behind the images)
+        made lockstep runs differ. It is waited for while the node's clock is within
+        behind them by up to MAX_CLOCK_LAG_S or past them by less than STATE_WAIT_S (a stopped
+        lockstep clock stays there until it comes); a state stream that lags further, or one
+        STATE_OTHER_CLOCK_S behind, is not waited for: the watchdog judges it."""
         if self.joint is None:
             return False
-        return not 0.0 < self.obs_stamp() - self.joint.stamp < MAX_CLOCK_LAG_S
+        behind = self.obs_stamp() - self.joint.stamp
+        waiting = 0.0 < behind < STATE_OTHER_CLOCK_S and \
+            -MAX_CLOCK_LAG_S < now - self.obs_stamp() < STATE_WAIT_S
+        return not waiting
 
     def mark_used(self) -> None:
         self._frames_used = dict(self._frames)

@@ -369,7 +369,7 @@ class PolicyRuntime:
                 return
         frame_time = self.inputs.frame_time()
         if sup.wants_chunks and not self.worker.busy and self.inputs.fresh_frames() and \
-                self.inputs.state_caught_up() and self.scheduler.due(now, frame_time):
+                self.inputs.state_caught_up(now) and self.scheduler.due(now, frame_time):
             self._submit(now, frame_time)
         if outputs:
             self._command_gripper_and_twist(now)
