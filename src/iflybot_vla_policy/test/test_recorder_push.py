@@ -21,16 +21,17 @@ OBJECT_POSE_RATE = 25.0      # the simulator's default /sim/object_poses rate (s
 def test_a_push_episode_is_recorded_with_the_object_poses_it_was_planned_from(tmp_path):
     out = tmp_path / 'rec'
     proc = subprocess.run(
-        [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '2',
+        [sys.executable, '-m', 'iflybot_vla_policy.cli', 'record', '--episodes', '1',
          '--out', str(out), '--task', 'push', '--first-seed', '3',
-         '--image-size', '48', '48', '--camera-rate', '5', '--max-episode-s', '20',
+         '--image-size', '48', '48', '--camera-rate', '5', '--max-episode-s', '6',
          '--isolated'],
         capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     episodes = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
-    assert len(episodes) == 2 and all(e['recorded'] for e in episodes), episodes
+    assert len(episodes) == 1 and episodes[0]['recorded'], episodes
     # Whether the expert's push succeeds through ROS depends on timing here (both seeds failed
-    # in one CI run, passed in others: an open finding of issue 23); the data path is checked.
+    # in one CI run, passed in others: an open finding of issue 23); the data path is checked,
+    # on 6 s of one episode.
     episode = episodes[0]
     bag = out / episode['episode_id']
     messages = [m.decode() for m in bags.read_messages(bag, {'/sim/object_poses'})]

@@ -165,7 +165,7 @@ def _measure_layout(layout: str, in_process: bool, quick: bool) -> dict:
     from rclpy.executors import SingleThreadedExecutor
     from std_msgs.msg import String
 
-    idle_s, load_s = (6.0, 10.0) if quick else (20.0, 120.0)
+    idle_s, load_s = (3.0, 5.0) if quick else (20.0, 120.0)   # quick: does it run
     spawn = multiprocessing.get_context('spawn')
     stop = spawn.Event()
     feeder = spawn.Process(target=_feeder, args=(stop,), daemon=True)
