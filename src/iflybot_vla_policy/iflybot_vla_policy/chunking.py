@@ -3,12 +3,16 @@
 A chunk computed from an observation taken at `t_obs` arrives at `now = t_obs + delay`. How the
 new chunk replaces the one being executed is the strategy:
 
-- `rtc`: real-time chunking (Black et al., arXiv 2506.07339), output-level variant. Actions the
-  robot executes before the new command can take effect (up to `now + commit_latency`) are
-  frozen; over the rest of the old chunk the old actions are blended out with the paper's
-  exponentially decaying soft mask w(c) = c (e^c - 1) / (e - 1). (The paper applies the mask as
-  guidance inside the denoiser: that is rtc.py, `Policy.infer(previous=...)`; this blends
-  finished chunks, and had the lower jerk of the two with the bundled policy, docs/realtime.md.)
+- `blend`: real-time chunking's soft mask applied at the output (after Black et al., arXiv
+  2506.07339). Actions the robot executes before the new command can take effect (up to
+  `now + commit_latency`) are frozen; over the rest of the old chunk the old actions are
+  blended out with the mask w(c) (a smoothstep by default; the paper's c (e^c - 1) / (e - 1)
+  with `blend_schedule='exp'`). It had the lower jerk with the bundled policy
+  (docs/realtime.md), so it is the default.
+- `rtc`: real-time chunking as the paper does it, inside the flow denoiser (rtc.py): the
+  request carries the executing chunk's remainder (runtime/rtc_prefix.py), the policy freezes
+  the actions that run during the inference delay and guides the overlap, and the new chunk
+  replaces the old one from its observation on.
 - `ensemble`: temporal ensembling as in ACT (Zhao et al. 2023): every time step averages all
   chunks that cover it with weights exp(-m i), i = 0 for the oldest.
 - `naive`: the new chunk replaces the old one from `now` on.
@@ -26,16 +30,17 @@ import numpy as np
 
 from iflybot_vla_policy.safety import SafetyFilter, Trajectory, non_finite_reason
 
-STRATEGIES = ('rtc', 'ensemble', 'naive')
+STRATEGIES = ('blend', 'rtc', 'ensemble', 'naive')
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    strategy: str = 'rtc'
-    commit_latency: float = 0.05   # s from splice until the new command acts (rtc freezes it)
+    strategy: str = 'blend'
+    commit_latency: float = 0.05   # s from splice until the new command acts (frozen by blend
+                                   # and rtc)
     ensemble_decay: float = 0.01   # ACT's m: weight exp(-m i) of the i-th oldest chunk
     max_chunks: int = 8            # chunks kept for ensembling
-    rtc_schedule: str = 'smooth'   # decay of the old chunk's weight: smooth | exp (the paper's)
+    blend_schedule: str = 'smooth'   # blend: the old chunk's weight decay, smooth | exp (paper)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -45,13 +50,14 @@ class ExecutionConfig:
             raise ValueError(f'commit_latency must be >= 0, got {self.commit_latency}')
         if not self.ensemble_decay >= 0.0:
             raise ValueError(f'ensemble_decay must be >= 0, got {self.ensemble_decay}')
-        if self.rtc_schedule not in ('smooth', 'exp'):
-            raise ValueError(f"rtc_schedule must be 'smooth' or 'exp', got {self.rtc_schedule!r}")
+        if self.blend_schedule not in ('smooth', 'exp'):
+            raise ValueError(f"blend_schedule must be 'smooth' or 'exp', "
+                             f'got {self.blend_schedule!r}')
         if self.max_chunks < 1:
             raise ValueError(f'max_chunks must be >= 1, got {self.max_chunks}')
 
 
-def rtc_weights(t: np.ndarray, freeze_until: float, old_end: float,
+def blend_weights(t: np.ndarray, freeze_until: float, old_end: float,
                 schedule: str = 'smooth') -> np.ndarray:
     """Weight (t.shape) of the old chunk: 1 while frozen, decaying to 0 at the old chunk's end.
 
@@ -153,11 +159,11 @@ class ChunkPlan:
         strategy = self.config.strategy
         if strategy == 'ensemble':
             self._plan = self._ensemble(new, now)
-        elif strategy == 'naive' or old is None or old.end <= now:
-            self._plan = new
-        else:   # rtc
-            w = rtc_weights(new.times, now + self.config.commit_latency, old.end,
-                            self.config.rtc_schedule)[:, None]
+        elif strategy in ('naive', 'rtc') or old is None or old.end <= now:
+            self._plan = new     # rtc: the policy already continued the old chunk
+        else:   # blend
+            w = blend_weights(new.times, now + self.config.commit_latency, old.end,
+                              self.config.blend_schedule)[:, None]
             self._plan = _Chunk(new.times, w * old.at(new.times) + (1.0 - w) * values)
 
     def _ensemble(self, new: _Chunk, now: float) -> _Chunk:

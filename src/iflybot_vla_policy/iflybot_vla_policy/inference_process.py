@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -65,7 +67,8 @@ def _serve(conn: Any, spec: PolicySpec) -> None:
         if kind == 'close':
             return
         try:
-            conn.send(('ok', dict(policy.infer(payload)), ''))
+            obs, kwargs = payload
+            conn.send(('ok', dict(policy.infer(obs, **kwargs)), ''))
         except Exception as exc:  # noqa: BLE001 - one bad observation does not end the child
             conn.send(('error', f'{type(exc).__name__}: {exc}', traceback.format_exc()))
 
@@ -114,17 +117,20 @@ class InferenceProcess:
             raise RuntimeError(f'the inference process exited ({what}) with code '
                                f'{self._process.exitcode}') from None
 
-    def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
-        """obs as for Policy.infer; the same result dict, or the child's error re-raised as
-        RuntimeError naming it."""
+    def infer(self, obs: Mapping[str, Any], previous: np.ndarray | None = None,
+              inference_delay: int = 0) -> dict[str, Any]:
+        """obs, previous and inference_delay as for Policy.infer (real-time chunking); the
+        same result dict, or the child's error re-raised as RuntimeError naming it."""
+        kwargs = {} if previous is None else {'previous': np.asarray(previous),
+                                              'inference_delay': int(inference_delay)}
         with self._lock:
             if not self._process.is_alive():
                 raise RuntimeError(f'the inference process is gone (exit code '
                                    f'{self._process.exitcode})')
             try:
-                self._conn.send(('infer', {'images': dict(obs['images']),
-                                           'state': obs['state'],
-                                           'instruction': obs['instruction']}))
+                self._conn.send(('infer', ({'images': dict(obs['images']),
+                                            'state': obs['state'],
+                                            'instruction': obs['instruction']}, kwargs)))
             except OSError:   # BrokenPipeError: it died since the last call
                 self._process.join(1.0)
                 raise RuntimeError(f'the inference process is gone (exit code '

@@ -10,7 +10,7 @@ from iflybot_vla_policy.chunking import (
     ChunkExecutor,
     ChunkPlan,
     ExecutionConfig,
-    rtc_weights,
+    blend_weights,
 )
 from iflybot_vla_policy.robot import load_robot
 from iflybot_vla_policy.safety import SafetyConfig, SafetyFilter
@@ -37,10 +37,10 @@ def test_commanded_motion_stays_continuous_across_chunk_boundaries(strategy):
     assert len(rollout['t']) > 2900   # the whole rollout was sampled
 
 
-def test_rtc_is_smoother_than_naive_replacement_on_the_same_chunks():
+def test_blend_is_smoother_than_naive_replacement_on_the_same_chunks():
     jerk = {s: smoothness(simulate_rollout(s, duration=4.0, noise=0.03, seed=2), skip=1.0)
-            ['jerk_rms'] for s in ('rtc', 'naive')}
-    assert jerk['rtc'] < 0.7 * jerk['naive'], jerk
+            ['jerk_rms'] for s in ('blend', 'naive')}
+    assert jerk['blend'] < 0.7 * jerk['naive'], jerk
 
 
 @pytest.mark.parametrize('strategy', STRATEGIES)
@@ -62,8 +62,8 @@ def test_every_trajectory_starts_at_the_command_and_ends_at_rest(strategy):
         now += 0.2
 
 
-def test_rtc_keeps_the_old_actions_while_frozen_and_blends_towards_the_new():
-    plan = ChunkPlan(ExecutionConfig(strategy='rtc', commit_latency=0.1))
+def test_blend_keeps_the_old_actions_while_frozen_and_blends_towards_the_new():
+    plan = ChunkPlan(ExecutionConfig(strategy='blend', commit_latency=0.1))
     plan.splice(constant_chunk(0.0), DT, t_obs=0.0, now=0.0)
     plan.splice(constant_chunk(1.0), DT, t_obs=0.2, now=0.3)
     times, values = plan.times, plan.values[:, 0]
@@ -73,19 +73,22 @@ def test_rtc_keeps_the_old_actions_while_frozen_and_blends_towards_the_new():
     assert np.all(values[times >= 30 * DT - DT / 2] == 1.0)     # new only after the old ends
 
 
-def test_rtc_weight_decays_from_one_to_zero():
+def test_blend_weight_decays_from_one_to_zero():
     t = np.linspace(0.0, 1.0, 101)
     for schedule in ('smooth', 'exp'):
-        w = rtc_weights(t, freeze_until=0.2, old_end=1.0, schedule=schedule)
+        w = blend_weights(t, freeze_until=0.2, old_end=1.0, schedule=schedule)
         assert np.all(w[t < 0.2] == 1.0) and w[-1] == 0.0
         assert np.all(np.diff(w) <= 1e-12)
 
 
-def test_naive_replaces_the_plan_with_the_new_chunk():
-    plan = ChunkPlan(ExecutionConfig(strategy='naive'))
+@pytest.mark.parametrize('strategy', ['naive', 'rtc'])
+def test_naive_and_rtc_replace_the_plan_with_the_new_chunk(strategy):
+    # rtc: the policy continued the old chunk inside its denoiser; the plan takes it as it is
+    plan = ChunkPlan(ExecutionConfig(strategy=strategy))
     plan.splice(constant_chunk(0.0), DT, t_obs=0.0, now=0.0)
     plan.splice(constant_chunk(1.0), DT, t_obs=0.2, now=0.3)
     np.testing.assert_allclose(plan.at(0.35), [1.0, 1.0])
+    np.testing.assert_allclose(plan.times[0], 0.2)
 
 
 def test_ensemble_averages_overlapping_chunks_with_exponential_weights():
@@ -110,7 +113,7 @@ def test_non_finite_chunk_in_the_executor_becomes_a_hold():
 
 
 def test_hold_brakes_from_the_current_command():
-    executor = ChunkExecutor(SAFETY, ExecutionConfig(strategy='rtc'))
+    executor = ChunkExecutor(SAFETY, ExecutionConfig(strategy='blend'))
     executor.reset(ROBOT.home, 0.0)
     q = ROBOT.home + np.linspace(0, 0.5, 30)[:, None]
     executor.splice(np.hstack([q, np.full((30, 1), 0.04)]), DT, 0.0, 0.0)
@@ -122,5 +125,5 @@ def test_hold_brakes_from_the_current_command():
 
 
 def test_unknown_strategy_names_the_choices():
-    with pytest.raises(ValueError, match='rtc'):
+    with pytest.raises(ValueError, match="'blend', 'rtc'"):
         ExecutionConfig(strategy='smooth')

@@ -33,6 +33,13 @@ def test_the_child_returns_the_chunks_of_the_same_policy_in_process_then_fails_b
             child.infer({'images': {}, 'state': np.zeros(8, np.float32), 'instruction': 'x'})
         np.testing.assert_array_equal(child.infer(observations(4)[3])['actions'],
                                       local.infer(observations(4)[3])['actions'])
+        # Real-time chunking goes through: the executing chunk's frozen prefix comes back.
+        previous = local.infer(observations(5)[4])['actions'][3:]
+        child.infer(observations(5)[4])                    # the same noise draws on both sides
+        ours = child.infer(observations(5)[4], previous=previous, inference_delay=2)
+        theirs = local.infer(observations(5)[4], previous=previous, inference_delay=2)
+        np.testing.assert_array_equal(ours['actions'][:2], previous[:2])
+        np.testing.assert_allclose(ours['actions'], theirs['actions'], atol=1e-6)
         os.kill(child.pid, signal.SIGKILL)   # a dead child is named, not waited on forever
         with pytest.raises(RuntimeError, match='inference process'):
             child.infer(observations(1)[0])

@@ -358,7 +358,7 @@ def test_nan_from_the_model_never_reaches_a_publisher(harness, tiny_policy, wait
     assert any('non-finite' in s.last_error for s in h.statuses)
 
 
-@pytest.mark.parametrize('strategy', ['rtc', 'ensemble', 'naive'])
+@pytest.mark.parametrize('strategy', ['blend', 'rtc', 'ensemble', 'naive'])
 def test_commanded_motion_is_continuous_across_chunk_boundaries(harness, tiny_policy, wait,
                                                                  strategy):
     """Each trajectory starts on the one it replaces: its first point (position and velocity)

@@ -8,7 +8,7 @@ import pytest
 
 from iflybot_vla_policy.robot import load_robot
 from iflybot_vla_policy.runtime import HoldCause, PolicyRuntime, Request, RunState, parse_config
-from iflybot_vla_policy.runtime.loading import LoadedPolicy
+from iflybot_vla_policy.runtime.loading import LoadedPolicy, load_policy
 from iflybot_vla_policy.runtime.requests import RequestScheduler
 from iflybot_vla_policy.runtime.supervisor import Supervisor
 
@@ -670,3 +670,55 @@ def test_a_params_file_typo_is_named_with_the_closest_parameter():
     assert unknown_parameters(['contrl_rate_hz', 'control_rate_hz', 'zzz']) == [
         "unknown parameter 'contrl_rate_hz' ignored; did you mean 'control_rate_hz'?",
         "unknown parameter 'zzz' ignored"]
+
+
+# ------------------------------------------------------------------------- real-time chunking
+class InpaintingCreep(Creep):
+    """Creep that does real-time chunking as Policy.infer does: the first `inference_delay`
+    actions come back as `previous` had them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefixes: list[tuple[np.ndarray | None, int]] = []
+
+    def infer(self, obs: dict, previous: np.ndarray | None = None,
+              inference_delay: int = 0) -> dict:
+        out = super().infer(obs)
+        self.prefixes.append((previous, inference_delay))
+        if previous is not None:
+            out['actions'][:inference_delay] = previous[:inference_delay]
+        return out
+
+
+def test_rtc_requests_carry_the_executing_plan_from_the_observation_on_and_the_delay():
+    rig = Rig(execution_strategy='rtc', commit_latency_s=0.05)
+    rig.policy = rig.rt.policy = InpaintingCreep()
+    rig.start()
+    assert rig.worker.pending.previous is None            # nothing executes yet
+    rig.clock.t += 0.25                                   # 0.25 s of inference
+    rig.worker.finish()
+    rig.advance(0.2)
+    request = rig.worker.pending
+    plan = rig.rt.executor.plan
+    n = int((plan.end - request.t_obs) / 0.1 + 1e-9) + 1   # what is left of the plan
+    assert request.previous.shape == (n, 8)
+    np.testing.assert_allclose(request.previous,
+                               plan.at(request.t_obs + 0.1 * np.arange(n)), atol=1e-12)
+    assert request.inference_delay == 3                   # ceil((0.25 + 0.05) / 0.1)
+    rig.clock.t += 0.05
+    rig.worker.finish()
+    new = rig.rt.executor.plan                            # replaced, continuing the old one
+    assert new.times[0] == pytest.approx(request.t_obs)
+    np.testing.assert_allclose(new.values[:3], request.previous[:3], atol=1e-12)
+    assert rig.rt.status().last_error == ''
+
+
+def test_rtc_is_refused_for_a_remote_policy_and_one_that_cannot_continue_a_chunk():
+    with pytest.raises(ValueError, match='parameter execution_strategy'):
+        parse_config({'execution_strategy': 'rtc', 'inference_backend': 'remote',
+                      'server_uri': 'ws://localhost:8000'}, ROBOT)
+    cfg = parse_config({'execution_strategy': 'rtc', 'preset': 'tiny'}, ROBOT)
+    with pytest.raises(ValueError, match="execution_strategy 'rtc' needs a policy"):
+        load_policy(cfg, ROBOT, lambda cfg: Creep(), warn=print)
+    loaded = load_policy(cfg, ROBOT, lambda cfg: InpaintingCreep(), warn=print)
+    assert loaded.policy.prefixes == [(None, 0)]          # the warm-up, without a plan

@@ -1,4 +1,4 @@
-"""Benchmark: smoothness of chunk execution strategies (rtc, ensemble, naive) on one rollout.
+"""Benchmark: smoothness of chunk execution strategies (blend, ensemble, naive) on one rollout.
 
 A synthetic policy follows a smooth joint-space motion but, like a real one, each chunk carries
 its own offset (chunks disagree); inference takes `delay` seconds and starts every
@@ -47,7 +47,7 @@ def target_motion(t: np.ndarray, seed: int) -> np.ndarray:
 def simulate_rollout(strategy: str, duration: float = 4.0, inference_period: float = 0.25,
                      delay: float = 0.15, horizon: int = 30, dt: float = 1.0 / 30.0,
                      noise: float = 0.02, seed: int = 0, sample_dt: float = 1e-3,
-                     safety: SafetyFilter | None = None, rtc_schedule: str = 'smooth') -> dict:
+                     safety: SafetyFilter | None = None, blend_schedule: str = 'smooth') -> dict:
     """Execute the synthetic chunks with one strategy; returns the sampled command timeline.
 
     Keys: t (n,), positions (n, 7), velocities (n, 7), holds (reasons), splice_s (mean time to
@@ -55,7 +55,7 @@ def simulate_rollout(strategy: str, duration: float = 4.0, inference_period: flo
     """
     safety = safety or SafetyFilter(load_robot(), SafetyConfig())
     executor = ChunkExecutor(safety, ExecutionConfig(strategy=strategy,
-                                                     rtc_schedule=rtc_schedule))
+                                                     blend_schedule=blend_schedule))
     executor.reset(START, 0.0)
     chunks = synthetic_chunks(duration, inference_period, delay, horizon, dt, noise, seed)
     t_grid = np.arange(0.0, duration + delay, sample_dt)
@@ -103,21 +103,21 @@ def smoothness(rollout: dict, skip: float = 0.0) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    """Jerk of rtc vs ensemble vs naive on the same synthetic rollout (same chunks, same times).
-
-    'rtc_exp' is rtc with the paper's exponential soft mask instead of the smooth default.
+    """Jerk of blend vs ensemble vs naive on the same synthetic rollout (same chunks, same
+    times). 'blend_exp' is the blend with the paper's exponential soft mask instead of the
+    smooth default. (rtc in the denoiser needs a model: the `rtc` benchmark.)
     """
     duration = 6.0 if quick else 30.0
     seeds = [0] if quick else [0, 1, 2]
     results: dict = {'duration_s': duration, 'seeds': seeds, 'metric':
                      'RMS jerk of the commanded trajectory sampled at 1 kHz, after 1 s'}
-    variants = {'rtc': ('rtc', 'smooth'), 'rtc_exp': ('rtc', 'exp'),
+    variants = {'blend': ('blend', 'smooth'), 'blend_exp': ('blend', 'exp'),
                 'ensemble': ('ensemble', 'smooth'), 'naive': ('naive', 'smooth')}
     for name, (strategy, schedule) in variants.items():
         jerk, err, splice, holds = [], [], [], 0
         for seed in seeds:
             rollout = simulate_rollout(strategy, duration=duration, seed=seed,
-                                       rtc_schedule=schedule)
+                                       blend_schedule=schedule)
             m = smoothness(rollout, skip=1.0)
             jerk.append(m['jerk_rms'])
             err.append(float(np.sqrt(np.mean(
@@ -125,8 +125,8 @@ def run(quick: bool = False) -> dict:
             splice.append(rollout['splice_s'])
             holds += len(rollout['holds'])
         results[name] = {'jerk_rms_rad_s3': float(np.mean(jerk)),
-                             'tracking_rms_rad': float(np.mean(err)),
-                             'splice_ms': 1e3 * float(np.mean(splice)), 'holds': holds}
+                         'tracking_rms_rad': float(np.mean(err)),
+                         'splice_ms': 1e3 * float(np.mean(splice)), 'holds': holds}
     base = results['naive']['jerk_rms_rad_s3']
     for name in variants:
         results[name]['jerk_vs_naive'] = results[name]['jerk_rms_rad_s3'] / base

@@ -8,7 +8,7 @@ JointTrajectoryController, execute `replan_steps` actions, repeat until success 
 inferred from the observation at period P takes over only at P + d (d = delay / dt, rounded);
 until then the previous chunk's actions run. How the new chunk joins the old one is `chunking`:
 'naive' switches to the new chunk's actions from step d on; 'blend' mixes the old chunk into the
-new one as the policy node's output-level blend does (chunking.rtc_weights, flat-ended 'smooth'
+new one as the policy node's output-level blend does (chunking.blend_weights, flat-ended 'smooth'
 decay, no commit latency in the simulation); 'rtc' asks the policy for real-time chunking
 (rtc.py: the old chunk's remainder passed to `infer`, the first d actions frozen to it, the
 overlap guided) and then switches as naive does. Observations come every s actions (s =
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from iflybot_vla_policy.chunking import rtc_weights
+from iflybot_vla_policy.chunking import blend_weights
 from iflybot_vla_policy.eval.metrics import limit_violations, rms_jerk
 from iflybot_vla_policy.eval.report import EpisodeResult, hold_category
 from iflybot_vla_policy.safety import SafetyFilter
@@ -240,9 +240,9 @@ def _run(policy: InferencePolicy, env: SimEnv, task: str, seed: int, config: Rol
 def _blend(old: np.ndarray, new: np.ndarray, delay: int) -> np.ndarray:
     """The policy node's output-level blend on the action grid: old (L, D) and new (H, D)
     from the same observation period; the old chunk's weight is 1 up to the splice (step
-    `delay`) and decays smoothly to 0 at its last action (chunking.rtc_weights)."""
+    `delay`) and decays smoothly to 0 at its last action (chunking.blend_weights)."""
     steps = np.arange(len(new), dtype=np.float64)
-    w = rtc_weights(steps, float(delay), float(len(old) - 1))[:, None]
+    w = blend_weights(steps, float(delay), float(len(old) - 1))[:, None]
     w[len(old):] = 0.0
     held = np.repeat(old[-1:], max(len(new) - len(old), 0), axis=0)    # w is 0 there
     return w * np.vstack([old, held])[:len(new)] + (1.0 - w) * new

@@ -37,7 +37,7 @@ class NodeConfig:
     inference_rate_hz: float = 5.0
     status_rate_hz: float = 5.0
     warmup_inferences: int = 1
-    execution_strategy: str = 'rtc'
+    execution_strategy: str = 'blend'
     commit_latency_s: float = 0.05
     ensemble_decay: float = 0.01
     camera_names: tuple[str, ...] = ('scene_camera', 'wrist_camera')
@@ -86,8 +86,11 @@ DESCRIPTIONS: dict[str, str] = {
     'inference_rate_hz': 'chunks requested per second (one JointTrajectory each)',
     'status_rate_hz': 'rate of /vla/status (>= 2) ; /diagnostics runs at 1 Hz',
     'warmup_inferences': 'inferences run on a blank observation during configure',
-    'execution_strategy': 'how a new chunk joins the executing one: rtc, ensemble or naive',
-    'commit_latency_s': 's after a splice before the new command acts (rtc freezes it)',
+    'execution_strategy': 'how a new chunk joins the executing one: blend (freeze what runs '
+                          'during the delay, blend out the rest), rtc (real-time chunking in '
+                          'the denoiser: local backend), ensemble or naive',
+    'commit_latency_s': 's after a splice before the new command acts (blend and rtc freeze '
+                        'the old actions until then)',
     'ensemble_decay': 'temporal ensembling weight exp(-m i) of the i-th oldest chunk',
     'camera_names': 'camera names the model expects, in the order of camera_topics',
     'camera_topics': 'sensor_msgs/Image topics, one per camera name',
@@ -168,6 +171,9 @@ def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
                          f'{list(out["arm_joint_names"])}')
     if out['inference_backend'] == 'local' and not (out['checkpoint'] or out['preset']):
         raise ValueError('parameter checkpoint: set checkpoint or preset')
+    if out['execution_strategy'] == 'rtc' and out['inference_backend'] != 'local':
+        raise ValueError('parameter execution_strategy: rtc needs inference_backend local (the '
+                         "remote protocol carries no executing chunk); use 'blend'")
     if out['inference_backend'] == 'remote' and not out['server_uri'].startswith(('ws://',
                                                                                  'wss://')):
         raise ValueError(f'parameter server_uri: must start with ws:// or wss://, got '

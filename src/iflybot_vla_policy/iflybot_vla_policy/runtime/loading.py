@@ -2,6 +2,7 @@
 model in a child process or on a thread; then the warm-up inferences."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,12 @@ def load_policy(cfg: NodeConfig, robot: RobotSpec, factory: Callable[[NodeConfig
                           noise_scale=cfg.noise_scale if cfg.noise_scale >= 0 else None)
         policy = InferenceProcess(spec) if cfg.inference_process else load_local(spec)
         model_id = cfg.checkpoint or f'{cfg.preset} (random weights)'
+    if cfg.execution_strategy == 'rtc' and \
+            'previous' not in inspect.signature(policy.infer).parameters:
+        if hasattr(policy, 'close'):
+            policy.close()
+        raise ValueError(f"execution_strategy 'rtc' needs a policy whose infer takes previous= "
+                         f'and inference_delay= (real-time chunking); {model_id} does not')
     for _ in range(cfg.warmup_inferences):
         out = policy.infer(blank_observation(cfg, robot))
         chunk_dt = float(out.get('dt', chunk_dt))

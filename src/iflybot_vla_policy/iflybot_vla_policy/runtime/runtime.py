@@ -26,6 +26,7 @@ from iflybot_vla_policy.runtime.config import MAX_INSTRUCTION_CHARS, NodeConfig,
 from iflybot_vla_policy.runtime.freshness import InputTracker, JointSample, SuccessLatch
 from iflybot_vla_policy.runtime.loading import LoadedPolicy
 from iflybot_vla_policy.runtime.requests import RequestScheduler
+from iflybot_vla_policy.runtime.rtc_prefix import RTCPrefix
 from iflybot_vla_policy.runtime.stats import RuntimeStats, StatusSnapshot
 from iflybot_vla_policy.runtime.supervisor import HoldCause, Log, RunState, Supervisor
 from iflybot_vla_policy.runtime.worker import InferenceWorker
@@ -61,6 +62,8 @@ class Request:
     images: dict[str, Any]      # camera name -> payload, decoded on the worker thread
     joint: JointSample
     instruction: str
+    previous: np.ndarray | None = None   # rtc: (L, d) the executing plan from t_obs on
+    inference_delay: int = 0             # rtc: actions of it that run before the new chunk
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class PolicyRuntime:
                                     ensemble_decay=cfg.ensemble_decay)
         self.executor = ChunkExecutor(self.safety, execution)
         self.delta_plan = ChunkPlan(execution)
+        self.rtc = RTCPrefix(cfg.commit_latency_s) if cfg.execution_strategy == 'rtc' else None
+        self._horizon: int | None = None
         self.supervisor = Supervisor(self._log)
         self.inputs = InputTracker(cfg.camera_names, cfg.joint_state_timeout_s,
                                    cfg.camera_timeout_s)
@@ -375,11 +380,15 @@ class PolicyRuntime:
             self._command_gripper_and_twist(now)
 
     def _submit(self, now: float, frame_time: float) -> None:
-        """Hand the newest observation to the worker."""
-        request = Request(self.supervisor.generation, self.inputs.obs_time(now),
-                          self.inputs.obs_stamp(),
+        """Hand the newest observation to the worker (with rtc, the plan it continues)."""
+        t_obs = self.inputs.obs_time(now)
+        previous, delay = None, 0
+        if self.rtc is not None:
+            plan = self.executor.plan if self.config.action_mode == 'joint' else self.delta_plan
+            previous, delay = self.rtc.request(plan, t_obs, self._chunk_dt, self._horizon)
+        request = Request(self.supervisor.generation, t_obs, self.inputs.obs_stamp(),
                           {c: self.inputs.images[c] for c in self.config.camera_names},
-                          self.inputs.joint, self.instruction)
+                          self.inputs.joint, self.instruction, previous, delay)
         if self.worker.submit(request):
             self.scheduler.submitted(frame_time)
             self.inputs.mark_used()
@@ -445,9 +454,11 @@ class PolicyRuntime:
             return
         with self.lock:
             sup.observation_decoded()
+        kwargs = {} if request.previous is None else {
+            'previous': request.previous, 'inference_delay': request.inference_delay}
         start = time.perf_counter()
         try:
-            out = self.policy.infer(obs)
+            out = self.policy.infer(obs, **kwargs)
             actions = np.asarray(out['actions'], dtype=np.float64)
             dt = float(out.get('dt', self._chunk_dt))
         except ConnectionError as exc:
@@ -471,7 +482,7 @@ class PolicyRuntime:
             if not sup.active or request.generation != sup.generation:
                 return   # held or restarted meanwhile: the chunk is of the past
             self.stats.inference(latency_ms, round_trip)
-            self._chunk_dt = dt
+            self._chunk_dt, self._horizon = dt, len(actions)
             if self.config.action_mode == 'joint':
                 self._splice_joint(request, actions, dt, latency_ms)
             else:
@@ -487,6 +498,8 @@ class PolicyRuntime:
         values = np.hstack([check.positions, check.gripper[:, None]])
         now = max(self._clock(), request.t_obs)   # never before the observation it answers
         trajectory, reason = self.executor.splice(values, dt, request.t_obs, now)
+        if self.rtc is not None:
+            self.rtc.spliced(request.t_obs, now)
         self._publish_chunk(request, values, dt, latency_ms, trajectory=trajectory)
         if reason:
             self._log_throttled('holding', f'holding: {reason}')
@@ -500,7 +513,10 @@ class PolicyRuntime:
         if reason:
             self._reject_chunk(reason)
             return
-        self.delta_plan.splice(values, dt, request.t_obs, max(self._clock(), request.t_obs))
+        now = max(self._clock(), request.t_obs)
+        self.delta_plan.splice(values, dt, request.t_obs, now)
+        if self.rtc is not None:
+            self.rtc.spliced(request.t_obs, now)
         self._publish_chunk(request, values, dt, latency_ms)
 
     def _publish_chunk(self, request: Request, values: np.ndarray, dt: float,
