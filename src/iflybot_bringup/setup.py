@@ -27,5 +27,6 @@ setup(
     entry_points={'console_scripts': [
         'gripper_bridge = iflybot_bringup.gripper_bridge:main',
         'moveit_home = iflybot_bringup.moveit_home:main',
+        'foxglove_bridge = iflybot_bringup.foxglove_bridge:main',
     ]},
 )
