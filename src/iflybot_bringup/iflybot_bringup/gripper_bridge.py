@@ -1,9 +1,10 @@
-"""GripperCommand (/vla/gripper_command) -> franka_gripper's `~/move` and `~/grasp` actions.
+"""GripperCommand (`gripper_topic`) -> franka_gripper's `~/move` and `~/grasp` actions.
 
 The policy and the teleops speak one gripper message; the simulator consumes it directly, the
 real Franka Hand needs franka_gripper's actions (franka_msgs/action/Move, Grasp). franka_msgs
 exists only on a full ROS 2 install with franka_ros2 (docker/): it is imported inside main(),
 which exits with a clear message when it is missing. A newer command preempts the running goal.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 """
 from __future__ import annotations
 
@@ -11,10 +12,25 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from iflybot_vla_policy.params import Param, Schema
+
 NODE_NAME = 'iflybot_gripper_bridge'
 MISSING_FRANKA = ('gripper_bridge needs franka_msgs (franka_ros2), which is not installed here. '
                   'Run it on a full ROS 2 install: the Docker image (docker/README.md) has it, '
                   'and `ros2 launch iflybot_bringup franka.launch.py` starts this bridge.')
+
+SCHEMA = Schema(NODE_NAME, (
+    Param('gripper_action_ns', 'franka_gripper',
+          "namespace of franka_gripper's move and grasp actions"),
+    Param('gripper_topic', '/vla/gripper_command', 'iflybot_vla_msgs/GripperCommand to follow'),
+    Param('default_speed', 0.05, 'finger speed of a command whose speed is 0, m/s', gt=0.0),
+    Param('default_force', 30.0, 'grasp force of a command whose force is 0, N', gt=0.0),
+    Param('epsilon_inner', 0.005,
+          'm: a grasp succeeds if the object is up to this much narrower than the width',
+          ge=0.0),
+    Param('epsilon_outer', 0.08,
+          'm: a grasp succeeds if the object is up to this much wider than the width', ge=0.0),
+))
 
 
 @dataclass(frozen=True)
@@ -75,23 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.node import Node
 
     from iflybot_vla_policy.robot import load_robot
+    from iflybot_vla_policy.ros.parameters import ParameterError, load_parameters
 
     hand = load_robot().gripper
 
     class GripperBridge(Node):
         def __init__(self) -> None:
             super().__init__(NODE_NAME)
-            ns = self.declare_parameter('gripper_action_ns', 'franka_gripper').value
-            self._defaults = {
-                'default_speed': self.declare_parameter('default_speed', 0.05).value,
-                'default_force': self.declare_parameter('default_force', 30.0).value,
-                'epsilon_inner': self.declare_parameter('epsilon_inner', 0.005).value,
-                'epsilon_outer': self.declare_parameter('epsilon_outer', 0.08).value}
+            p = load_parameters(self, SCHEMA)
+            ns = p['gripper_action_ns']
+            self._defaults = {k: p[k] for k in ('default_speed', 'default_force',
+                                                'epsilon_inner', 'epsilon_outer')}
             self._clients = {'move': (ActionClient(self, Move, f'{ns}/move'), Move),
                              'grasp': (ActionClient(self, Grasp, f'{ns}/grasp'), Grasp)}
             self._active: Any = None
-            self.create_subscription(GripperCommand, '/vla/gripper_command', self._on_cmd, 10)
-            self.get_logger().info(f'bridging /vla/gripper_command to {ns}/move and {ns}/grasp')
+            self.create_subscription(GripperCommand, p['gripper_topic'], self._on_cmd, 10)
+            self.get_logger().info(f"bridging {p['gripper_topic']} to {ns}/move and {ns}/grasp")
 
         def _on_cmd(self, msg: GripperCommand) -> None:
             try:
@@ -128,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                 f'{"done" if ok else "failed " + getattr(result, "error", "")}')
 
     rclpy.init(args=argv)
-    node = GripperBridge()
+    try:
+        node = GripperBridge()
+    except ParameterError:      # the node logged which parameter
+        rclpy.try_shutdown()
+        return 1
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -29,25 +29,49 @@ import rclpy
 from builtin_interfaces.msg import Duration
 from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, ObjectPoses
 from iflybot_vla_msgs.srv import ResetSim, StartEpisode, StopEpisode
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from iflybot_vla_policy.params import Param, Schema
 from iflybot_vla_policy.robot import load_robot
 from iflybot_vla_policy.ros.conversions_sim import object_poses_from_msg
-from iflybot_vla_policy.sim import make_env
+from iflybot_vla_policy.ros.parameters import ParameterError, load_parameters
+from iflybot_vla_policy.sim import TASKS, make_env
 from iflybot_vla_policy.sim.env import chunk_to_trajectory
 from iflybot_vla_policy.sim.expert import ScriptedExpert
 
 # Tasks whose expert re-plans from live object poses during contact: an episode waits for
 # /sim/object_poses of the new scene.
 LIVE_POSE_TASKS = frozenset({'push'})
-TRAJECTORY_TOPIC = '/fr3_arm_controller/joint_trajectory'
-GRIPPER_TOPIC = '/vla/gripper_command'
-CHUNK_TOPIC = '/vla/action_chunk'
-INSTRUCTION_TOPIC = '/vla/instruction'
+
+SCHEMA = Schema('iflybot_expert_teleop', (
+    Param('task', 'pick_place', 'simulator task of every episode', choices=tuple(sorted(TASKS))),
+    Param('episodes', 10, 'number of episodes to run', ge=0),
+    Param('first_seed', 0, 'seed of the first episode (then +1 each)', ge=0),
+    Param('max_episode_s', 25.0, 'sim seconds before giving up', gt=0.0),
+    Param('horizon', 10, 'actions per JointTrajectory chunk', ge=1),
+    Param('dt', 0.05, 'seconds between actions', gt=0.0),
+    Param('only_successful', False,
+          'discard (instead of keeping) episodes the sim judges failed'),
+    Param('record', True, 'call the recorder per episode'),
+    Param('sim', '/iflybot_sim', 'simulator node name (its ~/reset service)'),
+    Param('recorder', '/iflybot_recorder', 'recorder node name (its episode services)'),
+    Param('joint_state_topic', '/joint_states',
+          'sensor_msgs/JointState of the simulator: arm, fingers and its clock'),
+    Param('success_topic', '/sim/task_success', 'std_msgs/Bool: the task succeeded'),
+    Param('object_poses_topic', '/sim/object_poses',
+          'iflybot_vla_msgs/ObjectPoses the local scene follows'),
+    Param('trajectory_topic', '/fr3_arm_controller/joint_trajectory',
+          'JointTrajectoryController topic: one trajectory per chunk'),
+    Param('gripper_topic', '/vla/gripper_command', 'iflybot_vla_msgs/GripperCommand topic'),
+    Param('chunk_topic', '/vla/action_chunk', 'iflybot_vla_msgs/ActionChunk of every chunk'),
+    Param('instruction_topic', '/vla/instruction', "std_msgs/String: each episode's instruction"),
+    Param('operator_name', 'expert', 'operator stored with episodes'),
+    Param('settle_s', 0.6, 'sim seconds to wait after a reset', ge=0.0),
+    Param('shutdown_when_done', True, 'exit after the last episode'),
+))
 
 
 @dataclass
@@ -77,35 +101,16 @@ def trajectory_msg(joint_names: tuple[str, ...], positions: np.ndarray, times: n
 class ExpertTeleopNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('iflybot_expert_teleop', **kwargs)
-        d = lambda text: ParameterDescriptor(description=text)  # noqa: E731
-        self.declare_parameter('task', 'pick_place', d('simulator task of every episode'))
-        self.declare_parameter('episodes', 10, d('number of episodes to run'))
-        self.declare_parameter('first_seed', 0, d('seed of the first episode (then +1 each)'))
-        self.declare_parameter('max_episode_s', 25.0, d('sim seconds before giving up'))
-        self.declare_parameter('horizon', 10, d('actions per JointTrajectory chunk'))
-        self.declare_parameter('dt', 0.05, d('seconds between actions'))
-        self.declare_parameter('only_successful', False,
-                               d('discard (instead of keeping) episodes the sim judges failed'))
-        self.declare_parameter('record', True, d('call the recorder per episode'))
-        self.declare_parameter('sim', '/iflybot_sim', d('simulator node name'))
-        self.declare_parameter('recorder', '/iflybot_recorder', d('recorder node name'))
-        self.declare_parameter('success_topic', '/sim/task_success', d('std_msgs/Bool'))
-        self.declare_parameter('object_poses_topic', '/sim/object_poses',
-                               d('iflybot_vla_msgs/ObjectPoses the local scene follows'))
-        self.declare_parameter('operator_name', 'expert', d('operator stored with episodes'))
-        self.declare_parameter('settle_s', 0.6, d('sim seconds to wait after a reset'))
-        self.declare_parameter('shutdown_when_done', True, d('exit after the last episode'))
-        p = lambda name: self.get_parameter(name).value  # noqa: E731
-        self.task = p('task')
-        self.episodes, self.first_seed = int(p('episodes')), int(p('first_seed'))
-        self.max_episode_s = float(p('max_episode_s'))
-        self.horizon, self.dt = int(p('horizon')), float(p('dt'))
-        if self.horizon < 1 or self.dt <= 0:
-            raise ValueError(f'horizon must be >= 1 and dt > 0, got {self.horizon}, {self.dt}')
-        self.only_successful, self.record = bool(p('only_successful')), bool(p('record'))
-        self.operator_name = p('operator_name')
-        self.settle_s = float(p('settle_s'))
-        self.shutdown_when_done = bool(p('shutdown_when_done'))
+        p = load_parameters(self, SCHEMA)
+        self.task = p['task']
+        self.episodes, self.first_seed = p['episodes'], p['first_seed']
+        self.max_episode_s = p['max_episode_s']
+        self.horizon, self.dt = p['horizon'], p['dt']
+        self.only_successful, self.record = p['only_successful'], p['record']
+        self.operator_name = p['operator_name']
+        self.settle_s = p['settle_s']
+        self.shutdown_when_done = p['shutdown_when_done']
+        self.object_poses_topic = p['object_poses_topic']
         self.robot = load_robot()
         self._cv = threading.Condition()
         self._js_time = -1.0                       # stamp of the newest joint state (sim s)
@@ -115,14 +120,14 @@ class ExpertTeleopNode(Node):
         self._objects_time = -1.0                  # stamp of the newest object poses (sim s)
         self._success = False
         self.sent: Counter[str] = Counter()
-        self.create_subscription(JointState, '/joint_states', self._on_joint_state, 50)
-        self.create_subscription(Bool, p('success_topic'), self._on_success, 10)
-        self.create_subscription(ObjectPoses, p('object_poses_topic'), self._on_objects, 10)
-        self.traj_pub = self.create_publisher(JointTrajectory, TRAJECTORY_TOPIC, 10)
-        self.gripper_pub = self.create_publisher(GripperCommand, GRIPPER_TOPIC, 10)
-        self.chunk_pub = self.create_publisher(ActionChunk, CHUNK_TOPIC, 10)
-        self.instruction_pub = self.create_publisher(String, INSTRUCTION_TOPIC, 10)
-        sim, recorder = p('sim').rstrip('/'), p('recorder').rstrip('/')
+        self.create_subscription(JointState, p['joint_state_topic'], self._on_joint_state, 50)
+        self.create_subscription(Bool, p['success_topic'], self._on_success, 10)
+        self.create_subscription(ObjectPoses, p['object_poses_topic'], self._on_objects, 10)
+        self.traj_pub = self.create_publisher(JointTrajectory, p['trajectory_topic'], 10)
+        self.gripper_pub = self.create_publisher(GripperCommand, p['gripper_topic'], 10)
+        self.chunk_pub = self.create_publisher(ActionChunk, p['chunk_topic'], 10)
+        self.instruction_pub = self.create_publisher(String, p['instruction_topic'], 10)
+        sim, recorder = p['sim'].rstrip('/'), p['recorder'].rstrip('/')
         self.reset_client = self.create_client(ResetSim, f'{sim}/reset')
         self.start_client = self.create_client(StartEpisode, f'{recorder}/start_episode')
         self.stop_client = self.create_client(StopEpisode, f'{recorder}/stop_episode')
@@ -227,7 +232,7 @@ class ExpertTeleopNode(Node):
             after = self.sim_time()
             self._wait(lambda: self._objects_time >= after, 30.0,
                        f'object poses of the new scene on '
-                       f'{self.get_parameter("object_poses_topic").value} (the {self.task} '
+                       f'{self.object_poses_topic} (the {self.task} '
                        'expert re-plans from them; is the simulator publishing them?)')
         if self._shadow is None or self._shadow.task_name != self.task:
             self._shadow = make_env(self.task, seed=seed, render=False)
@@ -324,8 +329,13 @@ class ExpertSession:
 
         if context_init:
             rclpy.init(args=args)
-        self.node = ExpertTeleopNode(parameter_overrides=[
-            Parameter(name, value=value) for name, value in params.items()])
+        try:
+            self.node = ExpertTeleopNode(parameter_overrides=[
+                Parameter(name, value=value) for name, value in params.items()])
+        except ParameterError:
+            if context_init:
+                rclpy.try_shutdown()
+            raise
         self.executor = MultiThreadedExecutor(num_threads=2)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -342,7 +352,10 @@ class ExpertSession:
 def main(args: list[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException
 
-    session = ExpertSession(args=args)
+    try:
+        session = ExpertSession(args=args)
+    except ParameterError:      # the node logged which parameter
+        return 1
     node = session.node
     status = 0
     try:

@@ -8,7 +8,6 @@ bag is written by `EpisodeRecorder`'s thread. SIGINT/SIGTERM finalise the open e
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 import time
@@ -17,7 +16,6 @@ from typing import Any
 
 import rclpy
 from iflybot_vla_msgs.srv import StartEpisode, StopEpisode
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -30,8 +28,14 @@ from iflybot_vla_policy.data.episode_recorder import (
     RecorderConfig,
     RecorderError,
 )
+from iflybot_vla_policy.params import Param, Schema
+from iflybot_vla_policy.ros.parameters import (
+    ParameterError,
+    load_parameters,
+    unknown_parameters,
+)
 
-DEFAULT_TOPICS = [
+DEFAULT_TOPICS = (
     '/joint_states:sensor_msgs/msg/JointState',
     '/scene_camera/color/image_raw:sensor_msgs/msg/Image',
     '/scene_camera/color/camera_info:sensor_msgs/msg/CameraInfo',
@@ -44,7 +48,7 @@ DEFAULT_TOPICS = [
     '/vla/action_chunk:iflybot_vla_msgs/msg/ActionChunk',
     '/sim/task_success:std_msgs/msg/Bool',
     '/sim/object_poses:iflybot_vla_msgs/msg/ObjectPoses',
-]
+)
 
 
 def parse_topic_spec(spec: str) -> tuple[str, str, bool]:
@@ -72,42 +76,44 @@ def import_message(msgtype: str) -> Any:
         raise ValueError(f'cannot import message type {msgtype}: {err}') from err
 
 
+SCHEMA = Schema('iflybot_recorder', (
+    Param('output_dir', 'recordings', 'directory holding one bag per episode and episodes.jsonl'),
+    Param('topics', DEFAULT_TOPICS, "'TOPIC:pkg/msg/Type[:best_effort]' entries to record",
+          check=parse_topic_spec),
+    Param('compression', 'none', 'MCAP chunk compression', choices=('none', 'zstd')),
+    Param('min_free_disk_gb', 2.0, 'refuse to start an episode below this much free disk',
+          ge=0.0),
+    Param('queue_size', 2000, 'messages waiting for the writer thread', ge=1),
+    Param('queue_max_mb', 1024.0, 'bytes waiting for the writer thread, MB', gt=0.0),
+    Param('robot', 'fr3', 'robot identifier stored in EpisodeInfo'),
+    Param('flush_period_s', 0.1,
+          'recorded messages reach the bag file within this many seconds (one MCAP chunk per '
+          'flush): what a SIGKILLed recorder can lose, plus its queue', ge=0.0, le=60.0),
+    Param('qos_depth', 100, 'subscription history depth', ge=1),
+    Param('skip_published_before_start', True,
+          'leave out messages published before start_episode (by their DDS source timestamp): '
+          'a starved recorder still holds queued messages from before the episode, e.g. the '
+          'pose before a reset; needs clocks synchronised across machines'),
+))
+
+
 class RecorderNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('iflybot_recorder', **kwargs)
-        d = lambda text: ParameterDescriptor(description=text)  # noqa: E731
-        self.declare_parameter('output_dir', 'recordings',
-                               d('directory holding one bag per episode and episodes.jsonl'))
-        self.declare_parameter('topics', DEFAULT_TOPICS,
-                               d("'TOPIC:pkg/msg/Type[:best_effort]' entries to record"))
-        self.declare_parameter('compression', 'none', d("'none' or 'zstd' (per MCAP chunk)"))
-        self.declare_parameter('min_free_disk_gb', 2.0,
-                               d('refuse to start an episode below this much free disk'))
-        self.declare_parameter('queue_size', 2000, d('messages waiting for the writer thread'))
-        self.declare_parameter('queue_max_mb', 1024.0, d('bytes waiting for the writer thread'))
-        self.declare_parameter('robot', 'fr3', d('robot identifier stored in EpisodeInfo'))
-        self.declare_parameter('flush_period_s', 0.1, d(
-            'recorded messages reach the bag file within this many seconds (one MCAP chunk per '
-            'flush): what a SIGKILLed recorder can lose, plus its queue'))
-        self.declare_parameter('qos_depth', 100, d('subscription history depth'))
-        self.declare_parameter('skip_published_before_start', True, d(
-            'leave out messages published before start_episode (by their DDS source '
-            'timestamp): a starved recorder still holds queued messages from before the '
-            'episode, e.g. the pose before a reset; needs clocks synchronised across machines'))
-        p = lambda name: self.get_parameter(name).value  # noqa: E731
+        p = load_parameters(self, SCHEMA)
         self.recorder = EpisodeRecorder(RecorderConfig(
-            root=Path(p('output_dir')).expanduser(), compression=p('compression'),
-            min_free_disk_gb=float(p('min_free_disk_gb')), queue_size=int(p('queue_size')),
-            queue_max_mb=float(p('queue_max_mb')), robot=p('robot'),
-            flush_period_s=float(p('flush_period_s'))))
+            root=Path(p['output_dir']).expanduser(), compression=p['compression'],
+            min_free_disk_gb=p['min_free_disk_gb'], queue_size=p['queue_size'],
+            queue_max_mb=p['queue_max_mb'], robot=p['robot'],
+            flush_period_s=p['flush_period_s']))
         self.received = 0
         self.skipped_before_start = 0
-        self._skip_early = bool(p('skip_published_before_start'))
+        self._skip_early = p['skip_published_before_start']
         self._start_wall_ns = 0
         self._subs = []
-        for spec in p('topics'):
+        for spec in p['topics']:
             topic, msgtype, best_effort = parse_topic_spec(spec)
-            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(p('qos_depth')),
+            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=p['qos_depth'],
                              reliability=ReliabilityPolicy.BEST_EFFORT if best_effort
                              else ReliabilityPolicy.RELIABLE)
             events = SubscriptionEventCallbacks(message_lost=self._lost_callback(topic))
@@ -117,23 +123,13 @@ class RecorderNode(Node):
         self.create_service(StartEpisode, '~/start_episode', self._on_start)
         self.create_service(StopEpisode, '~/stop_episode', self._on_stop)
         self.create_service(Trigger, '~/discard_episode', self._on_discard)
-        for problem in self.unknown_parameters():
-            self.get_logger().warning(problem)
         self.get_logger().info(f'recording {len(self._subs)} topic(s) to '
                                f'{self.recorder.config.root} on request')
 
     def unknown_parameters(self) -> list[str]:
         """Params-file keys that are no parameter of this node (typos such as
         `flush_perod_s`), each named with the closest known name: not silently ignored."""
-        known = list(self._parameters)
-        problems = []
-        for name in sorted(getattr(self, '_parameter_overrides', {})):
-            if self.has_parameter(name) or name.startswith('qos_overrides'):
-                continue
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            problems.append(f"unknown parameter '{name}' ignored{hint}")
-        return problems
+        return unknown_parameters(self, SCHEMA)
 
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
@@ -210,12 +206,16 @@ class RecorderNode(Node):
                   f'{result.summary()}', file=sys.stderr)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
     from rclpy._rclpy_pybind11 import RCLError
     from rclpy.executors import ExternalShutdownException
 
     rclpy.init(args=args)   # rclpy's handlers turn SIGINT and SIGTERM into a shutdown
-    node = RecorderNode()
+    try:
+        node = RecorderNode()
+    except ParameterError:      # the node logged which parameter
+        rclpy.try_shutdown()
+        return 1
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -227,7 +227,8 @@ def main(args: list[str] | None = None) -> None:
         node.finalise('recorder shut down')
         node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

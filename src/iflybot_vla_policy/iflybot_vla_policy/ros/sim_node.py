@@ -1,8 +1,11 @@
 """`iflybot_sim`: the MuJoCo FR3 behind franka_ros2's topics (a policy cannot tell it apart).
 
-Publishes /joint_states, both cameras' image_raw + camera_info, /clock, /sim/task_success and
-/sim/instruction; follows /fr3_arm_controller/joint_trajectory (JointTrajectoryController
-semantics), /servo_node/delta_twist_cmds and /vla/gripper_command; service ~/reset (ResetSim).
+Publishes joint_states, both cameras' image_raw + camera_info, /clock, sim/task_success,
+sim/object_poses and sim/instruction; follows fr3_arm_controller/joint_trajectory
+(JointTrajectoryController semantics), servo_node/delta_twist_cmds and vla/gripper_command;
+service ~/reset (ResetSim). Topic names are relative, as a driver's are: /joint_states and so
+on in the root namespace, under a namespace or remapping (`joint_states:=...`) otherwise.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 Physics, control and tasks live in iflybot_vla_policy.sim; this node only converts and paces.
 The simulation runs on its own thread (real time by default); callbacks take the same lock.
 """
@@ -19,7 +22,6 @@ import rclpy
 from geometry_msgs.msg import TwistStamped
 from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, ObjectPoses
 from iflybot_vla_msgs.srv import ResetSim
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
@@ -28,6 +30,7 @@ from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool, String
 from trajectory_msgs.msg import JointTrajectory
 
+from iflybot_vla_policy.params import Param, Schema
 from iflybot_vla_policy.ros.conversions_sim import (
     camera_info_msg,
     image_msg,
@@ -36,32 +39,52 @@ from iflybot_vla_policy.ros.conversions_sim import (
     to_time,
     trajectory_from_msg,
 )
+from iflybot_vla_policy.ros.parameters import ParameterError, load_parameters
 from iflybot_vla_policy.ros.servo_switch import SERVICE as SERVO_SWITCH_SERVICE
 from iflybot_vla_policy.ros.servo_switch import servo_command_type
 from iflybot_vla_policy.sim import CAMERAS, TASKS, SimEnv, TrajectoryError, make_env
+from iflybot_vla_policy.sim.env import REFLEX_MODES
 
 _BASE_FRAMES = ('', 'fr3_link0', 'base', 'world')
 LOCKSTEP_REPEAT_S = 1.0    # wall s a paused frame waits before its messages go out again
 _TCP_FRAMES = ('fr3_hand_tcp', 'tcp')
+# Absolute: rclpy's time source (use_sim_time) listens on /clock whatever the namespace.
+CLOCK_TOPIC = '/clock'
 
 
-def _describe(text: str, low: float | None = None, high: float | None = None,
-              integer: bool = False) -> ParameterDescriptor:
-    descriptor = ParameterDescriptor(description=text)
-    if low is not None and high is not None:
-        if integer:
-            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high),
-                                                     step=1)]
-        else:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low),
-                                                                  to_value=float(high))]
-    return descriptor
+SCHEMA = Schema('iflybot_sim', (
+    Param('task', 'pick_place', 'task of the first scene (~/reset switches it)',
+          choices=tuple(sorted(TASKS))),
+    Param('seed', 0, 'seed of the first scene (reset gives others)', ge=0),
+    Param('real_time_factor', 1.0, 'sim seconds per wall second; 0 runs as fast as possible',
+          ge=0.0, le=100.0),
+    Param('joint_state_rate', 100.0, 'joint_states rate in sim Hz', ge=1.0, le=500.0),
+    Param('clock_rate', 100.0, '/clock rate in sim Hz', ge=1.0, le=500.0),
+    Param('camera_rate', 15.0, 'image + camera_info rate in sim Hz (0 = off)', ge=0.0, le=60.0),
+    Param('success_rate', 5.0, 'sim/task_success rate in sim Hz', ge=0.1, le=100.0),
+    Param('object_pose_rate', 25.0, 'sim/object_poses rate in sim Hz (0 = off)', ge=0.0,
+          le=500.0),
+    Param('image_width', 320, 'width of both cameras in px', ge=16, le=1920),
+    Param('image_height', 240, 'height of both cameras in px', ge=16, le=1080),
+    Param('home_noise', 0.05, 'uniform noise on the home joint angles at reset, rad', ge=0.0,
+          le=0.3),
+    Param('twist_timeout', 0.2, 'Servo stops after this long without a twist, s', ge=0.01,
+          le=5.0),
+    Param('allow_nonzero_velocity_at_trajectory_end', False,
+          'JTC: accept trajectories whose last point still moves'),
+    Param('libfranka_reflexes', 'report',
+          "libfranka's limits on the 1 kHz command stream: 'abort' stops the motion and holds "
+          "as the FR3 does, 'report' logs only, 'off'", choices=REFLEX_MODES),
+    Param('lockstep_timeout_s', 5.0,
+          'lockstep (ResetSim.lockstep): wall seconds a frame waits for an answer of the '
+          'policy before the simulation goes on without it', ge=0.1, le=600.0),
+))
 
 
 class SimNode(Node):
     def __init__(self, **kwargs: object) -> None:
         super().__init__('iflybot_sim', **kwargs)
-        p = self._declare_parameters()
+        p = self._params = load_parameters(self, SCHEMA)
         self._lock = threading.Lock()
         self._clock_offset = 0.0          # sim clock = offset + env.time (monotonic over resets)
         self._reset_stamp = 0.0           # sim clock when the last reset's scene began
@@ -90,25 +113,25 @@ class SimNode(Node):
         if self._env_error is not None:
             raise self._env_error
         qos = 10
-        self._joint_pub = self.create_publisher(JointState, '/joint_states', qos)
+        self._joint_pub = self.create_publisher(JointState, 'joint_states', qos)
         # The arm controller's reference (what JTC calls the desired state): position, velocity,
         # and acceleration in the effort field; for plots and for checking continuity.
         self._reference_pub = self.create_publisher(JointState, '~/reference', qos)
-        self._clock_pub = self.create_publisher(Clock, '/clock', qos)
-        self._success_pub = self.create_publisher(Bool, '/sim/task_success', qos)
+        self._clock_pub = self.create_publisher(Clock, CLOCK_TOPIC, qos)
+        self._success_pub = self.create_publisher(Bool, 'sim/task_success', qos)
         # Ground truth a perception stack would estimate (the push expert re-plans from it).
-        self._objects_pub = self.create_publisher(ObjectPoses, '/sim/object_poses', qos)
+        self._objects_pub = self.create_publisher(ObjectPoses, 'sim/object_poses', qos)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self._instruction_pub = self.create_publisher(String, '/sim/instruction', latched)
-        self._image_pubs = {c: self.create_publisher(Image, f'/{c}/color/image_raw', 2)
+        self._instruction_pub = self.create_publisher(String, 'sim/instruction', latched)
+        self._image_pubs = {c: self.create_publisher(Image, f'{c}/color/image_raw', 2)
                             for c in CAMERAS}
-        self._info_pubs = {c: self.create_publisher(CameraInfo, f'/{c}/color/camera_info', 2)
+        self._info_pubs = {c: self.create_publisher(CameraInfo, f'{c}/color/camera_info', 2)
                            for c in CAMERAS}
-        self.create_subscription(JointTrajectory, '/fr3_arm_controller/joint_trajectory',
+        self.create_subscription(JointTrajectory, 'fr3_arm_controller/joint_trajectory',
                                  self._on_trajectory, 10)
-        self.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds', self._on_twist, 10)
-        self.create_subscription(GripperCommand, '/vla/gripper_command', self._on_gripper, 10)
-        self.create_subscription(ActionChunk, '/vla/action_chunk', self._on_chunk, 10)
+        self.create_subscription(TwistStamped, 'servo_node/delta_twist_cmds', self._on_twist, 10)
+        self.create_subscription(GripperCommand, 'vla/gripper_command', self._on_gripper, 10)
+        self.create_subscription(ActionChunk, 'vla/action_chunk', self._on_chunk, 10)
         self.create_service(ResetSim, '~/reset', self._on_reset)
         # Servo's command type (moveit_msgs/srv/ServoCommandType where installed): like MoveIt
         # Servo, the stand-in starts in JOINT_JOG and ignores twists until switched to TWIST.
@@ -123,43 +146,6 @@ class SimNode(Node):
         self.get_logger().info(
             f'simulating {p["task"]} (seed {p["seed"]}): "{self._env.instruction}"; '
             f'real_time_factor {p["real_time_factor"]}')
-
-    # ----------------------------------------------------------------------------- params
-    def _declare_parameters(self) -> dict:
-        spec = {
-            'task': ('pick_place', _describe(f'task: one of {sorted(TASKS)}')),
-            'seed': (0, _describe('seed of the first scene (reset gives others)')),
-            'real_time_factor': (1.0, _describe(
-                'sim seconds per wall second; 0 runs as fast as possible', 0.0, 100.0)),
-            'joint_state_rate': (100.0, _describe('/joint_states rate in sim Hz', 1.0, 500.0)),
-            'clock_rate': (100.0, _describe('/clock rate in sim Hz', 1.0, 500.0)),
-            'camera_rate': (15.0, _describe('image + camera_info rate in sim Hz (0 = off)',
-                                            0.0, 60.0)),
-            'success_rate': (5.0, _describe('/sim/task_success rate in sim Hz', 0.1, 100.0)),
-            'object_pose_rate': (25.0, _describe('/sim/object_poses rate in sim Hz (0 = off)',
-                                                 0.0, 500.0)),
-            'image_width': (320, _describe('width of both cameras in px', 16, 1920, True)),
-            'image_height': (240, _describe('height of both cameras in px', 16, 1080, True)),
-            'home_noise': (0.05, _describe('uniform noise on the home joint angles at reset, '
-                                           'rad', 0.0, 0.3)),
-            'twist_timeout': (0.2, _describe('Servo stops after this long without a twist, s',
-                                             0.01, 5.0)),
-            'allow_nonzero_velocity_at_trajectory_end': (False, _describe(
-                'JTC: accept trajectories whose last point still moves')),
-            'libfranka_reflexes': ('report', _describe(
-                "libfranka's limits on the 1 kHz command stream: 'abort' stops the motion and "
-                "holds as the FR3 does, 'report' logs only, 'off'")),
-            'lockstep_timeout_s': (5.0, _describe(
-                'lockstep (ResetSim.lockstep): wall seconds a frame waits for an answer of the '
-                'policy before the simulation goes on without it', 0.1, 600.0)),
-        }
-        values = {}
-        for name, (default, descriptor) in spec.items():
-            values[name] = self.declare_parameter(name, default, descriptor).value
-        if values['task'] not in TASKS:
-            raise ValueError(f"parameter task={values['task']!r}: choose from {sorted(TASKS)}")
-        self._params = values
-        return values
 
     def _make_env(self, task: str, seed: int) -> SimEnv:
         p = self._params
@@ -475,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except ParameterError:
+        code = 1          # the node logged which parameter, before anything started
     finally:
         if node is not None:
             node.shutdown()

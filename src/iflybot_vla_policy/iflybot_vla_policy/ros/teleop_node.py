@@ -15,64 +15,78 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import rclpy
 from geometry_msgs.msg import TwistStamped
 from iflybot_vla_msgs.msg import GripperCommand
 from iflybot_vla_msgs.srv import StartEpisode, StopEpisode
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from iflybot_vla_policy.params import Param, Schema
+from iflybot_vla_policy.ros.parameters import ParameterError, load_parameters
 from iflybot_vla_policy.ros.servo_switch import SERVICE as SERVO_SWITCH_SERVICE
 from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch
 from iflybot_vla_policy.spacemouse import SpaceMouseReader, spacemouse_twist
 from iflybot_vla_policy.teleop import HELP, KeyboardTeleop, TeleopConfig
 
+_DEFAULTS = TeleopConfig()
+
+
+def _gripper_widths_ordered(values: Mapping[str, Any]) -> None:
+    if not values['gripper_closed_width'] < values['gripper_open_width']:
+        raise ParameterError('gripper_closed_width', f"{values['gripper_closed_width']} must be "
+                             f"below gripper_open_width ({values['gripper_open_width']})")
+
+
+SCHEMA = Schema('iflybot_teleop', (
+    Param('twist_topic', '/servo_node/delta_twist_cmds',
+          'TwistStamped command topic (MoveIt Servo or the simulator)'),
+    Param('servo_switch_service', SERVO_SWITCH_SERVICE,
+          "MoveIt Servo command-type service, called with TWIST before the first twist "
+          "('' = do not switch)"),
+    Param('gripper_topic', '/vla/gripper_command', 'GripperCommand topic'),
+    Param('frame_id', 'fr3_link0', 'frame of the twist (robot base)'),
+    Param('rate_hz', 30.0, 'twist publishing rate while moving', gt=0.0, le=1000.0),
+    Param('linear_speed', _DEFAULTS.linear_speed, 'm/s per key', gt=0.0),
+    Param('angular_speed', _DEFAULTS.angular_speed, 'rad/s per key', gt=0.0),
+    Param('key_hold_s', _DEFAULTS.key_hold_s,
+          'a key counts as held this long after its last repeat, s', gt=0.0),
+    Param('gripper_open_width', _DEFAULTS.gripper_open_width, 'opening width of the toggle, m',
+          gt=0.0),
+    Param('gripper_closed_width', _DEFAULTS.gripper_closed_width,
+          'closing width of the toggle, m', ge=0.0),
+    Param('gripper_force', 30.0, 'grasp force in N when closing', ge=0.0),
+    Param('recorder', '/iflybot_recorder', 'recorder node name (its episode services)'),
+    Param('task', 'teleop', 'task name stored with each episode'),
+    Param('instruction', '', 'instruction stored with each episode'),
+    Param('operator_name', 'operator', 'who is teleoperating'),
+    Param('spacemouse', 'auto',
+          "'auto' (use one if plugged in), 'on' (fail without one) or 'off'",
+          choices=('auto', 'on', 'off')),
+), checks=(_gripper_widths_ordered,))
+
 
 class TeleopNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('iflybot_teleop', **kwargs)
-        d = lambda text: ParameterDescriptor(description=text)  # noqa: E731
-        defaults = TeleopConfig()
-        self.declare_parameter('twist_topic', '/servo_node/delta_twist_cmds',
-                               d('TwistStamped command topic (MoveIt Servo or the simulator)'))
-        self.declare_parameter('servo_switch_service', SERVO_SWITCH_SERVICE,
-                               d('MoveIt Servo command-type service, called with TWIST before '
-                                 "the first twist ('' = do not switch)"))
-        self.declare_parameter('gripper_topic', '/vla/gripper_command', d('GripperCommand topic'))
-        self.declare_parameter('frame_id', 'fr3_link0', d('frame of the twist (robot base)'))
-        self.declare_parameter('rate_hz', 30.0, d('twist publishing rate while moving'))
-        self.declare_parameter('linear_speed', defaults.linear_speed, d('m/s per key'))
-        self.declare_parameter('angular_speed', defaults.angular_speed, d('rad/s per key'))
-        self.declare_parameter('key_hold_s', defaults.key_hold_s,
-                               d('a key counts as held this long after its last repeat'))
-        self.declare_parameter('gripper_open_width', defaults.gripper_open_width, d('m'))
-        self.declare_parameter('gripper_closed_width', defaults.gripper_closed_width, d('m'))
-        self.declare_parameter('gripper_force', 30.0, d('grasp force in N when closing'))
-        self.declare_parameter('recorder', '/iflybot_recorder', d('recorder node name'))
-        self.declare_parameter('task', 'teleop', d('task name stored with each episode'))
-        self.declare_parameter('instruction', '', d('instruction stored with each episode'))
-        self.declare_parameter('operator_name', 'operator', d('who is teleoperating'))
-        self.declare_parameter('spacemouse', 'auto', d("'auto' (use one if plugged in), 'on' "
-                                                       "(fail without one) or 'off'"))
-        p = lambda name: self.get_parameter(name).value  # noqa: E731
+        p = load_parameters(self, SCHEMA)
         self.teleop = KeyboardTeleop(TeleopConfig(
-            linear_speed=float(p('linear_speed')), angular_speed=float(p('angular_speed')),
-            key_hold_s=float(p('key_hold_s')),
-            gripper_open_width=float(p('gripper_open_width')),
-            gripper_closed_width=float(p('gripper_closed_width'))))
-        self.frame_id = p('frame_id')
-        self.gripper_force = float(p('gripper_force'))
-        self.task, self.instruction = p('task'), p('instruction')
-        self.operator_name = p('operator_name')
-        self.twist_pub = self.create_publisher(TwistStamped, p('twist_topic'), 10)
+            linear_speed=p['linear_speed'], angular_speed=p['angular_speed'],
+            key_hold_s=p['key_hold_s'], gripper_open_width=p['gripper_open_width'],
+            gripper_closed_width=p['gripper_closed_width']))
+        self.frame_id = p['frame_id']
+        self.gripper_force = p['gripper_force']
+        self.task, self.instruction = p['task'], p['instruction']
+        self.operator_name = p['operator_name']
+        self.twist_pub = self.create_publisher(TwistStamped, p['twist_topic'], 10)
         # MoveIt Servo starts in JOINT_JOG and ignores twists until switched to TWIST.
-        self.servo_switch = (ServoTwistSwitch(self, p('servo_switch_service'))
-                             if p('servo_switch_service') else None)
-        self.gripper_pub = self.create_publisher(GripperCommand, p('gripper_topic'), 10)
-        recorder = p('recorder').rstrip('/')
+        self.servo_switch = (ServoTwistSwitch(self, p['servo_switch_service'])
+                             if p['servo_switch_service'] else None)
+        self.gripper_pub = self.create_publisher(GripperCommand, p['gripper_topic'], 10)
+        recorder = p['recorder'].rstrip('/')
         self.start_client = self.create_client(StartEpisode, f'{recorder}/start_episode')
         self.stop_client = self.create_client(StopEpisode, f'{recorder}/stop_episode')
         self.discard_client = self.create_client(Trigger, f'{recorder}/discard_episode')
@@ -80,9 +94,7 @@ class TeleopNode(Node):
         self.quit_requested = threading.Event()
         self.messages: list[str] = []      # status lines (also printed)
         self._moving = False
-        mode = p('spacemouse')
-        if mode not in ('auto', 'on', 'off'):
-            raise ValueError(f"spacemouse must be 'auto', 'on' or 'off', got {mode!r}")
+        mode = p['spacemouse']
         self.spacemouse = SpaceMouseReader() if mode != 'off' else None
         if self.spacemouse is not None and not self.spacemouse.available:
             if mode == 'on':
@@ -91,7 +103,7 @@ class TeleopNode(Node):
             self.spacemouse = None
         if self.spacemouse is not None:
             self.say(f'SpaceMouse: {self.spacemouse.source}')
-        self.create_timer(1.0 / float(p('rate_hz')), self._tick)
+        self.create_timer(1.0 / p['rate_hz'], self._tick)
 
     def say(self, text: str) -> None:
         self.messages.append(text)
@@ -194,11 +206,15 @@ def read_keys(fd: int, out: queue.Queue[str], stop: threading.Event) -> None:
             out.put(ch)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException
 
     rclpy.init(args=args)
-    node = TeleopNode()
+    try:
+        node = TeleopNode()
+    except ParameterError:      # the node logged which parameter
+        rclpy.try_shutdown()
+        return 1
     stop = threading.Event()
     interactive = sys.stdin.isatty()
     node.say(HELP if interactive else 'iflybot_teleop: stdin is not a terminal; keyboard off')
@@ -220,7 +236,8 @@ def main(args: list[str] | None = None) -> None:
             node.spacemouse.close()
         node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
