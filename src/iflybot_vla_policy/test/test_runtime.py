@@ -230,7 +230,9 @@ def test_activation_without_an_instruction_holds_for_the_user_until_one_arrives(
     assert rig.worker.pending is None
     rig.rt.instruct('pick')
     rig.advance(0.2)
-    assert rig.rt.state == RunState.RUNNING and rig.worker.pending is not None
+    assert rig.worker.pending is not None
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING
 
 
 def test_an_empty_instruction_holds_for_the_user_and_brakes():
@@ -257,6 +259,14 @@ def test_stale_joint_states_hold_for_input_brake_and_fresh_ones_resume():
     rig.advance(0.3, inputs=False)
     assert len(rig.out.trajectories) == n + 1, 'nothing else is sent while input is stale'
     rig.advance(0.04)
+    # Fresh again, but the frames waiting are of the time the joint states stopped: that
+    # observation is refused as out of sync, and the next frame set resumes the run.
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.OBSERVATION)
+    assert 'observation out of sync: joint_states' in rig.rt.status().last_error
+    assert rig.worker.pending is None
+    rig.advance(0.2)
+    assert rig.worker.pending is not None
+    rig.worker.finish()
     assert rig.rt.state == RunState.RUNNING
 
 
@@ -441,7 +451,9 @@ def test_a_goal_arriving_before_activation_is_refused_and_one_right_after_runs()
     assert 'limit 2000' in rig.rt.goal_refusal('x' * 2001)
     rig.rt.start_goal('pick', 0.0, 60.0)
     rig.advance(0.2)
-    assert rig.rt.state == RunState.RUNNING and rig.worker.pending is not None
+    assert rig.worker.pending is not None
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING
 
 
 def test_a_run_that_starts_before_the_reset_pose_arrives_waits_for_it_instead_of_erroring():
@@ -722,3 +734,68 @@ def test_rtc_is_refused_for_a_remote_policy_and_one_that_cannot_continue_a_chunk
         load_policy(cfg, ROBOT, lambda cfg: Creep(), warn=print)
     loaded = load_policy(cfg, ROBOT, lambda cfg: InpaintingCreep(), warn=print)
     assert loaded.policy.prefixes == [(None, 0)]          # the warm-up, without a plan
+
+
+# ------------------------------------------------------------------------- time alignment
+def test_an_observation_whose_joint_state_lags_its_frames_is_refused_naming_it_and_resumes():
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()                         # in sync: the first chunk
+    assert rig.rt.status().observation_skew_max_ms == pytest.approx(0.0, abs=1e-6)
+    for _ in range(30):                         # the joint driver's stamps fall 0.3 s behind
+        rig.clock.t += 0.02
+        rig.joints(stamp=rig.clock.t - 0.3)
+        if round(rig.clock.t / 0.02) % 10 == 0:
+            rig.frames()
+        rig.rt.tick()
+    assert (rig.rt.state, rig.cause) == (RunState.HOLD, HoldCause.OBSERVATION)
+    status = rig.rt.status()
+    # (the request waits 0.1 s and more for the frames' state: the nearest then is 0.18 s
+    # before them; the limit is 3/4 of the 0.16 s median frame interval so far)
+    assert 'observation out of sync: joint_states -180.0 ms from the frames (limit 120.0 ms)' \
+        in status.last_error, status.last_error
+    assert status.observation_skew_max_ms == pytest.approx(180.0, abs=0.5)
+    assert rig.worker.pending is None and at_rest(rig.out.trajectories[-1])
+    rig.advance(0.4)                            # back on one clock
+    rig.worker.finish()
+    assert rig.rt.state == RunState.RUNNING
+    assert 'observation_skew_p50_ms' in rig.rt.stats.diagnostic_values()
+
+
+def feed_offset_cameras(rig: Rig, q_at_last: np.ndarray) -> None:
+    """0.6 s of a scene camera at 5 Hz and a wrist camera 0.12 s after it, joint states at each
+    frame (`q_at_last` at the last scene frame); the clock follows the stamps."""
+    t = rig.clock.t
+    for k in range(1, 4):
+        rig.clock.t = t + 0.2 * k
+        rig.joints(q_at_last if k == 3 else None)
+        rig.rt.on_image(CAMERAS[0], np.full((4, 4, 3), k, np.uint8), rig.clock.t)
+        rig.clock.t = t + 0.2 * k + 0.12
+        rig.joints(ROBOT.home)
+        rig.rt.on_image(CAMERAS[1], np.full((4, 4, 3), 10 + k, np.uint8), rig.clock.t)
+        if k < 3 and rig.worker.pending is not None:
+            rig.worker.finish()
+
+
+def test_the_frames_and_state_nearest_to_the_frames_stamp_make_the_observation():
+    # The wrist camera's frames come 0.12 s after the scene camera's: an observation takes
+    # the newest frame set's oldest stamp (the scene frame's) and, of the wrist frames and the
+    # joint states, those nearest to it.
+    rig = Rig(max_observation_skew_s=0.15)
+    rig.start()
+    rig.worker.finish()
+    q = ROBOT.home.copy()
+    q[0] += 0.05
+    feed_offset_cameras(rig, q)
+    request = rig.worker.pending
+    assert request is not None and request.images[CAMERAS[0]][0, 0, 0] == 3
+    assert request.images[CAMERAS[1]][0, 0, 0] == 12      # 0.08 s before, not 0.12 s after
+    np.testing.assert_allclose(request.joint.q, q)        # the state at the frames' stamp
+    assert rig.rt.status().observation_skew_max_ms == pytest.approx(120.0, abs=0.5)
+    strict = Rig(max_observation_skew_s=0.05)
+    strict.start()
+    strict.worker.finish()
+    feed_offset_cameras(strict, q)
+    assert strict.cause == HoldCause.OBSERVATION and strict.worker.pending is None
+    assert 'observation out of sync: wrist_camera' in strict.rt.status().last_error
+    assert '(limit 50.0 ms)' in strict.rt.status().last_error

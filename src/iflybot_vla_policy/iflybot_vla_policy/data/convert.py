@@ -25,6 +25,7 @@ import numpy as np
 
 from iflybot_vla_policy.data import bags
 from iflybot_vla_policy.data.lerobot_format import EpisodeData
+from iflybot_vla_policy.observation_sync import frame_period, nearest_index, skew_limit
 
 DEFAULT_CAMERAS = {'/scene_camera/color/image_raw': 'scene_camera',
                    '/wrist_camera/color/image_raw': 'wrist_camera'}
@@ -44,6 +45,7 @@ class ConvertConfig:
     gripper_topic: str = '/vla/gripper_command'
     instruction_topic: str = '/vla/instruction'
     max_image_age_s: float = 0.5          # a frame without an image this close is an error
+                                          # (0: the node's limit, observation_sync)
     max_clock_skew_s: float = 1.0         # command stamps further than this from their receive
                                           # time are on another clock: use the receive time
     min_frames: int = 2
@@ -354,16 +356,15 @@ def align(rec: RecordedEpisode, config: ConvertConfig) -> dict[str, Any]:
         action = interpolate_state(rec, np.minimum(lead_t, rec.js_t[-1]))
     chosen = {}
     for cam, stamps in rec.image_t.items():
-        right = np.clip(np.searchsorted(stamps, t), 1, len(stamps) - 1)
-        left = right - 1
-        nearest = np.where(np.abs(stamps[left] - t) <= np.abs(stamps[right] - t), left, right)
-        if len(stamps) == 1:
-            nearest = np.zeros(len(t), dtype=np.int64)
+        # The policy node's rule (observation_sync): the image nearest to the frame's time,
+        # within the limit (0: SKEW_FRACTION of this camera's period).
+        nearest = nearest_index(stamps, t)
+        limit = skew_limit(frame_period(stamps), config.max_image_age_s)
         age = np.abs(stamps[nearest] - t)
-        if age.max() > config.max_image_age_s:
+        if age.max() > limit:
             f = int(age.argmax())
             raise ConversionError(f'{rec.bag}: camera {cam} has no image within '
-                                  f'{config.max_image_age_s} s of frame {f} (gap {age[f]:.3f} s;'
+                                  f'{limit:.3f} s of frame {f} (gap {age[f]:.3f} s;'
                                   ' --max-image-age accepts it, --skip-bad skips the episode)')
         chosen[cam] = nearest
     return {'t': t, 'state': interpolate_state(rec, t).astype(np.float32),

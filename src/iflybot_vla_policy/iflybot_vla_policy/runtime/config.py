@@ -39,6 +39,7 @@ class NodeConfig:
     warmup_inferences: int = 1
     execution_strategy: str = 'blend'
     commit_latency_s: float = 0.05
+    max_observation_skew_s: float = 0.0
     ensemble_decay: float = 0.01
     camera_names: tuple[str, ...] = ('scene_camera', 'wrist_camera')
     camera_topics: tuple[str, ...] = ('/scene_camera/color/image_raw',
@@ -92,6 +93,9 @@ DESCRIPTIONS: dict[str, str] = {
     'commit_latency_s': 's after a splice before the new command acts (blend and rtc freeze '
                         'the old actions until then)',
     'ensemble_decay': 'temporal ensembling weight exp(-m i) of the i-th oldest chunk',
+    'max_observation_skew_s': 'largest spread (s) of the stamps of the frames and joint state '
+                              'of one observation, each taken nearest to the frames; 0: 3/4 of '
+                              'the camera period',
     'camera_names': 'camera names the model expects, in the order of camera_topics',
     'camera_topics': 'sensor_msgs/Image topics, one per camera name',
     'joint_state_topic': 'sensor_msgs/JointState topic with arm and finger joints',
@@ -124,9 +128,9 @@ _CHOICES = {'inference_backend': ('local', 'remote'), 'action_mode': ('joint', '
             'execution_strategy': STRATEGIES}
 _POSITIVE = ('control_rate_hz', 'inference_rate_hz', 'gripper_speed', 'max_step',
              'max_tracking_error', 'joint_state_timeout_s', 'camera_timeout_s')
-_NON_NEGATIVE = ('commit_latency_s', 'ensemble_decay', 'gripper_force', 'gripper_deadband',
-                 'grasp_width', 'position_margin', 'workspace_margin', 'warmup_inferences',
-                 'torch_threads')
+_NON_NEGATIVE = ('commit_latency_s', 'max_observation_skew_s', 'ensemble_decay',
+                 'gripper_force', 'gripper_deadband', 'grasp_width', 'position_margin',
+                 'workspace_margin', 'warmup_inferences', 'torch_threads')
 
 
 def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:

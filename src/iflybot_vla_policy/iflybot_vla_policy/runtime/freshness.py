@@ -13,11 +13,13 @@ the messages' header stamps in seconds.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from iflybot_vla_policy.observation_sync import Alignment, align, frame_period
 from iflybot_vla_policy.safety import Watchdog
 
 JOINT_STATES = 'joint_states'
@@ -29,6 +31,8 @@ MAX_CLOCK_LAG_S = 0.5
 STATE_OTHER_CLOCK_S = 0.5
 # How long (s) past the frames' stamp the node's clock waits for the joint state of their instant.
 STATE_WAIT_S = 0.1
+FRAME_HISTORY = 4     # frames kept per camera for time alignment
+JOINT_HISTORY = 256   # joint states kept (0.26 s at 1 kHz, 2.6 s at 100 Hz)
 
 
 @dataclass(frozen=True)
@@ -61,16 +65,27 @@ class InputTracker:
         self._refused: dict[str, str] = {}   # input -> why its last message was refused
         self.run_start: float | None = None   # a run waits for inputs that arrived after this
         self.inputs_after = 0.0               # ... or, when > 0, stamped at or after this
+        # Recent samples, oldest first, for time-aligned observations (observation_sync).
+        self._frame_history: dict[str, deque[tuple[float, Any]]] = {
+            c: deque(maxlen=FRAME_HISTORY) for c in cameras}
+        self._joint_history: deque[JointSample] = deque(maxlen=JOINT_HISTORY)
 
     def image(self, name: str, payload: Any, stamp: float, now: float) -> None:
         self.images[name] = payload
         self._frames[name] = self._frames.get(name, 0) + 1
         self._stamps[name] = stamp
         self._frame_times[name] = stamp or now
+        history = self._frame_history.setdefault(name, deque(maxlen=FRAME_HISTORY))
+        if history and stamp and stamp < history[-1][0]:
+            history.clear()    # the clock went back (a simulator restarted): a new timeline
+        history.append((stamp or now, payload))
         self.watchdog.feed(name, now)
 
     def joint_state(self, sample: JointSample, now: float) -> None:
         self.joint = sample
+        if self._joint_history and sample.stamp < self._joint_history[-1].stamp:
+            self._joint_history.clear()
+        self._joint_history.append(sample)
         self._refused.pop(JOINT_STATES, None)
         self.watchdog.feed(JOINT_STATES, now)
 
@@ -120,6 +135,28 @@ class InputTracker:
         waiting = 0.0 < behind < STATE_OTHER_CLOCK_S and \
             -MAX_CLOCK_LAG_S < now - self.obs_stamp() < STATE_WAIT_S
         return not waiting
+
+    def camera_period(self) -> float:
+        """The slowest camera's median frame interval over the history (nan if unknown)."""
+        periods = [frame_period([t for t, _ in self._frame_history.get(c, ())])
+                   for c in self.cameras]
+        known = [p for p in periods if math.isfinite(p)]
+        return max(known) if known else math.nan
+
+    def observation(self) -> tuple[dict[str, Any], JointSample, Alignment]:
+        """The frames and joint state nearest to the newest complete frame set's stamp (the
+        oldest of the cameras' newest frames), and how far apart they are."""
+        reference = self.frame_time()
+        streams = {c: [t for t, _ in self._frame_history[c]] for c in self.cameras}
+        joints = [j for j in self._joint_history if j.stamp > 0]
+        if joints and abs(joints[-1].stamp - reference) >= STATE_OTHER_CLOCK_S:
+            joints = []    # stamped on another clock (or unstamped): nothing to align to
+        if joints:
+            streams[JOINT_STATES] = [j.stamp for j in joints]
+        alignment = align(streams, reference)
+        images = {c: self._frame_history[c][alignment.picks[c]][1] for c in self.cameras}
+        joint = joints[alignment.picks[JOINT_STATES]] if joints else self.joint
+        return images, joint, alignment
 
     def mark_used(self) -> None:
         self._frames_used = dict(self._frames)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from iflybot_vla_policy.chunking import ChunkExecutor, ChunkPlan, ExecutionConfig
+from iflybot_vla_policy.observation_sync import skew_limit
 from iflybot_vla_policy.robot import RobotSpec
 from iflybot_vla_policy.runtime.config import MAX_INSTRUCTION_CHARS, NodeConfig, safety_config
 from iflybot_vla_policy.runtime.freshness import InputTracker, JointSample, SuccessLatch
@@ -380,15 +381,24 @@ class PolicyRuntime:
             self._command_gripper_and_twist(now)
 
     def _submit(self, now: float, frame_time: float) -> None:
-        """Hand the newest observation to the worker (with rtc, the plan it continues)."""
+        """Hand the newest time-aligned observation to the worker (with rtc, the plan it
+        continues); one whose inputs are too far apart is refused with a hold naming them."""
+        images, joint, alignment = self.inputs.observation()
+        self.stats.skew(alignment.skew)
+        limit = skew_limit(self.inputs.camera_period(), self.config.max_observation_skew_s)
+        if alignment.skew > limit:
+            self.scheduler.submitted(frame_time)
+            self.inputs.mark_used()
+            if self.supervisor.bad_observation(alignment.describe(limit)):
+                self._brake(now)
+            return
         t_obs = self.inputs.obs_time(now)
         previous, delay = None, 0
         if self.rtc is not None:
             plan = self.executor.plan if self.config.action_mode == 'joint' else self.delta_plan
             previous, delay = self.rtc.request(plan, t_obs, self._chunk_dt, self._horizon)
-        request = Request(self.supervisor.generation, t_obs, self.inputs.obs_stamp(),
-                          {c: self.inputs.images[c] for c in self.config.camera_names},
-                          self.inputs.joint, self.instruction, previous, delay)
+        request = Request(self.supervisor.generation, t_obs, self.inputs.obs_stamp(), images,
+                          joint, self.instruction, previous, delay)
         if self.worker.submit(request):
             self.scheduler.submitted(frame_time)
             self.inputs.mark_used()

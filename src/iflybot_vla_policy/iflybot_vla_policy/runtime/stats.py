@@ -25,6 +25,8 @@ class StatusSnapshot:
     control_jitter_p99_ms: float = 0.0
     e2e_latency_p50_ms: float = 0.0
     e2e_latency_p99_ms: float = 0.0
+    observation_skew_p50_ms: float = 0.0
+    observation_skew_max_ms: float = 0.0
 
 
 class RuntimeStats:
@@ -34,6 +36,7 @@ class RuntimeStats:
         self.inference_ms: deque[float] = deque(maxlen=200)
         self.e2e_latency_ms: deque[float] = deque(maxlen=200)   # image stamp -> publish
         self.round_trip_ms: deque[float] = deque(maxlen=200)    # remote backend
+        self.skew_ms: deque[float] = deque(maxlen=200)   # spread of each observation's stamps
         self.tick_times: deque[float] = deque(maxlen=1000)
         self.missed_ticks = 0   # control ticks skipped while active
 
@@ -46,6 +49,9 @@ class RuntimeStats:
         self.inference_ms.append(latency_ms)
         if round_trip_ms is not None:
             self.round_trip_ms.append(float(round_trip_ms))
+
+    def skew(self, skew_s: float) -> None:
+        self.skew_ms.append(skew_s * 1e3)
 
     def e2e(self, published_at: float, obs_stamp: float) -> None:
         """Image stamp -> publish, both on the ROS clock; skipped when the stamps are on
@@ -69,13 +75,18 @@ class RuntimeStats:
         if len(e2e):
             out['e2e_latency_p50_ms'] = float(np.percentile(e2e, 50))
             out['e2e_latency_p99_ms'] = float(np.percentile(e2e, 99))
+        skew = np.asarray(self.skew_ms, dtype=np.float64)
+        if len(skew):
+            out['observation_skew_p50_ms'] = float(np.percentile(skew, 50))
+            out['observation_skew_max_ms'] = float(skew.max())
         return StatusSnapshot(missed_ticks=self.missed_ticks, **fields, **out)
 
     def diagnostic_values(self) -> dict[str, str]:
         """p50 of the latency windows that have measurements, for /diagnostics."""
         values = {}
         for name, window in (('e2e_latency', self.e2e_latency_ms),
-                             ('round_trip', self.round_trip_ms)):
+                             ('round_trip', self.round_trip_ms),
+                             ('observation_skew', self.skew_ms)):
             if len(window):
                 values[f'{name}_p50_ms'] = f'{np.percentile(list(window), 50):.1f}'
         return values
