@@ -11,6 +11,7 @@ draws the same noise in the same order.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
 import traceback
@@ -52,7 +53,10 @@ def load_policy(spec: PolicySpec) -> Any:
 
 
 def _serve(conn: Any, spec: PolicySpec) -> None:
-    """Child: load, say so, then answer ('infer', obs) until ('close', None) or EOF."""
+    """Child: load, say so, then answer ('infer', obs) until ('close', None) or EOF. Ctrl-C
+    reaches the whole process group; the parent ends the child (close, or EOF when it dies),
+    so the child ignores SIGINT instead of printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         policy = load_policy(spec)
     except Exception as exc:  # noqa: BLE001 - the parent raises it with the child's traceback

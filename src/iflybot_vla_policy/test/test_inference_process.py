@@ -40,6 +40,9 @@ def test_the_child_returns_the_chunks_of_the_same_policy_in_process_then_fails_b
         theirs = local.infer(observations(5)[4], previous=previous, inference_delay=2)
         np.testing.assert_array_equal(ours['actions'][:2], previous[:2])
         np.testing.assert_allclose(ours['actions'], theirs['actions'], atol=1e-6)
+        os.kill(child.pid, signal.SIGINT)    # Ctrl-C in the terminal: the parent decides
+        np.testing.assert_array_equal(child.infer(observations(6)[5])['actions'],
+                                      local.infer(observations(6)[5])['actions'])
         os.kill(child.pid, signal.SIGKILL)   # a dead child is named, not waited on forever
         with pytest.raises(RuntimeError, match='inference process'):
             child.infer(observations(1)[0])
