@@ -13,6 +13,7 @@ simulator's /sim/task_success verdict.
 The local copy's movable objects follow /sim/object_poses (iflybot_vla_msgs/ObjectPoses, what
 a perception stack would publish; the recorder keeps them), so experts that re-plan from live
 object poses during contact (push) work through ROS as they do inside the simulator.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 """
 from __future__ import annotations
 

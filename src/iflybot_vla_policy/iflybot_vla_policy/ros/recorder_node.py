@@ -5,6 +5,7 @@ Services: `~/start_episode` (StartEpisode), `~/stop_episode` (StopEpisode),
 middleware, never deserialised) and created from type names in the `topics` parameter
 ('TOPIC:pkg/msg/Type' or 'TOPIC:pkg/msg/Type:best_effort'). The callbacks only enqueue; the
 bag is written by `EpisodeRecorder`'s thread. SIGINT/SIGTERM finalise the open episode.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ through `/servo_node/switch_command_type` (ros/servo_switch.py), GripperCommand 
 toggle, and calls the recorder's `~/start_episode`, `~/stop_episode` and `~/discard_episode`.
 The terminal is put in cbreak mode (no echo, no line buffering) and restored on exit; without a
 terminal (e.g. under a launch file) only the SpaceMouse drives.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 """
 from __future__ import annotations
 
