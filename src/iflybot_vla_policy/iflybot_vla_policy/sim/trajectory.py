@@ -200,6 +200,10 @@ class TrajectoryController:
         self._allow_nonzero_end = allow_nonzero_velocity_at_trajectory_end
         self._tol = limit_tolerance
         self._active = self._hold_spline(np.asarray(initial_positions, np.float64), now)
+        # The motion before the active one: times before the active one's start (the 1 kHz
+        # sample between two physics steps, when a trajectory arrived at the later one) are
+        # the old motion's, not the new one's first point held.
+        self._before: _Spline | None = None
         self._pending: list[tuple[float, JointTrajectory]] = []   # (activation time, traj)
         self._last_time = now
         self._moving_anchor: tuple[float, DesiredState] | None = None
@@ -216,6 +220,7 @@ class TrajectoryController:
         then starts from its velocity and acceleration instead of from rest.
         """
         self._active = self._hold_spline(np.asarray(positions, np.float64), now)
+        self._before = None
         self._pending.clear()
         self._last_time = now
         self._moving_anchor = (now, moving) if moving is not None else None
@@ -262,7 +267,7 @@ class TrajectoryController:
     def _activate_due(self, t: float) -> None:
         while self._pending and self._pending[0][0] <= t:
             activation, traj = self._pending.pop(0)
-            self._active = self._splice(traj, activation)
+            self._active, self._before = self._splice(traj, activation), self._active
 
     def _splice(self, traj: JointTrajectory, activation: float) -> _Spline:
         """Knots: the desired state at activation, then the points after activation."""
@@ -287,6 +292,8 @@ class TrajectoryController:
         """Desired positions, velocities, accelerations (each (n_joints,)) at time t."""
         self._activate_due(t)
         self._last_time = t
+        if self._before is not None and t < self._active.times[0]:
+            return self._before.sample(t)
         return self._active.sample(t)
 
     @property
