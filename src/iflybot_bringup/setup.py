@@ -13,7 +13,7 @@ setup(
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
         (f'share/{PACKAGE}', ['package.xml']),
         (f'share/{PACKAGE}/launch', glob('launch/*.py')),
-        (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+        (f'share/{PACKAGE}/config', glob('config/*.yaml') + glob('config/*.sdf')),
         (f'share/{PACKAGE}/graphs', glob('graphs/*.yaml')),
         (f'share/{PACKAGE}/rviz', glob('rviz/*.rviz')),
     ],
