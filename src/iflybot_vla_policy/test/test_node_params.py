@@ -27,7 +27,9 @@ from rclpy.qos import qos_profile_rosout_default  # noqa: E402
 from iflybot_bringup import graph as graph_mod  # noqa: E402
 from iflybot_bringup.gripper_bridge import SCHEMA as GRIPPER_BRIDGE  # noqa: E402
 from iflybot_vla_policy.params import (  # noqa: E402
+    Param,
     ParameterError,
+    Schema,
     check_params_file,
     is_ros_parameter,
     load_params_file,
@@ -36,6 +38,7 @@ from iflybot_vla_policy.params import (  # noqa: E402
 from iflybot_vla_policy.robot import load_robot  # noqa: E402
 from iflybot_vla_policy.ros.expert_teleop_node import SCHEMA as EXPERT_TELEOP  # noqa: E402
 from iflybot_vla_policy.ros.expert_teleop_node import ExpertTeleopNode  # noqa: E402
+from iflybot_vla_policy.ros.parameters import declare_parameters, read_parameters  # noqa: E402
 from iflybot_vla_policy.ros.recorder_node import SCHEMA as RECORDER  # noqa: E402
 from iflybot_vla_policy.ros.sim_node import SCHEMA as SIM  # noqa: E402
 from iflybot_vla_policy.ros.sim_node import SimNode  # noqa: E402
@@ -82,7 +85,11 @@ def test_no_other_params_file_in_config_names_one_of_these_nodes() -> None:
     for path in sorted(CONFIG.glob('*.yaml')):
         if path.name in CONFIG_FILES or path.name == POLICY_FILE:
             continue
-        named = {key.strip('/').split('/')[-1] for key in load_params_file(path)}
+        try:
+            sections = load_params_file(path)
+        except ValueError:
+            continue                  # no ROS params file (e.g. a ros_gz_bridge topic list)
+        named = {key.strip('/').split('/')[-1] for key in sections}
         assert not named & ours, f'{path.name} configures {named & ours}: add it to CONFIG_FILES'
 
 
@@ -307,6 +314,32 @@ def test_teleop_parameters_are_described_and_read_only_over_dds(ros_context) -> 
     finally:
         executor.shutdown()
         client_node.destroy_node()
+        node.destroy_node()
+
+
+CONFIGURABLE = Schema('configurable', (
+    Param('mode', 'joint', 'action mode', choices=('joint', 'ee_delta')),
+    Param('rate_hz', 50.0, 'control rate', gt=0.0)), read_only=False)
+
+
+def test_a_node_that_validates_on_configure_names_a_bad_override_and_takes_a_fix(
+        ros_context) -> None:
+    """The lifecycle pattern: declare in the constructor, read (and fail) in on_configure,
+    `ros2 param set` a good value, configure again."""
+    node = rclpy.create_node('configurable', context=ros_context, parameter_overrides=[
+        Parameter('mode', value='ee'), Parameter('rate_hz', value=20)])
+    try:
+        declare_parameters(node, CONFIGURABLE)        # a bad value does not fail construction
+        with pytest.raises(ParameterError, match=r"^parameter mode: 'ee' is not one of"):
+            read_parameters(node, CONFIGURABLE)
+        assert node.get_parameter('mode').value == 'ee'          # as given: ros2 param get
+        (refused,) = node.set_parameters([Parameter('mode', value='cartesian')])
+        assert not refused.successful
+        assert refused.reason.startswith("parameter mode: 'cartesian' is not one of")
+        (done,) = node.set_parameters([Parameter('mode', value='ee_delta')])
+        assert done.successful
+        assert read_parameters(node, CONFIGURABLE) == {'mode': 'ee_delta', 'rate_hz': 20.0}
+    finally:
         node.destroy_node()
 
 

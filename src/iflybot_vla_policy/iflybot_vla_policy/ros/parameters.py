@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
 from rcl_interfaces.msg import ParameterType as Type
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
@@ -60,7 +65,8 @@ def unknown_parameters(node: Node, schema: Schema) -> list[str]:
 
 
 def declare_parameters(node: Node, schema: Schema) -> None:
-    """Declare every parameter of `schema` (see the module docstring for overrides)."""
+    """Declare every parameter of `schema` (see the module docstring for overrides). With
+    `schema.read_only` false, a later set is checked against the schema as well."""
     overrides = _overrides(node)
     for param in schema:
         value: Any = param.default
@@ -81,6 +87,20 @@ def declare_parameters(node: Node, schema: Schema) -> None:
                                    ignore_override=True)
         else:
             node.declare_parameter(param.name, value, desc, ignore_override=True)
+    if not schema.read_only:   # after declaring: rclpy runs these callbacks on declare too
+        node.add_on_set_parameters_callback(lambda params: _check_set(schema, params))
+
+
+def _check_set(schema: Schema, params: list[Parameter]) -> SetParametersResult:
+    """A later set (`ros2 param set`) is refused with the schema's reason, not only for the
+    type and range that rclpy checks; rules across parameters wait for read_parameters."""
+    for param in params:
+        if param.name in schema:
+            try:
+                schema[param.name].parse(param.value)
+            except ParameterError as err:
+                return SetParametersResult(successful=False, reason=str(err))
+    return SetParametersResult(successful=True)
 
 
 def read_parameters(node: Node, schema: Schema, names: Iterable[str] | None = None
