@@ -30,6 +30,11 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Header, String  # noqa: E402
+from test_bringup_launch import (  # noqa: E402
+    fake_launch,  # noqa: F401 (a fixture)
+    launched_nodes,
+    load_launch_file,
+)
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
@@ -288,3 +293,28 @@ def test_graphs_start_the_bridge_only_with_the_foxglove_argument() -> None:
                                                              'foxglove_bridge')
         assert node.params['port'] == 9001 and not node.spec.required, name
         assert [f.name for f in node.params_files] == ['foxglove.yaml']
+
+
+def test_sim_launch_file_starts_the_bridge_as_the_runner_does(
+        fake_launch: dict[str, type]) -> None:  # noqa: F811 (the imported fixture)
+    overrides = {'foxglove': 'true', 'foxglove_port': '9001'}
+    resolved = graph_mod.resolve(graph_mod.load_graph('sim'), overrides)
+    launched = launched_nodes(load_launch_file('sim'), dict(resolved.values))
+    got = launched['/iflybot_foxglove']
+    assert (got['package'], got['executable']) == ('iflybot_bringup', 'foxglove_bridge')
+    assert got['params']['port'] == 9001 and not got['required']
+    assert [p.name for p in got['params_files']] == ['foxglove.yaml']
+
+
+@pytest.mark.parametrize('name, value, message', [
+    ('port', 70000, r"parameter 'port': 70000 is not a TCP port"),
+    ('max_image_rate_hz', -1.0, r"parameter 'max_image_rate_hz': -1.0 is negative"),
+])
+def test_a_bad_parameter_is_refused_by_name(name: str, value: Any, message: str) -> None:
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        with pytest.raises(ValueError, match=message):
+            FoxgloveBridge(context=context, parameter_overrides=[Parameter(name, value=value)])
+    finally:
+        rclpy.shutdown(context=context)
