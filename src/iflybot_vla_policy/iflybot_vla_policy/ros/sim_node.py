@@ -138,7 +138,9 @@ class SimNode(Node):
         self._servo_srv, servo_type = servo_command_type()
         self._servo_command_type = self._servo_srv.Request.JOINT_JOG
         self._ignored_twist_warned = 0.0
-        self.create_service(self._servo_srv, SERVO_SWITCH_SERVICE, self._on_switch_command_type)
+        # relative, as the twist topic: /servo_node/switch_command_type in the root namespace
+        self.create_service(self._servo_srv, SERVO_SWITCH_SERVICE.lstrip('/'),
+                            self._on_switch_command_type)
         self.get_logger().info(f'Servo stand-in in JOINT_JOG: call {SERVO_SWITCH_SERVICE} '
                                f'({servo_type}) with TWIST before sending twists')
         self._publish_instruction()
