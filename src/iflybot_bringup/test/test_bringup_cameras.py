@@ -87,6 +87,8 @@ def test_franka_graph_starts_both_realsense_drivers_and_their_transforms() -> No
         spec = nodes[name].spec
         assert (spec.package, spec.executable) == ('realsense2_camera', 'realsense2_camera_node')
         assert [f.name for f in nodes[name].params_files] == ['realsense.yaml']
+    # a lost camera makes the policy hold on stale images; it must not end the robot's graph
+    assert not any(nodes[name].spec.required for name in CAMERA_NODES)
     for name in ('scene_camera_tf', 'wrist_camera_tf'):
         spec = nodes[name].spec
         assert (spec.package, spec.executable) == ('tf2_ros', 'static_transform_publisher')
