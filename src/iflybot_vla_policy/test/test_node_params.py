@@ -227,6 +227,25 @@ def test_a_misspelled_sim_parameter_warns_with_the_closest_name_and_keeps_the_de
         node.destroy_node()
 
 
+def test_the_sim_topics_follow_its_namespace_and_remaps_and_clock_stays_absolute() -> None:
+    context = rclpy.Context()
+    rclpy.init(context=context, args=['test', '--ros-args', '-r', '__ns:=/cell2', '-r',
+                                      'sim/task_success:=/judge/success', '-p', 'camera_rate:=0'])
+    node = SimNode(context=context)
+    try:
+        published = {name for name, _ in node.get_publisher_names_and_types_by_node(
+            'iflybot_sim', '/cell2')}
+        assert {'/cell2/joint_states', '/cell2/scene_camera/color/image_raw',
+                '/judge/success', '/clock'} <= published
+        subscribed = {name for name, _ in node.get_subscriber_names_and_types_by_node(
+            'iflybot_sim', '/cell2')}
+        assert '/cell2/fr3_arm_controller/joint_trajectory' in subscribed
+    finally:
+        node.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
 def _run_node(module: str, *params: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, '-m', module, '--ros-args']
     for p in params:
