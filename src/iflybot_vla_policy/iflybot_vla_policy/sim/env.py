@@ -100,10 +100,6 @@ class SimEnv:
                                      for n in r.finger_joint_names])
         self._arm_act = np.array([self.model.actuator(n).id for n in r.arm_joint_names])
         self._finger_act = np.array([self.model.actuator(n).id for n in r.finger_joint_names])
-        self.finger_geom_ids = frozenset(
-            int(g) for g in range(self.model.ngeom)
-            if self.model.body(int(self.model.geom_bodyid[g])).name in
-            ('fr3_leftfinger', 'fr3_rightfinger'))
         self.kinematics = ArmKinematics(self.model, r.arm_joint_names, r.q_min, r.q_max)
         self.servo = CartesianServo(
             ServoConfig(r.max_linear_velocity, r.max_angular_velocity, r.dq_max,

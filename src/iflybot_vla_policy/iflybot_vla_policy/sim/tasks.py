@@ -2,22 +2,20 @@
 
 Each task adds its objects to the MJCF once (`scene()`); `reset(env, rng)` moves and recolours
 them (free joints through qpos, static bodies through model.body_pos/quat, colours through
-geom_rgba), samples an instruction, and records what the scripted expert needs (`plan`).
+geom_rgba), samples an instruction, and records what the scripted expert needs (`plan`). `env`
+is anything holding the MuJoCo `model` and `data` (`sim/physics.Physics`; a `SimEnv` is one).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import mujoco
 import numpy as np
 
 from iflybot_vla_policy.sim.model import SceneSpec
-
-if TYPE_CHECKING:
-    from iflybot_vla_policy.sim.env import SimEnv
+from iflybot_vla_policy.sim.physics import Physics, touching_fingers
 
 # Named colours (RGB 0..1); instructions refer to objects by these names.
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -125,16 +123,16 @@ class Task:
     def scene(self) -> SceneSpec:
         raise NotImplementedError
 
-    def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
+    def reset(self, env: Physics, rng: np.random.Generator) -> None:
         raise NotImplementedError
 
-    def success(self, env: SimEnv) -> bool:
+    def success(self, env: Physics) -> bool:
         raise NotImplementedError
 
-    def objects(self, env: SimEnv) -> list[ObjectState]:
+    def objects(self, env: Physics) -> list[ObjectState]:
         raise NotImplementedError
 
-    def retarget(self, env: SimEnv, variant: int) -> None:
+    def retarget(self, env: Physics, variant: int) -> None:
         """After reset: make the instruction name another object of the scene (variant k of
         `variants`); the scene looks the same, what must happen changes."""
         if not 0 <= variant < self.variants:
@@ -143,10 +141,10 @@ class Task:
         if variant:
             self._retarget(env, variant)
 
-    def _retarget(self, env: SimEnv, variant: int) -> None:
+    def _retarget(self, env: Physics, variant: int) -> None:
         raise NotImplementedError
 
-    def _swap_roles(self, env: SimEnv, target: str, other: str, geoms: dict[str, list[str]],
+    def _swap_roles(self, env: Physics, target: str, other: str, geoms: dict[str, list[str]],
                     free: bool) -> None:
         """Exchange two same-shaped objects' poses and colours, so the picture is unchanged
         but `target` (the name the task logic acts on) is the object that was `other`; the
@@ -167,7 +165,7 @@ class Task:
         self._set_color(env, geoms[other], old)
         self.state.instruction = _replace_word(self.state.instruction, old, new)
 
-    def grounding_points(self, env: SimEnv) -> np.ndarray:
+    def grounding_points(self, env: Physics) -> np.ndarray:
         """(2, 3) base-frame positions of what the instruction names: the object to act on and
         where it goes (a drawer is both). Training targets for spatial grounding."""
         by_name = {o.name: o.position for o in self.objects(env)}
@@ -187,12 +185,12 @@ class Task:
         return self.templates[int(rng.integers(len(self.templates)))].format(**names)
 
     @staticmethod
-    def _set_color(env: SimEnv, geom_names: list[str], color: str) -> None:
+    def _set_color(env: Physics, geom_names: list[str], color: str) -> None:
         for g in geom_names:
             env.model.geom_rgba[env.model.geom(g).id, :3] = COLORS[color]
 
     @staticmethod
-    def _place_free(env: SimEnv, name: str, xy: np.ndarray, z: float, yaw: float) -> None:
+    def _place_free(env: Physics, name: str, xy: np.ndarray, z: float, yaw: float) -> None:
         adr = env.model.joint(name).qposadr[0]
         env.data.qpos[adr:adr + 3] = [xy[0], xy[1], z]
         env.data.qpos[adr + 3:adr + 7] = _yaw_quat(yaw)
@@ -200,36 +198,26 @@ class Task:
         env.data.qvel[dof:dof + 6] = 0.0
 
     @staticmethod
-    def _place_static(env: SimEnv, body: str, xy: np.ndarray, yaw: float) -> None:
+    def _place_static(env: Physics, body: str, xy: np.ndarray, yaw: float) -> None:
         bid = env.model.body(body).id
         env.model.body_pos[bid, :2] = xy
         env.model.body_quat[bid] = _yaw_quat(yaw)
 
     @staticmethod
-    def _free_state(env: SimEnv, name: str, kind: str, color: str,
+    def _free_state(env: Physics, name: str, kind: str, color: str,
                     size: tuple[float, ...]) -> ObjectState:
         adr = env.model.joint(name).qposadr[0]
         qpos = env.data.qpos[adr:adr + 7]
         return ObjectState(name, kind, color, qpos[:3].copy(), qpos[3:].copy(), np.array(size))
 
     @staticmethod
-    def _static_state(env: SimEnv, body: str, kind: str, color: str,
+    def _static_state(env: Physics, body: str, kind: str, color: str,
                       size: tuple[float, ...]) -> ObjectState:
         bid = env.model.body(body).id
         return ObjectState(body, kind, color, env.data.xpos[bid].copy(),
                            env.data.xquat[bid].copy(), np.array(size))
 
-    @staticmethod
-    def _touching_fingers(env: SimEnv, geom: str) -> bool:
-        gid = env.model.geom(geom).id
-        fingers = env.finger_geom_ids
-        for contact in env.data.contact[:env.data.ncon]:
-            pair = (contact.geom1, contact.geom2)
-            if gid in pair and (pair[0] in fingers or pair[1] in fingers):
-                return True
-        return False
-
-    def _pos(self, env: SimEnv, name: str) -> np.ndarray:
+    def _pos(self, env: Physics, name: str) -> np.ndarray:
         adr = env.model.joint(name).qposadr[0]
         return env.data.qpos[adr:adr + 3].copy()
 
@@ -258,11 +246,11 @@ class PickPlace(Task):
     def _bowl_geoms(self) -> list[str]:
         return ['bowl_base'] + [f'bowl_{i}' for i in range(4)]
 
-    def _retarget(self, env: SimEnv, variant: int) -> None:
+    def _retarget(self, env: Physics, variant: int) -> None:
         self._swap_roles(env, 'cube_a', 'cube_b', {'cube_a': ['cube_a'], 'cube_b': ['cube_b']},
                          free=True)
 
-    def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
+    def reset(self, env: Physics, rng: np.random.Generator) -> None:
         bowl_xy, a_xy, b_xy = _sample_positions(rng, 3, 0.15)
         obj_c, other_c, bowl_c = self._colors(rng, 3)
         self._place_static(env, 'bowl', bowl_xy, float(rng.uniform(-0.4, 0.4)))
@@ -277,14 +265,14 @@ class PickPlace(Task):
             {'cube_a': obj_c, 'cube_b': other_c, 'bowl': bowl_c},
             {'object': 'cube_a', 'container': 'bowl'})
 
-    def success(self, env: SimEnv) -> bool:
+    def success(self, env: Physics) -> bool:
         bid = env.model.body('bowl').id
         rot = env.data.xmat[bid].reshape(3, 3)
         local = rot.T @ (self._pos(env, 'cube_a') - env.data.xpos[bid])
         inside = bool(np.all(np.abs(local[:2]) < BOWL_INNER_HALF - 0.005) and local[2] < 0.06)
-        return inside and not self._touching_fingers(env, 'cube_a')
+        return inside and not touching_fingers(env, 'cube_a')
 
-    def objects(self, env: SimEnv) -> list[ObjectState]:
+    def objects(self, env: Physics) -> list[ObjectState]:
         c = self.state.colors
         size = (CUBE_HALF,) * 3
         return [self._free_state(env, 'cube_a', 'cube', c['cube_a'], size),
@@ -305,7 +293,7 @@ class Stack(Task):
     def scene(self) -> SceneSpec:
         return SceneSpec(worldbody=_cube('cube_a') + _cube('cube_b') + _cube('cube_c'))
 
-    def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
+    def reset(self, env: Physics, rng: np.random.Generator) -> None:
         positions = _sample_positions(rng, 3, 0.11)
         colors = self._colors(rng, 3)
         for name, xy, color in zip(('cube_a', 'cube_b', 'cube_c'), positions, colors,
@@ -318,19 +306,19 @@ class Stack(Task):
             dict(zip(('cube_a', 'cube_b', 'cube_c'), colors, strict=True)),
             {'object': 'cube_a', 'base': 'cube_b'})
 
-    def _retarget(self, env: SimEnv, variant: int) -> None:
+    def _retarget(self, env: Physics, variant: int) -> None:
         role = 'cube_a' if variant == 1 else 'cube_b'
         self._swap_roles(env, role, 'cube_c', {n: [n] for n in ('cube_a', 'cube_b', 'cube_c')},
                          free=True)
 
-    def success(self, env: SimEnv) -> bool:
+    def success(self, env: Physics) -> bool:
         top, base = self._pos(env, 'cube_a'), self._pos(env, 'cube_b')
         aligned = np.linalg.norm(top[:2] - base[:2]) < 0.02
         on_top = 1.5 * CUBE_HALF < top[2] - base[2] < 2.5 * CUBE_HALF
         return bool(aligned and on_top and base[2] < 1.5 * CUBE_HALF
-                    and not self._touching_fingers(env, 'cube_a'))
+                    and not touching_fingers(env, 'cube_a'))
 
-    def objects(self, env: SimEnv) -> list[ObjectState]:
+    def objects(self, env: Physics) -> list[ObjectState]:
         return [self._free_state(env, n, 'cube', self.state.colors[n], (CUBE_HALF,) * 3)
                 for n in ('cube_a', 'cube_b', 'cube_c')]
 
@@ -354,7 +342,7 @@ class Push(Task):
             for z in ('zone_a', 'zone_b'))
         return SceneSpec(worldbody=puck + zones)
 
-    def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
+    def reset(self, env: Physics, rng: np.random.Generator) -> None:
         for _ in range(1000):
             puck_xy = rng.uniform([0.42, -0.15], [0.56, 0.15])
             angle = rng.uniform(-np.pi, np.pi)
@@ -375,18 +363,18 @@ class Push(Task):
                                {'puck': obj_c, 'zone_a': zone_c, 'zone_b': other_c},
                                {'object': 'puck', 'goal': 'zone_a'})
 
-    def _retarget(self, env: SimEnv, variant: int) -> None:
+    def _retarget(self, env: Physics, variant: int) -> None:
         self._swap_roles(env, 'zone_a', 'zone_b', {'zone_a': ['zone_a'], 'zone_b': ['zone_b']},
                          free=False)
 
-    def goal_xy(self, env: SimEnv) -> np.ndarray:
+    def goal_xy(self, env: Physics) -> np.ndarray:
         return env.data.xpos[env.model.body('zone_a').id][:2].copy()
 
-    def success(self, env: SimEnv) -> bool:
+    def success(self, env: Physics) -> bool:
         return bool(np.linalg.norm(self._pos(env, 'puck')[:2] - self.goal_xy(env))
                     < ZONE_RADIUS - 0.01)
 
-    def objects(self, env: SimEnv) -> list[ObjectState]:
+    def objects(self, env: Physics) -> list[ObjectState]:
         c = self.state.colors
         return [self._free_state(env, 'puck', 'puck', c['puck'],
                                  (PUCK_RADIUS, PUCK_RADIUS, PUCK_HALF_HEIGHT)),
@@ -456,7 +444,7 @@ class Drawer(Task):
                 f'axis="-1 0 0" range="0 {DRAWER_TRAVEL}" damping="8" frictionloss="0.5" '
                 f'armature="0.05"/>{geoms}{handle}</body>')
 
-    def reset(self, env: SimEnv, rng: np.random.Generator) -> None:
+    def reset(self, env: Physics, rng: np.random.Generator) -> None:
         xy = rng.uniform([0.68, -0.12], [0.74, 0.12])
         yaw = float(rng.uniform(-0.35, 0.35))
         self._place_static(env, 'cabinet', xy, yaw)
@@ -478,7 +466,7 @@ class Drawer(Task):
                                 'cabinet': 'beige'},
                                {'drawer': target, 'yaw': yaw})
 
-    def _retarget(self, env: SimEnv, variant: int) -> None:
+    def _retarget(self, env: Physics, variant: int) -> None:
         """The other drawer, named the way the drawn instruction named its target (by colour
         or by side)."""
         plan, colors = self.state.plan, self.state.colors
@@ -493,13 +481,13 @@ class Drawer(Task):
         plan['drawer'] = other
         self.state.instruction = text
 
-    def opening(self, env: SimEnv, name: str) -> float:
+    def opening(self, env: Physics, name: str) -> float:
         return float(env.data.qpos[env.model.joint(name).qposadr[0]])
 
-    def success(self, env: SimEnv) -> bool:
+    def success(self, env: Physics) -> bool:
         return self.opening(env, str(self.state.plan['drawer'])) > DRAWER_OPEN
 
-    def objects(self, env: SimEnv) -> list[ObjectState]:
+    def objects(self, env: Physics) -> list[ObjectState]:
         out = [self._static_state(env, 'cabinet', 'cabinet', 'beige',
                                   (CAB_DEPTH / 2, CAB_WIDTH / 2, CAB_HEIGHT / 2))]
         for name in ('drawer_left', 'drawer_right'):
