@@ -49,6 +49,19 @@ def bundle_info(checkpoint: str | Path | None) -> dict:
     return info
 
 
+def bundled_checkpoint() -> Path | None:
+    """The first complete checkpoint (weights and config) under `checkpoints/`, if any."""
+    from iflybot_vla_policy.paths import checkpoints_dir
+
+    root = checkpoints_dir()
+    if not root.is_dir():
+        return None
+    for candidate in sorted(root.iterdir()):
+        if (candidate / 'model.safetensors').is_file() and (candidate / 'config.yaml').is_file():
+            return candidate
+    return None
+
+
 def noise_scale(checkpoint: str | Path | None, requested: float | None = None) -> float:
     """`requested` if given, else the bundle's inference.noise_scale, else 1 (sampling)."""
     if requested is not None:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from iflybot_vla_policy.bundle import bundle_info, evaluation_summary
+from iflybot_vla_policy.bundle import bundle_info, bundled_checkpoint, evaluation_summary
 
 # push is not in the default: through ROS the expert cannot see the puck (no object-pose topic).
 DEFAULT_TASKS = 'pick_place,stack,drawer,pick_place,stack'
@@ -38,18 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads of the policy node (default: the sim graph's)")
     parser.add_argument('--out', type=Path, default=Path('outputs/demo'),
                         help='directory for bags, rollouts.mp4, joints.png and the log')
-
-
-def bundled_checkpoint() -> Path | None:
-    from iflybot_vla_policy.paths import checkpoints_dir
-
-    root = checkpoints_dir()
-    if not root.is_dir():
-        return None
-    for candidate in sorted(root.iterdir()):
-        if (candidate / 'model.safetensors').is_file() and (candidate / 'config.yaml').is_file():
-            return candidate
-    return None
 
 
 def plot_joints(path: Path, taps) -> None:

@@ -7,8 +7,7 @@ import logging
 import os
 import sys
 
-API_KEY_ENV = 'IFLYBOT_API_KEY'
-READY_PREFIX = 'iflybot serve: listening on '   # parsed by serving.process.ServerProcess
+from iflybot_vla_policy.serving import API_KEY_ENV, READY_PREFIX
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

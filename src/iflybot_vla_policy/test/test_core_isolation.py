@@ -48,3 +48,20 @@ def test_no_core_source_imports_rclpy_even_lazily() -> None:
                  if 'ros' not in p.relative_to(root).parts[:1]
                  and pattern.search(p.read_text())]
     assert offenders == [], f'core modules importing ROS (move them under ros/): {offenders}'
+
+
+def test_no_library_module_imports_a_command() -> None:
+    """CLI commands (`*_cmd.py`, cli.py) sit on top: what they share lives in the library."""
+    import re
+    from pathlib import Path
+
+    import iflybot_vla_policy
+
+    root = Path(iflybot_vla_policy.__file__).resolve().parent
+    pattern = re.compile(r'^\s*(from\s+iflybot_vla_policy(\.\w+)*\.\w+_cmd\s+import'
+                         r'|from\s+iflybot_vla_policy\s+import\s+.*\b\w+_cmd\b'
+                         r'|import\s+iflybot_vla_policy(\.\w+)*\.\w+_cmd\b)', re.MULTILINE)
+    offenders = [str(p.relative_to(root)) for p in sorted(root.rglob('*.py'))
+                 if not p.name.endswith('_cmd.py') and p.name != 'cli.py'
+                 and pattern.search(p.read_text())]
+    assert offenders == [], f'library modules importing a command module: {offenders}'

@@ -211,7 +211,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict:
         if quick:
             return {'skipped': 'the soak needs minutes: `iflybot bench --only soak --duration S`'}
         duration = DEFAULT_DURATION_S
-    from iflybot_vla_policy.demo_cmd import bundled_checkpoint
+    from iflybot_vla_policy.bundle import bundled_checkpoint
     from iflybot_vla_policy.eval.report import hold_category
     from iflybot_vla_policy.eval.through_ros import start_graph, stop_graph
     from iflybot_vla_policy.ros import demo_driver

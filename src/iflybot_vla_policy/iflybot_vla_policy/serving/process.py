@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from iflybot_vla_policy.serve_cmd import API_KEY_ENV, READY_PREFIX
+from iflybot_vla_policy.serving import API_KEY_ENV, READY_PREFIX
 
 
 class ServerProcess:
