@@ -10,7 +10,6 @@ One robot = one transform; the model never sees robot specifics.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,38 +225,3 @@ class Transforms:
             a[..., :7] += np.asarray(state, dtype=np.float64)[..., None, :7]
         a[..., -1] = np.clip(a[..., -1], 0.0, self.gripper_max_width)  # gripper width, m
         return a.astype(np.float32)
-
-
-def rotvec_to_matrix(rv: np.ndarray) -> np.ndarray:
-    """Rotation vector (3,) -> matrix (3, 3) (Rodrigues); for ee-delta users and tests."""
-    theta = float(np.linalg.norm(rv))
-    if theta < 1e-12:
-        return np.eye(3)
-    k = np.asarray(rv) / theta
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(theta) * kx + (1 - math.cos(theta)) * kx @ kx
-
-
-def matrix_to_rotvec(r: np.ndarray) -> np.ndarray:
-    """Rotation matrix (3, 3) -> rotation vector (3,)."""
-    cos = np.clip((np.trace(r) - 1) / 2, -1.0, 1.0)
-    theta = math.acos(cos)
-    if theta < 1e-9:
-        return np.zeros(3)
-    if abs(theta - math.pi) < 1e-6:
-        w, v = np.linalg.eigh((r + np.eye(3)) / 2)
-        return v[:, -1] * theta
-    return theta / (2 * math.sin(theta)) * np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0],
-                                                     r[1, 0] - r[0, 1]])
-
-
-def ee_delta_actions(tcp_poses: np.ndarray, gripper: np.ndarray) -> np.ndarray:
-    """End-effector-delta labels from a TCP trajectory: poses (H + 1, 4, 4) in the base frame and
-    gripper widths (H,) -> (H, 7) [dp (3, m), rotation vector of R_{k+1} R_k^T (3, rad), width]."""
-    poses = np.asarray(tcp_poses, dtype=np.float64)
-    out = np.zeros((len(poses) - 1, 7))
-    for k in range(len(poses) - 1):
-        out[k, :3] = poses[k + 1, :3, 3] - poses[k, :3, 3]
-        out[k, 3:6] = matrix_to_rotvec(poses[k + 1, :3, :3] @ poses[k, :3, :3].T)
-    out[:, 6] = gripper
-    return out

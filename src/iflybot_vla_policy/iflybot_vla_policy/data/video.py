@@ -109,11 +109,3 @@ class VideoReader:
 
     def close(self) -> None:
         self._container.close()
-
-
-def read_all(path: Path) -> np.ndarray:
-    """Every frame of a video in order -> (n, H, W, 3) uint8 (for tests and small files)."""
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format='rgb24') for f in container.decode(video=0)])
