@@ -73,6 +73,8 @@ def declare_parameters(node: Node, schema: Schema) -> None:
         desc = descriptor(param, schema.read_only)
         if param.name in overrides:
             value = overrides[param.name]
+            if value is None and param.is_list:
+                value = ()     # `[]` in a params file: rcl's YAML parser gives it no type
             try:
                 value = param.parse(value)
             except ParameterError:
