@@ -31,59 +31,43 @@ from iflybot_vla_policy.params import (  # noqa: E402
     ParameterError,
     Schema,
     check_params_file,
-    is_ros_parameter,
     load_params_file,
     node_values,
 )
-from iflybot_vla_policy.robot import load_robot  # noqa: E402
 from iflybot_vla_policy.ros.expert_teleop_node import SCHEMA as EXPERT_TELEOP  # noqa: E402
 from iflybot_vla_policy.ros.expert_teleop_node import ExpertTeleopNode  # noqa: E402
 from iflybot_vla_policy.ros.parameters import declare_parameters, read_parameters  # noqa: E402
+from iflybot_vla_policy.ros.policy_node import PolicyNode  # noqa: E402
 from iflybot_vla_policy.ros.recorder_node import SCHEMA as RECORDER  # noqa: E402
 from iflybot_vla_policy.ros.sim_node import SCHEMA as SIM  # noqa: E402
 from iflybot_vla_policy.ros.sim_node import SimNode  # noqa: E402
 from iflybot_vla_policy.ros.teleop_node import SCHEMA as TELEOP  # noqa: E402
 from iflybot_vla_policy.ros.teleop_node import TeleopNode  # noqa: E402
-from iflybot_vla_policy.runtime.config import parse_config  # noqa: E402
-from iflybot_vla_policy.runtime.config import unknown_parameters as policy_unknown  # noqa: E402
+from iflybot_vla_policy.runtime.config import SCHEMA as POLICY  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / 'src' / 'iflybot_bringup' / 'config'
 DOC = REPO / 'docs' / 'parameters.md'
-SCHEMAS = (SIM, RECORDER, TELEOP, EXPERT_TELEOP, GRIPPER_BRIDGE)
-EXECUTABLES = {('iflybot_vla_policy', 'iflybot_sim'): SIM,
+SCHEMAS = (POLICY, SIM, RECORDER, TELEOP, EXPERT_TELEOP, GRIPPER_BRIDGE)
+EXECUTABLES = {('iflybot_vla_policy', 'iflybot_policy'): POLICY,
+               ('iflybot_vla_policy', 'iflybot_sim'): SIM,
                ('iflybot_vla_policy', 'iflybot_recorder'): RECORDER,
                ('iflybot_vla_policy', 'iflybot_teleop'): TELEOP,
                ('iflybot_vla_policy', 'iflybot_expert_teleop'): EXPERT_TELEOP,
                ('iflybot_bringup', 'gripper_bridge'): GRIPPER_BRIDGE}
-CONFIG_FILES = {'sim.yaml': (SIM,), 'recorder.yaml': (RECORDER,),
+CONFIG_FILES = {'policy.yaml': (POLICY,), 'sim.yaml': (SIM,), 'recorder.yaml': (RECORDER,),
                 'teleop.yaml': (TELEOP, EXPERT_TELEOP)}
-POLICY_FILE = 'policy.yaml'     # checked by the policy node's runtime config (below)
-
-
-def policy_problems(values: dict[str, Any]) -> list[str]:
-    """What the policy node says about these values (unknown keys, then a bad value)."""
-    values = {k: v for k, v in values.items() if not is_ros_parameter(k)}
-    problems = policy_unknown(values)
-    for name in ('arm_joint_names', 'finger_joint_names'):   # [''] stands for empty
-        if name in values:
-            values[name] = [v for v in values[name] if v]
-    try:
-        parse_config(values, load_robot())
-    except ValueError as err:
-        problems.append(str(err))
-    return problems
 
 
 # ------------------------------------------------------------------------------ files
 def test_no_other_params_file_in_config_names_one_of_these_nodes() -> None:
     """Files for other nodes (MoveIt Servo, the controller, camera drivers, ...) are theirs;
     one that names a node with a schema here must be in CONFIG_FILES to be checked."""
-    ours = {s.node for s in SCHEMAS} | {'iflybot_policy'}
+    ours = {s.node for s in SCHEMAS}
     for path in sorted(CONFIG.glob('*.yaml')):
-        if path.name in CONFIG_FILES or path.name == POLICY_FILE:
+        if path.name in CONFIG_FILES:
             continue
         try:
             sections = load_params_file(path)
@@ -98,9 +82,9 @@ def test_a_shipped_params_file_passes_its_nodes_schemas(name: str) -> None:
     assert check_params_file(CONFIG / name, CONFIG_FILES[name]) == []
 
 
-def test_the_shipped_policy_params_file_passes_the_policy_nodes_checks() -> None:
-    values = node_values(load_params_file(CONFIG / POLICY_FILE), 'iflybot_policy')
-    assert len(values) > 40 and policy_problems(values) == []
+def test_the_shipped_policy_params_file_sets_every_policy_parameter() -> None:
+    values = node_values(load_params_file(CONFIG / 'policy.yaml'), POLICY.node)
+    assert sorted(values) == sorted(POLICY.names)
 
 
 def _graph_cases() -> Iterator[tuple[str, dict[str, str]]]:
@@ -120,19 +104,18 @@ def test_every_node_of_every_graph_gets_values_its_schema_accepts() -> None:
         resolved = graph_mod.resolve(graph_mod.load_graph(name), overrides)
         for node in resolved.nodes:
             key = (node.spec.package, node.spec.executable)
-            if key not in EXECUTABLES and key[1] != 'iflybot_policy':
+            if key not in EXECUTABLES:
                 continue
             values: dict[str, Any] = {}
             for path in node.params_files:
                 values.update(node_values(load_params_file(path), node.fqn))
             values.update(node.params)
-            found = (policy_problems(values) if key[1] == 'iflybot_policy'
-                     else EXECUTABLES[key].errors(values))
-            problems += [f'graph {name} {overrides}: {node.name}: {p}' for p in found]
+            problems += [f'graph {name} {overrides}: {node.name}: {p}'
+                         for p in EXECUTABLES[key].errors(values)]
             checked.add(key[1])
     assert problems == []
     # the keyboard teleop is started by hand (it needs the terminal), in no graph
-    assert checked == {e for _, e in EXECUTABLES} - {'iflybot_teleop'} | {'iflybot_policy'}
+    assert checked == {e for _, e in EXECUTABLES} - {'iflybot_teleop'}
 
 
 # ------------------------------------------------------------------------------ docs
@@ -146,21 +129,30 @@ Each node declares these parameters with their descriptions and ranges (`ros2 pa
 shows them), refuses to start on a bad value and names it (`parameter camera_rate: -1.0 is out
 of range: must be in [0, 60]`), warns about a key it does not know with the closest known one
 (`unknown parameter 'joint_state_rat' ignored; did you mean 'joint_state_rate'?`), and reads its
-parameters once at start, so they are read-only afterwards. An integer is accepted for a float
-parameter (`camera_rate:=15`). The params files in `src/iflybot_bringup/config/` and every
-graph's node parameters are checked against these schemas by `test_node_params.py`.
+parameters once at start, so they are read-only afterwards. The policy node is a lifecycle node:
+it reads and checks its parameters on configure, where a bad value fails the transition naming
+it, and `ros2 param set` (checked against the schema) fixes it before configuring again. An
+integer is accepted for a float parameter (`camera_rate:=15`), and `[]` for an empty list. The
+params files in `src/iflybot_bringup/config/` and every graph's node parameters are checked
+against these schemas by `test_node_params.py`.
 
 Topics: the simulator's are relative names (`joint_states`, `scene_camera/color/image_raw`,
 `fr3_arm_controller/joint_trajectory`, ...: `/joint_states` and so on in the root namespace),
 remapped or namespaced as a driver's are; `/clock` stays absolute, where rclpy's time source
 listens. The other nodes take their topics as parameters.
-
-The policy node's parameters are described in `src/iflybot_bringup/config/policy.yaml`.
 """
 
 
+def _rules(schema: Schema) -> str:
+    """The schema's rules across parameters, from their docstrings."""
+    rules = [' '.join(rule.__doc__.split()) for rule in schema.checks if rule.__doc__]
+    if not rules:
+        return ''
+    return '\nAcross parameters:\n\n' + ''.join(f'- {rule}\n' for rule in rules)
+
+
 def render_doc() -> str:
-    return DOC_INTRO + ''.join(f'\n## {s.node}\n\n{s.markdown()}' for s in SCHEMAS)
+    return DOC_INTRO + ''.join(f'\n## {s.node}\n\n{s.markdown()}{_rules(s)}' for s in SCHEMAS)
 
 
 def test_docs_parameters_md_is_generated_from_the_schemas() -> None:
@@ -333,6 +325,42 @@ def test_teleop_parameters_are_described_and_read_only_over_dds(ros_context) -> 
     finally:
         executor.shutdown()
         client_node.destroy_node()
+        node.destroy_node()
+
+
+def test_the_policy_node_names_a_bad_value_on_configure_takes_a_fix_and_reads_its_file(
+        params_context) -> None:
+    """From a params file: `[]` joint lists take the robot's names, topics are parameters, a
+    bad value fails configure naming it, a set is checked against the schema, and the fixed
+    node configures with the topics it was given."""
+    from lifecycle_msgs.msg import State
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    context = params_context(
+        'iflybot_policy:\n  ros__parameters:\n    arm_joint_names: []\n'
+        '    action_mode: cartesian\n    inference_rate_hz: 2\n    warmup_inferences: 0\n'
+        '    inference_process: false\n    status_topic: /cell2/vla/status\n')
+    node = PolicyNode(context=context)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.configure_error == ("parameter action_mode: 'cartesian' is not one of "
+                                        "['joint', 'ee_delta']")
+        (refused,) = node.set_parameters([Parameter('status_rate_hz', value=1.0)])
+        assert not refused.successful and refused.reason == (
+            'parameter status_rate_hz: 1.0 is out of range: must be >= 2')
+        (done,) = node.set_parameters([Parameter('action_mode', value='joint')])
+        assert done.successful
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+        assert node.config.arm_joint_names == node.robot.arm_joint_names
+        assert node.config.inference_rate_hz == 2.0
+        published = {name for name, _ in node.get_publisher_names_and_types_by_node(
+            'iflybot_policy', '/')}
+        assert {'/cell2/vla/status', '/diagnostics', '/vla/action_chunk', '/vla/markers',
+                '/fr3_arm_controller/joint_trajectory'} <= published
+        assert '/vla/status' not in published
+    finally:
+        if node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE:
+            node.trigger_cleanup()
         node.destroy_node()
 
 

@@ -6,6 +6,7 @@ activate: control starts; deactivate: hold position. The logic (run/hold supervi
 freshness, chunk requests, the inference worker, safety and splicing, statistics) is the core's
 `runtime.PolicyRuntime`; this module declares parameters, converts messages and wires topics,
 timers, the run_policy action and the e-stop service to it.
+Parameters: `runtime.config.SCHEMA` (docs/parameters.md; topics are parameters).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from iflybot_vla_msgs.action import RunPolicy
 from iflybot_vla_msgs.msg import ActionChunk, GripperCommand, PolicyStatus
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
@@ -47,20 +47,20 @@ from iflybot_vla_policy.ros.conversions import (
     trajectory_msg,
     twist_msg,
 )
-from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch
-from iflybot_vla_policy.runtime import PolicyRuntime, RunState
-from iflybot_vla_policy.runtime.config import (
-    DESCRIPTIONS,
-    NodeConfig,
-    parse_config,
+from iflybot_vla_policy.ros.parameters import (
+    declare_parameters,
+    read_parameters,
     unknown_parameters,
 )
+from iflybot_vla_policy.ros.servo_switch import ServoTwistSwitch
+from iflybot_vla_policy.runtime import PolicyRuntime, RunState
+from iflybot_vla_policy.runtime.config import SCHEMA, NodeConfig, parse_config
 from iflybot_vla_policy.runtime.freshness import JOINT_STATES
 from iflybot_vla_policy.runtime.loading import load_policy
 from iflybot_vla_policy.runtime.stats import RuntimeStats
 from iflybot_vla_policy.safety import Trajectory
 
-__all__ = ['NodeConfig', 'PolicyNode', 'main', 'parse_config']
+__all__ = ['SCHEMA', 'NodeConfig', 'PolicyNode', 'main', 'parse_config']
 
 DIAGNOSTIC_LEVELS = {RunState.IDLE: DiagnosticStatus.OK, RunState.RUNNING: DiagnosticStatus.OK,
                      RunState.HOLD: DiagnosticStatus.WARN, RunState.ERROR: DiagnosticStatus.ERROR}
@@ -84,12 +84,14 @@ class _Publishers:
         self.trajectory_pub = pub(JointTrajectory, cfg.trajectory_topic, 10)
         self.twist_pub = pub(TwistStamped, cfg.twist_topic, 10)
         self.gripper_pub = pub(GripperCommand, cfg.gripper_topic, 10)
-        self.chunk_pub = pub(ActionChunk, '/vla/action_chunk', 10)
-        self.marker_pub = pub(MarkerArray, '/vla/markers', 10)
+        self.chunk_pub = pub(ActionChunk, cfg.chunk_topic, 10)
+        self.marker_pub = pub(MarkerArray, cfg.markers_topic, 10)
         self.handles = [self.trajectory_pub, self.twist_pub, self.gripper_pub, self.chunk_pub,
                         self.marker_pub]
         # MoveIt Servo ignores twists until switched to TWIST (it starts in JOINT_JOG)
-        self.servo_switch = ServoTwistSwitch(node) if cfg.action_mode == 'ee_delta' else None
+        self.servo_switch = (ServoTwistSwitch(node, cfg.servo_switch_service)
+                             if cfg.action_mode == 'ee_delta' and cfg.servo_switch_service
+                             else None)
         if self.servo_switch is not None:
             self.handles.append(self.servo_switch.client)
 
@@ -131,12 +133,9 @@ class PolicyNode(LifecycleNode):
         super().__init__('iflybot_policy', **kwargs)
         self._policy_factory = policy_factory
         self.robot = load_robot()
-        for f in fields(NodeConfig):
-            default = getattr(NodeConfig, f.name)
-            if isinstance(default, tuple):
-                default = list(default) or ['']   # an empty list has no type in ROS
-            self.declare_parameter(f.name, default, ParameterDescriptor(
-                description=DESCRIPTIONS[f.name], dynamic_typing=True))
+        # Validated on configure: a bad value fails it naming the parameter and can be fixed
+        # with `ros2 param set` (checked against SCHEMA) before configuring again.
+        declare_parameters(self, SCHEMA)
         self.config: NodeConfig | None = None
         self.configure_error = ''
         self.runtime: PolicyRuntime | None = None
@@ -166,18 +165,13 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------------ lifecycle
     def unknown_parameters(self) -> list[str]:
         """Params-file keys that are no parameter of this node, with the closest known name."""
-        return unknown_parameters(
-            n for n in getattr(self, '_parameter_overrides', {})
-            if not (self.has_parameter(n) or n.startswith('qos_overrides')))
+        return unknown_parameters(self, SCHEMA)
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         for problem in self.unknown_parameters():
             self.get_logger().warning(problem)
-        values = {f.name: self.get_parameter(f.name).value for f in fields(NodeConfig)}
-        for name in ('arm_joint_names', 'finger_joint_names'):
-            values[name] = [v for v in (values[name] or []) if v]
         try:
-            cfg = parse_config(values, self.robot)
+            cfg = parse_config(read_parameters(self, SCHEMA), self.robot)
         except ValueError as exc:
             return self._fail_configure(str(exc))
         try:
@@ -210,8 +204,8 @@ class PolicyNode(LifecycleNode):
         sensors = ReentrantCallbackGroup()
         calls = ReentrantCallbackGroup()
         runtime, h = self.runtime, self._handles
-        self.status_pub = self.create_publisher(PolicyStatus, '/vla/status', 10)
-        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.status_pub = self.create_publisher(PolicyStatus, cfg.status_topic, 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, cfg.diagnostics_topic, 10)
         h += [self.status_pub, self.diag_pub]
         for name, topic in zip(cfg.camera_names, cfg.camera_topics, strict=True):
             h.append(self.create_subscription(
@@ -221,8 +215,8 @@ class PolicyNode(LifecycleNode):
         h.append(self.create_subscription(JointState, cfg.joint_state_topic,
                                           self._on_joint_state, qos_profile_sensor_data,
                                           callback_group=sensors))
-        h.append(self.create_subscription(String, '/vla/instruction', self._on_instruction, 10,
-                                          callback_group=sensors))
+        h.append(self.create_subscription(String, cfg.instruction_topic, self._on_instruction,
+                                          10, callback_group=sensors))
         h.append(self.create_subscription(Bool, cfg.task_success_topic,
                                           lambda msg: runtime.on_task_success(msg.data), 10,
                                           callback_group=sensors))

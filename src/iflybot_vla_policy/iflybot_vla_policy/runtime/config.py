@@ -1,14 +1,14 @@
-"""Parameters of the policy node as one validated, frozen config (plain Python: the node declares
-them from `NodeConfig` and `DESCRIPTIONS`, the runtime reads them)."""
+"""Parameters of the policy node: one `SCHEMA` (each parameter declared once with its default,
+description and allowed values; the node declares from it, docs/parameters.md is generated from
+it) and `NodeConfig`, the validated, frozen values the runtime reads. Plain Python."""
 from __future__ import annotations
 
-import difflib
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from iflybot_vla_policy.chunking import STRATEGIES
+from iflybot_vla_policy.params import Param, ParameterError, Schema
 from iflybot_vla_policy.robot import RobotSpec
 from iflybot_vla_policy.safety import SafetyConfig
 
@@ -17,201 +17,233 @@ from iflybot_vla_policy.safety import SafetyConfig
 MAX_INSTRUCTION_CHARS = 2000
 
 
+def _noise_scale(value: float) -> None:
+    if not (value < 0 or 0 <= value <= 1):
+        raise ValueError(f"must be in [0, 1] (or negative for the checkpoint's), got {value}")
+
+
+def _name(value: str) -> None:
+    if not value:
+        raise ValueError('must not be empty')
+
+
+def _topic(name: str, default: str, description: str) -> Param:
+    return Param(name, default, description, check=_name)
+
+
+_POSITIVE = {'gt': 0.0}
+_NON_NEGATIVE = {'ge': 0.0}
+
+
+def _one_topic_per_camera(v: Mapping[str, Any]) -> None:
+    """camera_topics has one topic per camera_names entry (at least one)."""
+    if not v['camera_names'] or len(v['camera_names']) != len(v['camera_topics']):
+        raise ParameterError('camera_topics', 'needs one topic per camera_names entry, got '
+                             f'{list(v["camera_topics"])} for {list(v["camera_names"])}')
+
+
+def _inference_within_control(v: Mapping[str, Any]) -> None:
+    """inference_rate_hz is at most control_rate_hz."""
+    if v['inference_rate_hz'] > v['control_rate_hz']:
+        raise ParameterError('inference_rate_hz', f'{v["inference_rate_hz"]} must not exceed '
+                             f'control_rate_hz ({v["control_rate_hz"]})')
+
+
+def _model_source(v: Mapping[str, Any]) -> None:
+    """local needs checkpoint or preset; rtc needs inference_backend local; remote needs a
+    ws:// or wss:// server_uri."""
+    if v['inference_backend'] == 'local' and not (v['checkpoint'] or v['preset']):
+        raise ParameterError('checkpoint', 'set checkpoint or preset')
+    if v['execution_strategy'] == 'rtc' and v['inference_backend'] != 'local':
+        raise ParameterError('execution_strategy', 'rtc needs inference_backend local (the '
+                             "remote protocol carries no executing chunk); use 'blend'")
+    if v['inference_backend'] == 'remote' and not v['server_uri'].startswith(('ws://',
+                                                                             'wss://')):
+        raise ParameterError('server_uri', f'must start with ws:// or wss://, got '
+                             f'{v["server_uri"]!r}')
+
+
+SCHEMA = Schema('iflybot_policy', (
+    # --- model
+    Param('checkpoint', '', 'checkpoint directory (Policy.from_checkpoint); empty: build '
+          '`preset`'),
+    Param('preset', 'tiny', 'model preset built with random weights when checkpoint is empty '
+          '(tiny, ...)'),
+    Param('seed', 0, 'seed of the random weights (preset) and of the sampling noise'),
+    Param('noise_scale', -1.0, 'std of the flow starting noise in [0, 1]: 1 samples, 0 is '
+          "deterministic; negative: the checkpoint's bundle.yaml inference.noise_scale, else 1",
+          check=_noise_scale),
+    Param('device', 'cpu', 'torch device of the local model: cpu, cuda, cuda:0, ...',
+          check=_name),
+    Param('torch_threads', 0, 'CPU threads of a local model; 0: torch default (one per core)',
+          **_NON_NEGATIVE),
+    Param('inference_process', True, 'local model in a child process (true: the executor '
+          'never waits for the model interpreter lock) or on a thread of this one (false)'),
+    Param('inference_backend', 'local', 'local (model in this process) or remote (iflybot '
+          'serve / openpi)', choices=('local', 'remote')),
+    Param('server_uri', 'ws://127.0.0.1:8000', 'websocket URI of the policy server '
+          '(inference_backend: remote)'),
+    Param('api_key', '', 'API key sent as "Authorization: Api-Key <key>" (remote); empty: '
+          'none'),
+    Param('instruction', '', 'instruction to start with; empty waits for instruction_topic or '
+          'a goal'),
+    Param('warmup_inferences', 1, 'inferences run on a blank observation during configure',
+          **_NON_NEGATIVE),
+    # --- control
+    Param('action_mode', 'joint', 'joint (JointTrajectory) or ee_delta (TwistStamped to MoveIt '
+          'Servo)', choices=('joint', 'ee_delta')),
+    Param('control_rate_hz', 50.0, 'rate of the control timer (watchdog, gripper, ee_delta '
+          'twists)', **_POSITIVE),
+    Param('inference_rate_hz', 5.0, 'chunks requested per second (one JointTrajectory each); '
+          'at most control_rate_hz', **_POSITIVE),
+    Param('status_rate_hz', 5.0, 'rate of status_topic; diagnostics_topic runs at 1 Hz',
+          ge=2.0),
+    Param('execution_strategy', 'blend', 'how a new chunk joins the executing one: blend '
+          '(freeze what runs during the delay, blend out the rest), rtc (real-time chunking in '
+          'the denoiser: local backend), ensemble or naive', choices=STRATEGIES),
+    Param('commit_latency_s', 0.05, 's after a splice before the new command acts (blend and '
+          'rtc freeze the old actions until then)', **_NON_NEGATIVE),
+    Param('max_observation_skew_s', 0.0, 'largest spread (s) of the stamps of the frames and '
+          'joint state of one observation, each taken nearest to the frames; 0: 3/4 of the '
+          'camera period', **_NON_NEGATIVE),
+    Param('ensemble_decay', 0.01, 'temporal ensembling weight exp(-m i) of the i-th oldest '
+          'chunk', **_NON_NEGATIVE),
+    # --- topics and joints
+    Param('camera_names', ('scene_camera', 'wrist_camera'), 'camera names the model expects, '
+          'in the order of camera_topics', check=_name),
+    Param('camera_topics', ('/scene_camera/color/image_raw', '/wrist_camera/color/image_raw'),
+          'sensor_msgs/Image topics, one per camera name', check=_name),
+    _topic('joint_state_topic', '/joint_states', 'sensor_msgs/JointState topic with arm and '
+           'finger joints'),
+    Param('arm_joint_names', (), 'arm joints in action order, one per joint of the robot; '
+          'empty: from config/robot/fr3.yaml', kind='str_list', check=_name),
+    Param('finger_joint_names', (), 'finger joints summed into the gripper width; empty: '
+          'fr3.yaml', kind='str_list', check=_name),
+    _topic('trajectory_topic', '/fr3_arm_controller/joint_trajectory',
+           'JointTrajectoryController topic (joint mode)'),
+    Param('stamp_trajectories', False, 'stamp trajectories with their start time (controller '
+          'on this clock) instead of zero (start on receipt)'),
+    _topic('twist_topic', '/servo_node/delta_twist_cmds', 'MoveIt Servo twist topic '
+           '(ee_delta mode)'),
+    Param('twist_frame', 'fr3_link0', 'frame of the twist commands (the robot base)'),
+    Param('servo_switch_service', '/servo_node/switch_command_type', 'MoveIt Servo service '
+          'switched to TWIST before the first twist (ee_delta mode); empty: never switch'),
+    _topic('gripper_topic', '/vla/gripper_command', 'iflybot_vla_msgs/GripperCommand topic, '
+           'published on change'),
+    _topic('task_success_topic', '/sim/task_success', 'std_msgs/Bool that ends a run_policy '
+           'goal with success: a true after a false received during the goal'),
+    _topic('instruction_topic', '/vla/instruction', 'std_msgs/String: a new instruction (as '
+           'the run_policy goal gives one)'),
+    _topic('status_topic', '/vla/status', 'iflybot_vla_msgs/PolicyStatus at status_rate_hz'),
+    _topic('chunk_topic', '/vla/action_chunk', 'iflybot_vla_msgs/ActionChunk of every chunk '
+           'the model returns'),
+    _topic('markers_topic', '/vla/markers', 'visualization_msgs/MarkerArray: the planned TCP '
+           'path of each trajectory (joint mode)'),
+    _topic('diagnostics_topic', '/diagnostics', 'diagnostic_msgs/DiagnosticArray at 1 Hz'),
+    # --- gripper
+    Param('gripper_speed', 0.05, 'finger speed of gripper commands, m/s', **_POSITIVE),
+    Param('gripper_force', 20.0, 'grasp force of gripper commands, N', **_NON_NEGATIVE),
+    Param('gripper_deadband', 0.005, 'm the width target must change by before a new gripper '
+          'command', **_NON_NEGATIVE),
+    Param('grasp_width', 0.01, 'targets at or below this width (m) are sent as grasps',
+          **_NON_NEGATIVE),
+    # --- safety
+    Param('velocity_scale', 0.5, 'fraction of the joint velocity limits (fr3.yaml) '
+          'trajectories may use', gt=0.0, le=1.0),
+    Param('acceleration_scale', 0.5, 'fraction of the joint acceleration limits', gt=0.0,
+          le=1.0),
+    Param('position_margin', 0.05, 'rad kept clear of every joint position limit',
+          **_NON_NEGATIVE),
+    Param('max_step', 0.5, 'rad a target may lie from the measured state beyond the velocity '
+          'allowance', **_POSITIVE),
+    Param('hold_on_large_step', False, 'true: hold on a target beyond max_step; false: clamp '
+          'it'),
+    Param('max_tracking_error', 0.3, 'rad between command and measurement before ERROR and '
+          'hold', **_POSITIVE),
+    Param('workspace_margin', 0.0, 'm the TCP workspace box of fr3.yaml is shrunk by',
+          **_NON_NEGATIVE),
+    Param('joint_state_timeout_s', 0.25, 'hold when the newest joint state is older than this',
+          **_POSITIVE),
+    Param('camera_timeout_s', 0.5, 'hold when the newest image of a camera is older than this',
+          **_POSITIVE),
+), checks=(_one_topic_per_camera, _inference_within_control, _model_source),
+    read_only=False)   # a lifecycle node: fix a bad value with `ros2 param set`, configure again
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    """Validated parameters of the node (see src/iflybot_bringup/config/policy.yaml)."""
+    """Validated parameters of the node: the fields of `SCHEMA` (docs/parameters.md), with the
+    joint names filled in from the robot description."""
 
-    checkpoint: str = ''
-    preset: str = 'tiny'
-    seed: int = 0
-    noise_scale: float = -1.0
-    device: str = 'cpu'
-    torch_threads: int = 0
-    inference_process: bool = True
-    inference_backend: str = 'local'
-    server_uri: str = 'ws://127.0.0.1:8000'
-    api_key: str = ''
-    instruction: str = ''
-    action_mode: str = 'joint'
-    control_rate_hz: float = 50.0
-    inference_rate_hz: float = 5.0
-    status_rate_hz: float = 5.0
-    warmup_inferences: int = 1
-    execution_strategy: str = 'blend'
-    commit_latency_s: float = 0.05
-    max_observation_skew_s: float = 0.0
-    ensemble_decay: float = 0.01
-    camera_names: tuple[str, ...] = ('scene_camera', 'wrist_camera')
-    camera_topics: tuple[str, ...] = ('/scene_camera/color/image_raw',
-                                      '/wrist_camera/color/image_raw')
-    joint_state_topic: str = '/joint_states'
-    arm_joint_names: tuple[str, ...] = ()
-    finger_joint_names: tuple[str, ...] = ()
-    trajectory_topic: str = '/fr3_arm_controller/joint_trajectory'
-    stamp_trajectories: bool = False
-    twist_topic: str = '/servo_node/delta_twist_cmds'
-    twist_frame: str = 'fr3_link0'
-    gripper_topic: str = '/vla/gripper_command'
-    task_success_topic: str = '/sim/task_success'
-    gripper_speed: float = 0.05
-    gripper_force: float = 20.0
-    gripper_deadband: float = 0.005
-    grasp_width: float = 0.01
-    velocity_scale: float = 0.5
-    acceleration_scale: float = 0.5
-    position_margin: float = 0.05
-    max_step: float = 0.5
-    hold_on_large_step: bool = False
-    max_tracking_error: float = 0.3
-    workspace_margin: float = 0.0
-    joint_state_timeout_s: float = 0.25
-    camera_timeout_s: float = 0.5
-
-
-DESCRIPTIONS: dict[str, str] = {
-    'checkpoint': 'checkpoint directory (Policy.from_checkpoint); empty: build `preset`',
-    'preset': 'model preset built with random weights when checkpoint is empty (tiny, ...)',
-    'seed': 'seed of the random weights (preset) and of the sampling noise',
-    'noise_scale': 'std of the flow starting noise in [0, 1]: 1 samples, 0 is deterministic; '
-                   "negative: the checkpoint's bundle.yaml inference.noise_scale, else 1",
-    'device': 'torch device of the local model: cpu, cuda, cuda:0, ...',
-    'torch_threads': 'CPU threads of a local model; 0: torch default (one per core)',
-    'inference_process': 'local model in a child process (true: the executor never waits for '
-                         'the model interpreter lock) or on a thread of this one (false)',
-    'inference_backend': 'local (model in this process) or remote (iflybot serve / openpi)',
-    'server_uri': 'websocket URI of the policy server (inference_backend: remote)',
-    'api_key': 'API key sent as "Authorization: Api-Key <key>" (remote); empty: none',
-    'instruction': 'instruction to start with; empty waits for /vla/instruction or a goal',
-    'action_mode': 'joint (JointTrajectory) or ee_delta (TwistStamped to MoveIt Servo)',
-    'control_rate_hz': 'rate of the control timer (watchdog, gripper, ee_delta twists)',
-    'inference_rate_hz': 'chunks requested per second (one JointTrajectory each)',
-    'status_rate_hz': 'rate of /vla/status (>= 2) ; /diagnostics runs at 1 Hz',
-    'warmup_inferences': 'inferences run on a blank observation during configure',
-    'execution_strategy': 'how a new chunk joins the executing one: blend (freeze what runs '
-                          'during the delay, blend out the rest), rtc (real-time chunking in '
-                          'the denoiser: local backend), ensemble or naive',
-    'commit_latency_s': 's after a splice before the new command acts (blend and rtc freeze '
-                        'the old actions until then)',
-    'ensemble_decay': 'temporal ensembling weight exp(-m i) of the i-th oldest chunk',
-    'max_observation_skew_s': 'largest spread (s) of the stamps of the frames and joint state '
-                              'of one observation, each taken nearest to the frames; 0: 3/4 of '
-                              'the camera period',
-    'camera_names': 'camera names the model expects, in the order of camera_topics',
-    'camera_topics': 'sensor_msgs/Image topics, one per camera name',
-    'joint_state_topic': 'sensor_msgs/JointState topic with arm and finger joints',
-    'arm_joint_names': 'arm joints in action order; empty: from config/robot/fr3.yaml',
-    'finger_joint_names': 'finger joints summed into the gripper width; empty: fr3.yaml',
-    'trajectory_topic': 'JointTrajectoryController topic (joint mode)',
-    'stamp_trajectories': 'stamp trajectories with their start time (controller on this '
-                          'clock) instead of zero (start on receipt)',
-    'twist_topic': 'MoveIt Servo twist topic (ee_delta mode)',
-    'twist_frame': 'frame of the twist commands (the robot base)',
-    'gripper_topic': 'iflybot_vla_msgs/GripperCommand topic, published on change',
-    'task_success_topic': 'std_msgs/Bool that ends a run_policy goal with success: a true '
-                          'after a false received during the goal',
-    'gripper_speed': 'finger speed of gripper commands, m/s',
-    'gripper_force': 'grasp force of gripper commands, N',
-    'gripper_deadband': 'm the width target must change by before a new gripper command',
-    'grasp_width': 'targets at or below this width (m) are sent as grasps',
-    'velocity_scale': 'fraction of the joint velocity limits (fr3.yaml) trajectories may use',
-    'acceleration_scale': 'fraction of the joint acceleration limits',
-    'position_margin': 'rad kept clear of every joint position limit',
-    'max_step': 'rad a target may lie from the measured state beyond the velocity allowance',
-    'hold_on_large_step': 'true: hold on a target beyond max_step; false: clamp it',
-    'max_tracking_error': 'rad between command and measurement before ERROR and hold',
-    'workspace_margin': 'm the TCP workspace box of fr3.yaml is shrunk by',
-    'joint_state_timeout_s': 'hold when the newest joint state is older than this',
-    'camera_timeout_s': 'hold when the newest image of a camera is older than this',
-}
-
-_CHOICES = {'inference_backend': ('local', 'remote'), 'action_mode': ('joint', 'ee_delta'),
-            'execution_strategy': STRATEGIES}
-_POSITIVE = ('control_rate_hz', 'inference_rate_hz', 'gripper_speed', 'max_step',
-             'max_tracking_error', 'joint_state_timeout_s', 'camera_timeout_s')
-_NON_NEGATIVE = ('commit_latency_s', 'max_observation_skew_s', 'ensemble_decay',
-                 'gripper_force', 'gripper_deadband', 'grasp_width', 'position_margin',
-                 'workspace_margin', 'warmup_inferences', 'torch_threads')
+    checkpoint: str
+    preset: str
+    seed: int
+    noise_scale: float
+    device: str
+    torch_threads: int
+    inference_process: bool
+    inference_backend: str
+    server_uri: str
+    api_key: str
+    instruction: str
+    warmup_inferences: int
+    action_mode: str
+    control_rate_hz: float
+    inference_rate_hz: float
+    status_rate_hz: float
+    execution_strategy: str
+    commit_latency_s: float
+    max_observation_skew_s: float
+    ensemble_decay: float
+    camera_names: tuple[str, ...]
+    camera_topics: tuple[str, ...]
+    joint_state_topic: str
+    arm_joint_names: tuple[str, ...]
+    finger_joint_names: tuple[str, ...]
+    trajectory_topic: str
+    stamp_trajectories: bool
+    twist_topic: str
+    twist_frame: str
+    servo_switch_service: str
+    gripper_topic: str
+    task_success_topic: str
+    instruction_topic: str
+    status_topic: str
+    chunk_topic: str
+    markers_topic: str
+    diagnostics_topic: str
+    gripper_speed: float
+    gripper_force: float
+    gripper_deadband: float
+    grasp_width: float
+    velocity_scale: float
+    acceleration_scale: float
+    position_margin: float
+    max_step: float
+    hold_on_large_step: bool
+    max_tracking_error: float
+    workspace_margin: float
+    joint_state_timeout_s: float
+    camera_timeout_s: float
 
 
-def parse_config(values: dict[str, Any], robot: RobotSpec) -> NodeConfig:
-    """Parameter values -> NodeConfig; ValueError naming the parameter on any bad value."""
-    out: dict[str, Any] = {}
-    for f in fields(NodeConfig):
-        default = getattr(NodeConfig, f.name)
-        value = values.get(f.name, default)
-        try:
-            out[f.name] = _coerce(value, default)
-        except (TypeError, ValueError):
-            raise ValueError(f'parameter {f.name}: expected {type(default).__name__}, got '
-                             f'{value!r}') from None
-    for name, choices in _CHOICES.items():
-        if out[name] not in choices:
-            raise ValueError(f'parameter {name}: {out[name]!r} is not one of {list(choices)}')
-    for name in _POSITIVE:
-        if not out[name] > 0:
-            raise ValueError(f'parameter {name}: must be > 0, got {out[name]}')
-    for name in _NON_NEGATIVE:
-        if not out[name] >= 0:
-            raise ValueError(f'parameter {name}: must be >= 0, got {out[name]}')
-    if out['status_rate_hz'] < 2.0:
-        raise ValueError(f'parameter status_rate_hz: must be >= 2, got {out["status_rate_hz"]}')
-    if out['inference_rate_hz'] > out['control_rate_hz']:
-        raise ValueError('parameter inference_rate_hz: must not exceed control_rate_hz')
-    if not (out['noise_scale'] < 0 or 0 <= out['noise_scale'] <= 1):   # NaN fails both
-        raise ValueError(f'parameter noise_scale: must be in [0, 1] (or negative for the '
-                         f'checkpoint\'s), got {out["noise_scale"]}')
-    for name in ('velocity_scale', 'acceleration_scale'):
-        if not 0 < out[name] <= 1:
-            raise ValueError(f'parameter {name}: must be in (0, 1], got {out[name]}')
-    if len(out['camera_names']) != len(out['camera_topics']) or not out['camera_names']:
-        raise ValueError('parameter camera_topics: needs one topic per camera_names entry, got '
-                         f'{list(out["camera_topics"])} for {list(out["camera_names"])}')
+if [f.name for f in fields(NodeConfig)] != list(SCHEMA.names):   # a bug: fail at import
+    raise TypeError('NodeConfig fields and SCHEMA parameters differ: '
+                    f'{sorted({f.name for f in fields(NodeConfig)} ^ set(SCHEMA.names))}')
+
+
+def parse_config(values: Mapping[str, Any], robot: RobotSpec) -> NodeConfig:
+    """Parameter values -> NodeConfig (defaults for those not given); ParameterError (a
+    ValueError) naming the parameter on any bad value. Joint names default to the robot's."""
+    out = SCHEMA.validate(values)
     if not out['arm_joint_names']:
         out['arm_joint_names'] = robot.arm_joint_names
     if not out['finger_joint_names']:
         out['finger_joint_names'] = robot.finger_joint_names
     if len(out['arm_joint_names']) != robot.n_joints:
-        raise ValueError(f'parameter arm_joint_names: needs {robot.n_joints} names, got '
-                         f'{list(out["arm_joint_names"])}')
-    if out['inference_backend'] == 'local' and not (out['checkpoint'] or out['preset']):
-        raise ValueError('parameter checkpoint: set checkpoint or preset')
-    if out['execution_strategy'] == 'rtc' and out['inference_backend'] != 'local':
-        raise ValueError('parameter execution_strategy: rtc needs inference_backend local (the '
-                         "remote protocol carries no executing chunk); use 'blend'")
-    if out['inference_backend'] == 'remote' and not out['server_uri'].startswith(('ws://',
-                                                                                 'wss://')):
-        raise ValueError(f'parameter server_uri: must start with ws:// or wss://, got '
-                         f'{out["server_uri"]!r}')
+        raise ParameterError('arm_joint_names', f'needs {robot.n_joints} names, got '
+                             f'{list(out["arm_joint_names"])}')
     return NodeConfig(**out)
-
-
-def _coerce(value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ('true', 'false'):
-            return value.lower() == 'true'
-        raise ValueError(value)
-    if isinstance(default, int):
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError(value)
-        return int(float(value))
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise ValueError(value)
-        result = float(value)
-        if not math.isfinite(result):
-            raise ValueError(value)
-        return result
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.replace(',', ' ').split() if v]
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError(value)
-        return tuple(value)
-    if not isinstance(value, str):
-        raise ValueError(value)
-    return value
 
 
 def safety_config(cfg: NodeConfig) -> SafetyConfig:
@@ -224,12 +256,6 @@ def safety_config(cfg: NodeConfig) -> SafetyConfig:
 
 
 def unknown_parameters(names: Iterable[str]) -> list[str]:
-    """Parameter names that are no field of NodeConfig (typos in a params file), each named
+    """Parameter names that are no parameter of the node (typos in a params file), each named
     with the closest known name, so that they are not silently ignored."""
-    known = [f.name for f in fields(NodeConfig)]
-    problems = []
-    for name in sorted(set(names) - set(known)):
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ''
-        problems.append(f"unknown parameter '{name}' ignored{hint}")
-    return problems
+    return SCHEMA.unknown(names)
