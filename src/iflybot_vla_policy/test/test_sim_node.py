@@ -248,18 +248,12 @@ def test_a_paused_lockstep_frame_goes_out_again_until_answered(sim) -> None:
     # node, which waited for it while the simulator waited for the answer: both stood still
     # for the 60 s timeout, as nothing else moves on a stopped clock.
     _, probe = sim
-    assert probe.reset_client.wait_for_service(timeout_sec=10.0)
-    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=5,
-                                                            lockstep=True))
-    assert until(future.done, 60.0) and future.result().success
-    first = future.result().stamp
+    first = lockstep_reset(probe, seed=5)
     repeated = lambda: sum(m.header.stamp == first for m in list(probe.joints))  # noqa: E731
     assert until(lambda: repeated() >= 2, 10.0), 'the paused frame went out once only'
-    stamp = lambda t: t.sec + t.nanosec * 1e-9  # noqa: E731
     with probe.lock:   # the same instant again, not a step of the clock
-        assert max(stamp(m.header.stamp) for m in probe.joints) == stamp(first)
-    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=4))
-    assert until(future.done, 60.0) and future.result().success
+        assert max(stamp_s(m.header.stamp) for m in probe.joints) == stamp_s(first)
+    assert stamp_s(plain_reset(probe)) > stamp_s(first)
 
 
 def test_every_message_of_the_old_scene_is_stamped_before_the_reset(sim) -> None:
@@ -267,16 +261,29 @@ def test_every_message_of_the_old_scene_is_stamped_before_the_reset(sim) -> None
     # is already out; it carried the reset's own stamp, so a run with inputs_after planned
     # from the old pose and failed its tracking check (1.26 rad) on the first tick.
     _, probe = sim
-    assert probe.reset_client.wait_for_service(timeout_sec=10.0)
-    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=3,
-                                                            lockstep=True))
-    assert until(future.done, 60.0) and future.result().success
-    first = future.result().stamp
+    first = lockstep_reset(probe, seed=3)
     # Paused at the first frame (nobody answers it): its joint state is the last one out.
     assert until(lambda: any(m.header.stamp == first for m in list(probe.joints)))
-    stamp = lambda t: t.sec + t.nanosec * 1e-9  # noqa: E731
     with probe.lock:
-        newest_old = max(stamp(m.header.stamp) for m in probe.joints)
-    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=4))
+        newest_old = max(stamp_s(m.header.stamp) for m in probe.joints)
+    assert stamp_s(plain_reset(probe)) > newest_old
+
+
+def stamp_s(t) -> float:
+    return t.sec + t.nanosec * 1e-9
+
+
+def lockstep_reset(probe, seed: int):
+    """Reset pick_place in lockstep; the stamp of its first (paused) frame."""
+    assert probe.reset_client.wait_for_service(timeout_sec=10.0)
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=seed,
+                                                            lockstep=True))
     assert until(future.done, 60.0) and future.result().success
-    assert stamp(future.result().stamp) > newest_old
+    return future.result().stamp
+
+
+def plain_reset(probe, seed: int = 4):
+    """A free-running reset (lets a paused lockstep clock go); its stamp."""
+    future = probe.reset_client.call_async(ResetSim.Request(task='pick_place', seed=seed))
+    assert until(future.done, 60.0) and future.result().success
+    return future.result().stamp
