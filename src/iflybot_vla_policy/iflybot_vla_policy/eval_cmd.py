@@ -13,6 +13,9 @@ TASKS = ('pick_place', 'stack', 'push', 'drawer')
 # (src/iflybot_bringup/config/policy.yaml), so every frame is answered.
 LOCKSTEP_CAMERA_RATE_HZ = 5.0
 
+DEFAULT_IMAGE_SIZE = 224    # rendered camera size when neither --image-size nor a bundle says
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', type=Path, help='policy checkpoint directory')
@@ -54,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='rollout videos per task (MP4 of the scene camera)')
     parser.add_argument('--image-size', type=int, default=None,
                         help='rendered (square) camera size; default: the size in the '
-                             "checkpoint's bundle.yaml (what it was trained on), else 224")
+                             "checkpoint's bundle.yaml (what it was trained on), else "
+                             f'{DEFAULT_IMAGE_SIZE}')
     parser.add_argument('--seed-offset', type=int, default=0,
                         help='start at this index into the held-out evaluation seeds')
     parser.add_argument('--seed', type=int, default=0, help='seed of the policy sampler')
@@ -75,11 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'the other drawer), to measure whether the instruction matters')
 
 
-DEFAULT_IMAGE_SIZE = 224
-
 
 def camera_size(args: argparse.Namespace) -> int:
-    """--image-size, else the camera a bundled checkpoint was trained on, else 224."""
+    """--image-size, else the camera a bundled checkpoint was trained on, else the default."""
     from iflybot_vla_policy.bundle import bundle_info
 
     if args.image_size is not None:

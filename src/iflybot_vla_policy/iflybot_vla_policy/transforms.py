@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from iflybot_vla_policy.config import ROBOT_STATE_DIM, VLAConfig
 
 NORM_MODES = ('mean_std', 'quantile')
+# The arm's joint positions in a state or joint-mode action: all but the last, the gripper width.
+ARM_JOINTS = slice(0, ROBOT_STATE_DIM - 1)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ class Transforms:
                              f'({ROBOT_STATE_DIM},)')
         if state.shape != (ROBOT_STATE_DIM,):
             raise ValueError(f'observation state must have shape ({ROBOT_STATE_DIM},) '
-                             f'(7 joints + gripper width), got {state.shape}')
+                             f'({ROBOT_STATE_DIM - 1} joints + gripper width), got {state.shape}')
         if not np.all(np.isfinite(state)):
             raise ValueError(f'observation state contains NaN/inf: {state.tolist()}')
         text = obs['instruction']
@@ -208,7 +210,7 @@ class Transforms:
             raise ValueError(f'actions must have {self.cfg.robot_action_dim} dims for action '
                              f'space {self.cfg.action.space!r}, got {a.shape[-1]}')
         if self._relative():
-            a[..., :7] -= np.asarray(state, dtype=np.float64)[..., None, :7]
+            a[..., ARM_JOINTS] -= np.asarray(state, dtype=np.float64)[..., None, ARM_JOINTS]
         return a
 
     def actions_to_model(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
@@ -222,6 +224,6 @@ class Transforms:
         a = np.asarray(model_actions, dtype=np.float64)[..., :self.cfg.robot_action_dim]
         a = self.norm.actions.unnormalize(a, self.norm.mode)
         if self._relative():
-            a[..., :7] += np.asarray(state, dtype=np.float64)[..., None, :7]
+            a[..., ARM_JOINTS] += np.asarray(state, dtype=np.float64)[..., None, ARM_JOINTS]
         a[..., -1] = np.clip(a[..., -1], 0.0, self.gripper_max_width)  # gripper width, m
         return a.astype(np.float32)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iflybot_vla_policy.robot import RobotSpec
 from iflybot_vla_policy.runtime.config import NodeConfig
+
+CHECKPOINT_CONFIG = 'config.yaml'   # the model config beside a checkpoint's weights (policy.py)
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,35 @@ def load_policy(cfg: NodeConfig, robot: RobotSpec, factory: Callable[[NodeConfig
             policy.close()
         raise ValueError(f"execution_strategy 'rtc' needs a policy whose infer takes previous= "
                          f'and inference_delay= (real-time chunking); {model_id} does not')
+    if cfg.warmup_inferences:
+        blank = blank_observation(cfg, robot, warmup_image_size(cfg))
     for _ in range(cfg.warmup_inferences):
-        out = policy.infer(blank_observation(cfg, robot))
+        out = policy.infer(blank)
         chunk_dt = float(out.get('dt', chunk_dt))
     return LoadedPolicy(policy, model_id, chunk_dt)
 
 
-def blank_observation(cfg: NodeConfig, robot: RobotSpec) -> dict:
-    blank = np.zeros((64, 64, 3), dtype=np.uint8)
+def warmup_image_size(cfg: NodeConfig) -> tuple[int, int]:
+    """(height, width) of the warm-up frames, so that warm-up resizes (or not) as the first
+    camera frames will: the camera the checkpoint was trained on (its bundle.yaml, which the
+    graphs render), else the model's square input size (checkpoint config, else the preset)."""
+    from iflybot_vla_policy.bundle import bundle_info
+    from iflybot_vla_policy.config import config_from_yaml, get_config
+
+    camera = bundle_info(cfg.checkpoint or None).get('camera')
+    if camera:
+        return int(camera['height']), int(camera['width'])
+    model_config = Path(cfg.checkpoint) / CHECKPOINT_CONFIG if cfg.checkpoint else None
+    if model_config is not None and model_config.is_file():
+        size = config_from_yaml(model_config.read_text()).image_size
+    else:
+        size = get_config(cfg.preset).image_size
+    return size, size
+
+
+def blank_observation(cfg: NodeConfig, robot: RobotSpec, size: tuple[int, int]) -> dict:
+    """Black frames of `size` (height, width) and the robot at home, half open."""
+    blank = np.zeros((*size, 3), dtype=np.uint8)
     state = np.append(robot.home, robot.gripper.max_width / 2)
     return {'images': {c: blank for c in cfg.camera_names},
             'state': state.astype(np.float32), 'instruction': 'warm up'}

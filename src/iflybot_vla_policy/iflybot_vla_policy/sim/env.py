@@ -29,6 +29,7 @@ from iflybot_vla_policy.sim.trajectory import (
 )
 
 CAMERAS = ('scene_camera', 'wrist_camera')
+DEFAULT_IMAGE_SIZE = (224, 224)      # (height, width) of every camera unless given
 REFLEX_MODES = ('abort', 'report', 'off')
 # Servo's joint acceleration bound, as a fraction of the FR3's: Servo does not limit jerk, so a
 # twist from rest steps the acceleration 0 -> bound within one 1 ms command (jerk = bound / 1 ms,
@@ -64,7 +65,7 @@ class SimEnv:
     default_grasp_force = 30.0   # N, used when a command gives no force
     move_force = 40.0            # N, finger force limit while moving (not grasping)
 
-    def __init__(self, task: str, seed: int = 0, image_size: tuple[int, int] = (224, 224),
+    def __init__(self, task: str, seed: int = 0, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
                  render: bool = True, robot: RobotSpec | None = None,
                  camera_sizes: dict[str, tuple[int, int]] | None = None,
                  home_noise: float = 0.05, fast_visuals: bool = True,
@@ -130,7 +131,7 @@ class SimEnv:
                         if reflexes != 'off' else None)
         self.reflexes: list[Reflex] = []     # this episode's violations, oldest first
         self._in_violation = False           # 'report': the stream is beyond a limit now
-        self._desired = DesiredState(r.home.copy(), np.zeros(7), np.zeros(7))
+        self._desired = _at_rest(r.home)
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,
                                        self.move_force, False)
         self._finger_setpoint = r.gripper.max_width / 2
@@ -146,7 +147,7 @@ class SimEnv:
         rng = np.random.default_rng(self.seed)
         mujoco.mj_resetData(self.model, self.data)
         r = self.robot
-        q0 = np.clip(r.home + rng.uniform(-1, 1, 7) * self.home_noise, r.q_min, r.q_max)
+        q0 = np.clip(r.home + rng.uniform(-1, 1, r.n_joints) * self.home_noise, r.q_min, r.q_max)
         self.data.qpos[self._arm_qpos] = q0
         self.data.qpos[self._finger_qpos] = FINGER_TRAVEL
         self.task.reset(self, rng)
@@ -158,7 +159,7 @@ class SimEnv:
         self.reflexes = []
         if self.monitor is not None:
             self.monitor.reset(q0, self.time)
-        self._desired = DesiredState(q0.copy(), np.zeros(7), np.zeros(7))
+        self._desired = _at_rest(q0)
         self._gripper = GripperCommand(r.gripper.max_width, r.gripper.max_speed,
                                        self.move_force, False)
         self._finger_setpoint = r.gripper.max_width / 2
@@ -166,13 +167,13 @@ class SimEnv:
         return self.observe()
 
     def place_arm(self, q: np.ndarray, settle: float = 0.2) -> None:
-        """Put the arm at rest at joints q (7,) and hold it there; the objects stay put.
+        """Put the arm at rest at joints q (n_joints,) and hold it there; the objects stay put.
 
         For start states a reset cannot draw (demos that begin off the expert's path)."""
         q = np.asarray(q, np.float64)
         r = self.robot
-        if q.shape != (7,) or not np.all(np.isfinite(q)):
-            raise ValueError(f'place_arm needs 7 finite joint positions, got {q!r}')
+        if q.shape != (r.n_joints,) or not np.all(np.isfinite(q)):
+            raise ValueError(f'place_arm needs {r.n_joints} finite joint positions, got {q!r}')
         if np.any(q < r.q_min) or np.any(q > r.q_max):
             raise ValueError(f'place_arm: {q.round(3).tolist()} is outside the joint limits')
         self.data.qpos[self._arm_qpos] = q
@@ -183,7 +184,7 @@ class SimEnv:
         self._servo_mode = False
         if self.monitor is not None:
             self.monitor.reset(q, self.time)
-        self._desired = DesiredState(q.copy(), np.zeros(7), np.zeros(7))
+        self._desired = _at_rest(q)
         self.step(settle)
 
     @property
@@ -307,16 +308,17 @@ class SimEnv:
                                        float(min(force, g.max_force)), bool(grasp))
 
     def execute_actions(self, actions: np.ndarray, dt: float) -> None:
-        """Run a joint-mode action chunk (horizon, 8): a trajectory through the 7 joint targets
-        at dt, dt*2, ... and the gripper width target of each step; steps horizon * dt.
+        """Run a joint-mode action chunk (horizon, n_joints + 1): a trajectory through the joint
+        targets at dt, dt*2, ... and the gripper width target of each step; steps horizon * dt.
         """
         actions = np.asarray(actions, np.float64)
-        if actions.ndim != 2 or actions.shape[1] != 8:
-            raise ValueError(f'actions must be (horizon, 8), got {actions.shape}')
+        n = self.robot.n_joints
+        if actions.ndim != 2 or actions.shape[1] != n + 1:
+            raise ValueError(f'actions must be (horizon, {n + 1}), got {actions.shape}')
         self.command_joint_trajectory(*chunk_to_trajectory(
-            actions[:, :7], dt, self._desired.positions, self.robot))
+            actions[:, :n], dt, self._desired.positions, self.robot))
         steps_per_action = max(1, round(dt / PHYSICS_DT))
-        for width in actions[:, 7]:
+        for width in actions[:, n]:
             if abs(width - self._gripper.width) > 1e-4:
                 self.command_gripper(float(width))
             self.step(steps_per_action)
@@ -389,7 +391,7 @@ class SimEnv:
         self.servo.reset(q)
         self._servo_mode = False
         self.monitor.reset(q, t)
-        self._desired = DesiredState(q, np.zeros(7), np.zeros(7))
+        self._desired = _at_rest(q)
 
     # ----------------------------------------------------------------------------- cameras
     def camera_info(self, camera: str) -> CameraInfo:
@@ -444,14 +446,20 @@ class _DataViews:
                                                            data.qfrc_bias)
 
 
+def _at_rest(q: np.ndarray) -> DesiredState:
+    """The arm's reference standing still at joints q."""
+    return DesiredState(np.array(q, np.float64), np.zeros_like(q, np.float64),
+                        np.zeros_like(q, np.float64))
+
+
 def chunk_to_trajectory(positions: np.ndarray, dt: float, start: np.ndarray,
                         robot: RobotSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Joint targets (horizon, 7) at dt spacing -> (positions, times, velocities) for JTC.
+    """Joint targets (horizon, n_joints) at dt spacing -> (positions, times, velocities) for JTC.
 
     Velocities are central differences (the first uses `start`, the current reference); the
     last is zero as JTC requires. Targets are clipped to the joint limits.
     """
-    pos = np.clip(np.asarray(positions, np.float64), robot.q_min, robot.q_max)  # (horizon, 7)
+    pos = np.clip(np.asarray(positions, np.float64), robot.q_min, robot.q_max)
     horizon = pos.shape[0]
     times = dt * np.arange(1, horizon + 1)
     padded = np.vstack([start[None], pos, pos[-1:]])
@@ -461,7 +469,7 @@ def chunk_to_trajectory(positions: np.ndarray, dt: float, start: np.ndarray,
     return pos, times, vel
 
 
-def make_env(task: str, seed: int = 0, image_size: tuple[int, int] = (224, 224),
+def make_env(task: str, seed: int = 0, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
              render: bool = True, **kwargs: object) -> SimEnv:
     """Build the simulated work cell for `task` and reset it with `seed`."""
     return SimEnv(task, seed=seed, image_size=image_size, render=render, **kwargs)
