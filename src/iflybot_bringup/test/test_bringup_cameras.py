@@ -1,4 +1,4 @@
-"""Cameras of the franka and gazebo graphs: what they start, resolved as ros2 launch would.
+"""Cameras of the franka, record and gazebo graphs: what they start, resolved as ros2 launch would.
 
 RealSense hardware and Gazebo do not exist here, so these tests check the graphs against the
 interfaces they rely on (names checked upstream: docker/README.md): the drivers' parameters and
@@ -178,6 +178,39 @@ def test_franka_launch_file_starts_the_camera_nodes_the_runner_resolves(
         assert {k: got['params'][k] for k in node.params} == dict(node.params)
         assert all(type(got['params'][k]) is str for k in node.params)   # serial stays text
         assert got['remaps'] == node.remaps and got['arguments'] == node.arguments
+
+
+# ----------------------------------------------------------------------------------- record
+
+def test_record_graph_on_the_robot_starts_the_franka_graphs_camera_nodes() -> None:
+    """Demonstrations on the FR3 are recorded with the cameras the policy will run with: the
+    same drivers, profiles, remaps and static transforms as franka.yaml, from the same
+    arguments; in simulation the simulator renders the cameras and no driver starts."""
+    franka_graph, record_graph = (graph_mod.load_graph(g) for g in ('franka', 'record'))
+    camera_args = [a for a in franka_graph.args
+                   if a.name.startswith(('scene_camera_', 'wrist_camera_', 'camera_'))]
+    assert {'scene_camera_serial', 'camera_fps', 'wrist_camera_yaw'} <= {a.name
+                                                                        for a in camera_args}
+    assert [record_graph.arg(a.name) for a in camera_args] == camera_args
+    overrides = {'scene_camera_serial': '012345678901', 'wrist_camera_serial': '230322270171',
+                 'scene_camera_width': '1280', 'scene_camera_height': '720', 'camera_fps': '15',
+                 'scene_camera_x': '0.9', 'wrist_camera_yaw': '0.5',
+                 'wrist_camera_parent': 'fr3_link8'}
+    franka = _nodes('franka', overrides)
+    record = _nodes('record', {'robot': 'true', 'expert': 'false', **overrides})
+    assert set(CAMERA_NODES) <= set(record)
+    for name in CAMERA_NODES:
+        got, want = record[name], franka[name]
+        assert (got.spec.package, got.spec.executable) == (want.spec.package,
+                                                           want.spec.executable)
+        assert got.spec.required is False          # a lost camera must not end the recording
+        assert (got.params_files, got.params, got.remaps, got.arguments) == \
+            (want.params_files, want.params, want.remaps, want.arguments)
+    assert record['scene_camera'].params == {'serial_no': '012345678901',
+                                             'rgb_camera.color_profile': '1280x720x15'}
+    assert _transform(record['wrist_camera_tf'].arguments)[0] == 'fr3_link8'
+    assert not set(CAMERA_NODES) & set(_nodes('record'))
+    assert not set(CAMERA_NODES) & set(_nodes('record', {'expert': 'false'}))
 
 
 # ----------------------------------------------------------------------------------- gazebo
