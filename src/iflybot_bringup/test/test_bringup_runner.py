@@ -18,6 +18,7 @@ from bringup_testing import (
 
 from iflybot_bringup import graph as graph_mod
 from iflybot_bringup import runner
+from iflybot_bringup.lifecycle_client import LifecycleClient
 
 pytestmark = pytest.mark.ros
 
@@ -360,7 +361,7 @@ class _LateLifecycleServer:
 
 def test_a_lost_change_state_reply_is_recovered_from_the_node_state() -> None:
     server = _LateLifecycleServer('late_lifecycle')
-    client = runner._LifecycleClient()
+    client = LifecycleClient()
     try:
         state = client.transition('/late_lifecycle', 'configure', timeout=30.0,
                                   alive=lambda: True, retry_s=1.0)
