@@ -42,9 +42,8 @@ from torch import nn
 
 from iflybot_vla_policy.config import VLAConfig
 from iflybot_vla_policy.model.derived import Dense, derived
+from iflybot_vla_policy.model.kv_cache import KV, StaticKV
 from iflybot_vla_policy.model.text_tokenizer import TextTokenizer
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, kv_heads, S, head_dim) each
 
 
 @dataclass
@@ -566,37 +565,6 @@ class Backbone(nn.Module):
         return codes, PrefixCache(kv=cache.views(s + n), mask=keys_ok,
                                   next_pos=prefix.next_pos + n, next_logits=None,
                                   features=prefix.features, summary=prefix.summary, cache=cache)
-
-
-@dataclass
-class StaticKV:
-    """Preallocated per-layer key/value buffers (B, kv_heads, capacity, head_dim): the prefix
-    is written once, each decoded token into its own fixed slot."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    @classmethod
-    def allocate(cls, kv: KV, extra: int) -> StaticKV:
-        """Buffers for the prefix `kv` plus `extra` slots, zeroed (a masked slot must hold a
-        finite value: attention weights of 0 times NaN would still be NaN)."""
-        keys, values = [], []
-        for k, v in kv:
-            b, h, s, d = k.shape
-            kb, vb = k.new_zeros(b, h, s + extra, d), v.new_zeros(b, h, s + extra, d)
-            kb[:, :, :s] = k
-            vb[:, :, :s] = v
-            keys.append(kb)
-            values.append(vb)
-        return cls(keys, values)
-
-    def views(self, length: int) -> KV:
-        return [(k[:, :, :length], v[:, :, :length])
-                for k, v in zip(self.keys, self.values, strict=True)]
 
 
 def _pretrained_tokenizer(cfg: VLAConfig, path: Path) -> TextTokenizer:
