@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from iflybot_vla_policy.params import flatten_params
+
 PACKAGE = 'iflybot_bringup'
 ARG_TYPES = ('str', 'bool', 'int', 'float')
 _SUBST = re.compile(r'\$\((arg|find-pkg-share) +([A-Za-z0-9_]+) *\)')
@@ -332,7 +334,7 @@ def _check_references(graph: Graph) -> None:
         check_text(node.namespace, f'{at}.namespace')
         for text in node.params_files:
             check_text(text, f'{at}.params_files')
-        for key_, value in _flatten(node.params).items():
+        for key_, value in flatten_params(node.params).items():
             if isinstance(value, str):
                 check_text(value, f'{at}.params.{key_}')
         for src, dst in node.remaps:
@@ -445,7 +447,7 @@ def resolve(graph: Graph, overrides: Mapping[str, str] | None = None) -> Resolve
             continue
         at = f'node {node.name}'
         params = {}
-        for key, value in _flatten(node.params).items():
+        for key, value in flatten_params(node.params).items():
             params[key] = _param_value(value, values, declared, f'{at}: params.{key}')
         namespace = substitute(node.namespace, values, f'{at}: namespace').strip('/')
         nodes.append(ResolvedNode(
@@ -502,22 +504,6 @@ def parse_bool(text: str, at: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-def _flatten(params: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f'{prefix}{key}'
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f'{name}.'))
-        else:
-            out[name] = value
-    return out
-
-
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested parameter dicts -> {'a.b': value} (ROS parameter names)."""
-    return _flatten(params)
-
 
 def _mapping(value: Any, where: str) -> dict[Any, Any]:
     if not isinstance(value, dict):

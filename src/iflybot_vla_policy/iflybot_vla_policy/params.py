@@ -263,13 +263,13 @@ class Schema:
 
 
 # ------------------------------------------------------------------------------ params files
-def _flatten(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten_params(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     """Nested mappings become dotted names, as ROS reads them (`a: {b: 1}` is `a.b`)."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = f'{prefix}{key}'
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f'{name}.'))
+            out.update(flatten_params(value, f'{name}.'))
         else:
             out[name] = value
     return out
@@ -306,7 +306,7 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
             extra = sorted(set(body) - {'ros__parameters'})
             raise ValueError(f"{path}: section '{key}': unexpected keys {extra} beside "
                              "'ros__parameters'")
-        sections[str(key)] = _flatten(body['ros__parameters'])
+        sections[str(key)] = flatten_params(body['ros__parameters'])
     return sections
 
 

@@ -31,7 +31,26 @@ def _select_episodes(ds: LeRobotDataset, episodes: Sequence[int] | None,
     return chosen
 
 
-class ActionChunkDataset(Dataset):
+class _EpisodeFrames(Dataset):
+    """Items are frames of the selected episodes; `_frame(i)` gives (frame, episode, its end)."""
+
+    ds: LeRobotDataset
+
+    def _select(self, episodes: Sequence[int] | None, success_only: bool) -> None:
+        self.episode_indices = _select_episodes(self.ds, episodes, success_only)
+        frames = [np.arange(*self.ds.episode_range(e)) for e in self.episode_indices]
+        self.frames = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def _frame(self, i: int) -> tuple[int, int, int]:
+        frame = int(self.frames[i])
+        episode = int(self.ds.data['episode_index'][frame])
+        return frame, episode, self.ds.episode_range(episode)[1]
+
+
+class ActionChunkDataset(_EpisodeFrames):
     """Frames with action chunks: item -> dict of tensors and the instruction string.
 
     images: {camera: uint8 (H, W, 3)}; state: float32 (state_dim,); actions: float32
@@ -52,17 +71,10 @@ class ActionChunkDataset(Dataset):
                 raise KeyError(f'unknown camera {cam!r}; the dataset has {self.ds.cameras}')
         self.image_size = image_size
         self.load_images = load_images
-        self.episode_indices = _select_episodes(self.ds, episodes, success_only)
-        frames = [np.arange(*self.ds.episode_range(e)) for e in self.episode_indices]
-        self.frames = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.frames)
+        self._select(episodes, success_only)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        frame = int(self.frames[i])
-        episode = int(self.ds.data['episode_index'][frame])
-        _, stop = self.ds.episode_range(episode)
+        frame, episode, stop = self._frame(i)
         idx = np.arange(frame, frame + self.horizon)
         pad = idx >= stop
         idx = np.minimum(idx, stop - 1)
@@ -82,7 +94,7 @@ class ActionChunkDataset(Dataset):
         return item
 
 
-class FramePairDataset(Dataset):
+class FramePairDataset(_EpisodeFrames):
     """Pairs (frame t, frame t + offset) of one camera within an episode, for the LAM.
 
     item -> {'frame': uint8 (H, W, 3), 'next_frame': uint8 (H, W, 3), 'offset_frames': int,
@@ -101,17 +113,10 @@ class FramePairDataset(Dataset):
             raise KeyError(f'unknown camera {self.camera!r}; the dataset has {self.ds.cameras}')
         self.offset = max(1, round(offset_s * self.ds.fps))
         self.image_size = image_size
-        self.episode_indices = _select_episodes(self.ds, episodes, success_only)
-        frames = [np.arange(*self.ds.episode_range(e)) for e in self.episode_indices]
-        self.frames = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.frames)
+        self._select(episodes, success_only)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        frame = int(self.frames[i])
-        episode = int(self.ds.data['episode_index'][frame])
-        _, stop = self.ds.episode_range(episode)
+        frame, episode, stop = self._frame(i)
         later = min(frame + self.offset, stop - 1)
         pair = resize_images(self.ds.images(self.camera, [frame, later]), self.image_size)
         return {'frame': torch.from_numpy(pair[0]), 'next_frame': torch.from_numpy(pair[1]),
