@@ -7,6 +7,7 @@ runs them and writes one JSON file plus a markdown table.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,3 +24,13 @@ def run_child(module: str, quick: bool, env: dict[str, str], what: str,
         raise RuntimeError(f'{what} benchmark failed:\n{proc.stderr[-4000:]}')
     line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith('RESULT '))
     return json.loads(line[len('RESULT '):])
+
+
+def run_one_thread(module: str, quick: bool, what: str) -> dict:
+    """`run_child` at one thread (passive OpenMP waits), with the machine's 1-min load average
+    (a loaded machine explains slow figures)."""
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', OMP_NUM_THREADS='1')
+    result = run_child(module, quick, env, what)
+    with open('/proc/loadavg') as f:
+        result['load_average_1min'] = float(f.read().split()[0])
+    return result

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from iflybot_vla_policy.bench import run_child
+from iflybot_vla_policy.bench import run_one_thread
 
 PEER_SHAPE = {'action.horizon': 50, 'action.space': 'ee_delta', 'action.action_dim': 7,
               'flow.denoise_steps': 10}
@@ -182,11 +182,7 @@ def _child(quick: bool) -> dict:
 
 def run(quick: bool = True) -> dict:
     """Run the measurements in a fresh interpreter; returns the results dict."""
-    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', OMP_NUM_THREADS='1')
-    result = run_child('iflybot_vla_policy.bench.inference', quick, env, 'inference')
-    with open('/proc/loadavg') as f:
-        result['load_average_1min'] = float(f.read().split()[0])
-    return result
+    return run_one_thread('iflybot_vla_policy.bench.inference', quick, 'inference')
 
 
 if __name__ == '__main__':

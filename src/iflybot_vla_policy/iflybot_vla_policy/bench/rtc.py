@@ -8,11 +8,10 @@ backward pass through the action expert per Euler step; the prefix is unchanged.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
-from iflybot_vla_policy.bench import run_child
+from iflybot_vla_policy.bench import run_one_thread
 from iflybot_vla_policy.bench.inference import BUNDLED, _observation, _stats
 
 EXECUTED, DELAY = 4, 3   # actions of the previous chunk run before / during the inference
@@ -68,11 +67,7 @@ def _child(quick: bool) -> dict:
 
 def run(quick: bool = True) -> dict:
     """Run the measurements in a fresh interpreter at one thread; returns the results dict."""
-    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', OMP_NUM_THREADS='1')
-    result = run_child('iflybot_vla_policy.bench.rtc', quick, env, 'rtc')
-    with open('/proc/loadavg') as f:
-        result['load_average_1min'] = float(f.read().split()[0])
-    return result
+    return run_one_thread('iflybot_vla_policy.bench.rtc', quick, 'rtc')
 
 
 if __name__ == '__main__':
