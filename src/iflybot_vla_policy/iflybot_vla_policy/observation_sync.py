@@ -55,10 +55,16 @@ class Alignment:
     def skew(self) -> float:
         return max((abs(o) for o in self.offsets.values()), default=0.0)
 
-    def describe(self, limit: float) -> str:
-        worst = max(self.offsets, key=lambda k: abs(self.offsets[k]))
+    @property
+    def worst(self) -> str:
+        """The input furthest from the reference."""
+        return max(self.offsets, key=lambda k: abs(self.offsets[k]))
+
+    def describe(self, limit: float, why: str = '') -> str:
+        """The hold reason; `why`: what is known of the worst input (a refused message)."""
+        worst = self.worst
         return (f'observation out of sync: {worst} {self.offsets[worst] * 1e3:+.1f} ms from the '
-                f'frames (limit {limit * 1e3:.1f} ms)')
+                f'frames (limit {limit * 1e3:.1f} ms{"; " + why if why else ""})')
 
 
 def align(streams: Mapping[str, Sequence[float] | np.ndarray], reference: float) -> Alignment:

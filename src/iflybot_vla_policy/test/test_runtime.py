@@ -777,6 +777,23 @@ def feed_offset_cameras(rig: Rig, q_at_last: np.ndarray) -> None:
             rig.worker.finish()
 
 
+
+def test_an_out_of_sync_hold_names_why_the_newer_joint_states_were_refused():
+    # test_fault_matrix: joint states with a renamed joint are refused; before the watchdog
+    # calls them stale, the frames run ahead of the last good state, and the hold said only
+    # 'out of sync' where the user needs the joint's name.
+    rig = Rig()
+    rig.start()
+    rig.worker.finish()
+    for _ in range(15):
+        rig.clock.t += 0.02
+        rig.rt.on_refused_input('joint_states', "joint state lacks joint(s) ['fr3_joint3']")
+        if round(rig.clock.t / 0.02) % 10 == 0:
+            rig.frames()
+        rig.rt.tick()
+    error = rig.rt.status().last_error
+    assert rig.rt.state == RunState.HOLD and "lacks joint(s) ['fr3_joint3']" in error, error
+
 def test_the_frames_and_state_nearest_to_the_frames_stamp_make_the_observation():
     # The wrist camera's frames come 0.12 s after the scene camera's: an observation takes
     # the newest frame set's oldest stamp (the scene frame's) and, of the wrist frames and the

@@ -89,6 +89,11 @@ class InputTracker:
         self._refused.pop(JOINT_STATES, None)
         self.watchdog.feed(JOINT_STATES, now)
 
+    def refused_reason(self, name: str) -> str:
+        """Why the last message of input `name` was refused ('' if it was not)."""
+        reason = self._refused.get(name, '')
+        return f'{name} refused: {reason}' if reason else ''
+
     def refused(self, name: str, reason: str) -> None:
         """A message of input `name` could not be used (a renamed joint, a NaN): it feeds
         nothing, and the hold that follows names why."""

@@ -389,7 +389,8 @@ class PolicyRuntime:
         if alignment.skew > limit:
             self.scheduler.submitted(frame_time)
             self.inputs.mark_used()
-            if self.supervisor.bad_observation(alignment.describe(limit)):
+            why = self.inputs.refused_reason(alignment.worst)   # e.g. a renamed joint
+            if self.supervisor.bad_observation(alignment.describe(limit, why)):
                 self._brake(now)
             return
         t_obs = self.inputs.obs_time(now)
