@@ -9,6 +9,7 @@ Graphs start it with `foxglove:=true` (docs/foxglove.md).
 
 Conversions are plain functions of the messages, so the node only wires topics to channels;
 foxglove is imported where it is used: without it, main() exits with what to install.
+Parameters: `SCHEMA` (a bad value fails the start naming it; docs/parameters.md).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rclpy.node import Node
+
+from iflybot_vla_policy.params import Param, ParameterError, Schema
 
 NODE_NAME = 'iflybot_foxglove'
 MISSING_FOXGLOVE = ('foxglove_bridge needs the foxglove-sdk Python package (pinned in '
@@ -162,22 +165,30 @@ def status_dict(msg: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- node
 
-PARAMETERS: tuple[tuple[str, Any, str], ...] = (
-    ('host', '0.0.0.0', 'address the WebSocket server binds (0.0.0.0: every interface; '
-     '127.0.0.1: this machine only)'),
-    ('port', 8765, 'TCP port of the WebSocket server (Foxglove: ws://HOST:PORT); 0 picks a '
-     'free one (logged)'),
-    ('image_topics', ['/scene_camera/color/image_raw', '/wrist_camera/color/image_raw'],
-     'sensor_msgs/Image topics, each republished as foxglove.RawImage on the same name'),
-    ('max_image_rate_hz', 10.0, 'most frames per second sent per camera (0: every frame); '
-     'raw frames are large, and a remote viewer needs few'),
-    ('joint_states_topic', '/joint_states', 'sensor_msgs/JointState -> foxglove.JointStates'),
-    ('markers_topic', '/vla/markers', "the policy's planned TCP path (MarkerArray) -> "
-     'foxglove.SceneUpdate'),
-    ('status_topic', '/vla/status', 'iflybot_vla_msgs/PolicyStatus -> JSON'),
-    ('instruction_topic', '/vla/instruction', 'std_msgs/String -> JSON, repeated every '
-     'second so that a viewer who connects later sees it'),
-)
+def _not_empty(value: str) -> None:
+    if not value:
+        raise ValueError('must not be empty')
+
+
+SCHEMA = Schema(NODE_NAME, (
+    Param('host', '0.0.0.0', 'address the WebSocket server binds (0.0.0.0: every interface; '
+          '127.0.0.1: this machine only)', check=_not_empty),
+    Param('port', 8765, 'TCP port of the WebSocket server (Foxglove: ws://HOST:PORT); 0 picks a '
+          'free one (logged)', ge=0, le=65535),
+    Param('image_topics', ('/scene_camera/color/image_raw', '/wrist_camera/color/image_raw'),
+          'sensor_msgs/Image topics, each republished as foxglove.RawImage on the same name',
+          check=_not_empty),
+    Param('max_image_rate_hz', 10.0, 'most frames per second sent per camera (0: every '
+          'frame); raw frames are large, and a remote viewer needs few', ge=0.0),
+    Param('joint_states_topic', '/joint_states', 'sensor_msgs/JointState -> '
+          'foxglove.JointStates', check=_not_empty),
+    Param('markers_topic', '/vla/markers', "the policy's planned TCP path (MarkerArray) -> "
+          'foxglove.SceneUpdate', check=_not_empty),
+    Param('status_topic', '/vla/status', 'iflybot_vla_msgs/PolicyStatus -> JSON',
+          check=_not_empty),
+    Param('instruction_topic', '/vla/instruction', 'std_msgs/String -> JSON, repeated every '
+          'second so that a viewer who connects later sees it', check=_not_empty),
+))
 
 
 class FoxgloveBridge(Node):
@@ -188,28 +199,23 @@ class FoxgloveBridge(Node):
         import foxglove
         from foxglove import channels as fox_channels
         from iflybot_vla_msgs.msg import PolicyStatus
-        from rcl_interfaces.msg import ParameterDescriptor
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import Image, JointState
         from std_msgs.msg import String
         from visualization_msgs.msg import MarkerArray
 
+        from iflybot_vla_policy.ros.parameters import load_parameters
+
         super().__init__(NODE_NAME, **kwargs)
-        for name, default, description in PARAMETERS:
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
-        p = {name: self.get_parameter(name).value for name, _, _ in PARAMETERS}
-        if not 0 <= int(p['port']) <= 65535:
-            raise ValueError(f"parameter 'port': {p['port']} is not a TCP port (0..65535)")
-        rate = float(p['max_image_rate_hz'])
-        if rate < 0.0:
-            raise ValueError(f"parameter 'max_image_rate_hz': {rate} is negative")
+        p = load_parameters(self, SCHEMA)      # ParameterError naming a bad one (logged)
+        rate = p['max_image_rate_hz']
         self._min_image_period = 1.0 / rate if rate > 0.0 else 0.0
         self._last_image: dict[str, float] = {}
         self._last_instruction: str | None = None
         self._lock = threading.Lock()
         ctx = self._fox_context = foxglove.Context()   # its own: one server per node
-        self.server = foxglove.start_server(name=NODE_NAME, host=str(p['host']),
-                                            port=int(p['port']), context=ctx)
+        self.server = foxglove.start_server(name=NODE_NAME, host=p['host'], port=p['port'],
+                                            context=ctx)
         self.port = self.server.port
         self.get_logger().info(f'Foxglove live view on ws://{p["host"]}:{self.port} '
                                f'(Foxglove: Open connection, Foxglove WebSocket)')
@@ -271,7 +277,8 @@ class FoxgloveBridge(Node):
             self.instruction_channel.log({'data': text}, log_time=self._now_ns())
 
     def destroy_node(self) -> None:
-        self.server.stop()
+        if hasattr(self, 'server'):      # not when a bad parameter failed the constructor
+            self.server.stop()
         super().destroy_node()
 
 
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except ParameterError:              # the node logged which parameter and why
+        return 2
     except ValueError as exc:
         print(f'{NODE_NAME}: {exc}', file=sys.stderr)
         return 2

@@ -307,8 +307,9 @@ def test_sim_launch_file_starts_the_bridge_as_the_runner_does(
 
 
 @pytest.mark.parametrize('name, value, message', [
-    ('port', 70000, r"parameter 'port': 70000 is not a TCP port"),
-    ('max_image_rate_hz', -1.0, r"parameter 'max_image_rate_hz': -1.0 is negative"),
+    ('port', 70000, r'^parameter port: 70000 is out of range: must be in \[0, 65535\]$'),
+    ('max_image_rate_hz', -1.0,
+     r'^parameter max_image_rate_hz: -1.0 is out of range: must be >= 0$'),
 ])
 def test_a_bad_parameter_is_refused_by_name(name: str, value: Any, message: str) -> None:
     context = rclpy.Context()

@@ -25,6 +25,7 @@ from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 from rclpy.qos import qos_profile_rosout_default  # noqa: E402
 
 from iflybot_bringup import graph as graph_mod  # noqa: E402
+from iflybot_bringup.foxglove_bridge import SCHEMA as FOXGLOVE  # noqa: E402
 from iflybot_bringup.gripper_bridge import SCHEMA as GRIPPER_BRIDGE  # noqa: E402
 from iflybot_vla_policy.params import (  # noqa: E402
     Param,
@@ -50,15 +51,16 @@ pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / 'src' / 'iflybot_bringup' / 'config'
 DOC = REPO / 'docs' / 'parameters.md'
-SCHEMAS = (POLICY, SIM, RECORDER, TELEOP, EXPERT_TELEOP, GRIPPER_BRIDGE)
+SCHEMAS = (POLICY, SIM, RECORDER, TELEOP, EXPERT_TELEOP, GRIPPER_BRIDGE, FOXGLOVE)
 EXECUTABLES = {('iflybot_vla_policy', 'iflybot_policy'): POLICY,
                ('iflybot_vla_policy', 'iflybot_sim'): SIM,
                ('iflybot_vla_policy', 'iflybot_recorder'): RECORDER,
                ('iflybot_vla_policy', 'iflybot_teleop'): TELEOP,
                ('iflybot_vla_policy', 'iflybot_expert_teleop'): EXPERT_TELEOP,
-               ('iflybot_bringup', 'gripper_bridge'): GRIPPER_BRIDGE}
+               ('iflybot_bringup', 'gripper_bridge'): GRIPPER_BRIDGE,
+               ('iflybot_bringup', 'foxglove_bridge'): FOXGLOVE}
 CONFIG_FILES = {'policy.yaml': (POLICY,), 'sim.yaml': (SIM,), 'recorder.yaml': (RECORDER,),
-                'teleop.yaml': (TELEOP, EXPERT_TELEOP)}
+                'teleop.yaml': (TELEOP, EXPERT_TELEOP), 'foxglove.yaml': (FOXGLOVE,)}
 
 
 # ------------------------------------------------------------------------------ files
