@@ -5,9 +5,10 @@ It reports what a long run would show and a short benchmark hides: goals run and
 holds by cause, nodes that exited during the run (the runner restarts none: a required node's
 exit ends the graph, an optional one's is counted), the driver's liveness alarms that were a
 stall rather than a death, anonymous resident memory of every node's process tree (the
-policy's model child included) after the first goal and at the end, and per time
-window the inference latency (from /vla/action_chunk), the image-to-trajectory latency,
-control-timer jitter and missed ticks (from /vla/status) and the machine's load. Run by
+policy's model child included) after the first goal, after one goal of every task (warmed up)
+and at the end, and per time window the inference latency (from /vla/action_chunk), the
+image-to-trajectory latency, control-timer jitter and missed ticks (from /vla/status) and the
+machine's load. Run by
 `iflybot bench --only soak --duration SECONDS`; the quick bench skips it (it needs minutes).
 """
 from __future__ import annotations
@@ -291,6 +292,11 @@ def run(quick: bool = False, duration: float | None = None) -> dict:
         'node_exits_during_run': len(endings), 'graph_exit_status': graph_rc,
         'liveness_alarms': len(liveness_alarms),
         'rss_anon': rss_table(rss_samples[0][1], rss_samples[-1][1]) if rss_samples else {},
+        # The simulator builds a task's scene the first time it is drawn, and the policy's
+        # allocator settles over the first goals: growth from after one goal of every task
+        # is what a leak would show.
+        'rss_anon_after_warmup': (rss_table(rss_samples[len(TASKS) - 1][1], rss_samples[-1][1])
+                                  if len(rss_samples) > len(TASKS) else {}),
         'inference_ms_p50': _pct(ms, 50), 'inference_ms_p99': _pct(ms, 99), 'chunks': len(ms),
         'windows': windows(max(wall, 1.0), goals, driver.chunks, driver.statuses),
         'load_avg_1min_start_end': [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
