@@ -22,11 +22,9 @@ from typing import Any
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
-from iflybot_vla_policy.serving import codec
+from iflybot_vla_policy.serving import WIRE_FORMATS, codec
 from iflybot_vla_policy.serving.batching import SHUTTING_DOWN
 from iflybot_vla_policy.serving.droid import DroidFormat
-
-WIRE_FORMATS = ('iflybot', 'droid')
 
 
 class ServerUnavailableError(ConnectionError):

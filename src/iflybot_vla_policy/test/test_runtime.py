@@ -816,3 +816,13 @@ def test_the_frames_and_state_nearest_to_the_frames_stamp_make_the_observation()
     assert strict.cause == HoldCause.OBSERVATION and strict.worker.pending is None
     assert 'observation out of sync: wrist_camera' in strict.rt.status().last_error
     assert '(limit 50.0 ms)' in strict.rt.status().last_error
+
+
+def test_the_remote_backend_speaks_the_configured_wire_format():
+    # A pi0/pi0.5-DROID server expects DROID's keys and units: the node selects the mapping.
+    cfg = parse_config({'inference_backend': 'remote', 'server_uri': 'ws://127.0.0.1:9',
+                        'wire_format': 'droid', 'warmup_inferences': 0}, ROBOT)
+    loaded = load_policy(cfg, ROBOT, None, warn=lambda text: None)   # no server: it holds
+    assert loaded.policy.wire_format == 'droid'
+    with pytest.raises(ValueError, match="parameter wire_format: .*'droid'"):
+        parse_config({'wire_format': 'openpi', 'preset': 'tiny'}, ROBOT)

@@ -11,6 +11,7 @@ from iflybot_vla_policy.chunking import STRATEGIES
 from iflybot_vla_policy.params import Param, ParameterError, Schema
 from iflybot_vla_policy.robot import RobotSpec
 from iflybot_vla_policy.safety import SafetyConfig
+from iflybot_vla_policy.serving import WIRE_FORMATS
 
 # An instruction longer than this is refused: every /vla/status repeats it, and the model's
 # tokenizer keeps only its first max_text_tokens anyway (a 1 MB one stalled inference).
@@ -85,6 +86,9 @@ SCHEMA = Schema('iflybot_policy', (
           '(inference_backend: remote)'),
     Param('api_key', '', 'API key sent as "Authorization: Api-Key <key>" (remote); empty: '
           'none'),
+    Param('wire_format', 'iflybot', "the remote server's observation and action convention: "
+          "iflybot (ours) or droid (openpi's pi0/pi0.5-DROID servers, serving/droid.py)",
+          choices=WIRE_FORMATS),
     Param('instruction', '', 'instruction to start with; empty waits for instruction_topic or '
           'a goal'),
     Param('warmup_inferences', 1, 'inferences run on a blank observation during configure',
@@ -185,6 +189,7 @@ class NodeConfig:
     inference_backend: str
     server_uri: str
     api_key: str
+    wire_format: str
     instruction: str
     warmup_inferences: int
     action_mode: str

@@ -32,7 +32,8 @@ def load_policy(cfg: NodeConfig, robot: RobotSpec, factory: Callable[[NodeConfig
         model_id = getattr(policy, 'model_id', type(policy).__name__)
     elif cfg.inference_backend == 'remote':
         from iflybot_vla_policy.remote import RemotePolicy
-        policy = RemotePolicy(cfg.server_uri, api_key=cfg.api_key or None)
+        policy = RemotePolicy(cfg.server_uri, api_key=cfg.api_key or None,
+                              wire_format=cfg.wire_format)
         try:
             chunk_dt = float(policy.connect().get('dt', chunk_dt))
         except ConnectionError as exc:
