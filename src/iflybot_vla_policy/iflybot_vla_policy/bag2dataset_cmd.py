@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-image-age', type=float, default=0.5, metavar='S',
                         help='a frame whose nearest image of some camera is further than this '
                              '(s) makes the episode fail (frames repeat the nearest image); 0: '
-                             "the policy node's limit, 3/4 of the camera's period")
+                             "the policy node's limit, 1.5 times the camera's period")
     parser.add_argument('--skip-bad', action='store_true',
                         help='skip unreadable or unconvertible bags instead of stopping')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')

@@ -108,7 +108,7 @@ SCHEMA = Schema('iflybot_policy', (
     Param('commit_latency_s', 0.05, 's after a splice before the new command acts (blend and '
           'rtc freeze the old actions until then)', **_NON_NEGATIVE),
     Param('max_observation_skew_s', 0.0, 'largest spread (s) of the stamps of the frames and '
-          'joint state of one observation, each taken nearest to the frames; 0: 3/4 of the '
+          'joint state of one observation, each taken nearest to the frames; 0: 1.5 times the '
           'camera period', **_NON_NEGATIVE),
     Param('ensemble_decay', 0.01, 'temporal ensembling weight exp(-m i) of the i-th oldest '
           'chunk', **_NON_NEGATIVE),
