@@ -355,10 +355,16 @@ def test_the_policy_node_names_a_bad_value_on_configure_takes_a_fix_and_reads_it
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
         assert node.config.arm_joint_names == node.robot.arm_joint_names
         assert node.config.inference_rate_hz == 2.0
-        published = {name for name, _ in node.get_publisher_names_and_types_by_node(
-            'iflybot_policy', '/')}
-        assert {'/cell2/vla/status', '/diagnostics', '/vla/action_chunk', '/vla/markers',
-                '/fr3_arm_controller/joint_trajectory'} <= published
+        wanted = {'/cell2/vla/status', '/diagnostics', '/vla/action_chunk', '/vla/markers',
+                  '/fr3_arm_controller/joint_trajectory'}
+        deadline = time.monotonic() + 10.0   # the graph cache catches up with new publishers
+        while True:
+            published = {name for name, _ in node.get_publisher_names_and_types_by_node(
+                'iflybot_policy', '/')}
+            if wanted <= published or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert wanted <= published
         assert '/vla/status' not in published
     finally:
         if node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE:

@@ -44,7 +44,9 @@ SAFETY = SafetyFilter(ROBOT, SafetyConfig())
 YAML = Path(__file__).resolve().parents[2] / 'iflybot_bringup' / 'config' / 'policy.yaml'
 TRAJECTORY_TOPIC = '/fr3_arm_controller/joint_trajectory'
 # A shared 2-core test machine delivers messages late at times: generous timeouts in tests.
-RELAXED = {'joint_state_timeout_s': 1.0, 'camera_timeout_s': 1.5}
+# This process publishes the test inputs and runs the model: under the interpreter lock its
+# input timers starve for a few hundred ms at times, so inputs are late and out of sync.
+RELAXED = {'joint_state_timeout_s': 1.0, 'camera_timeout_s': 1.5, 'max_observation_skew_s': 1.0}
 
 
 @pytest.fixture(scope='module')
